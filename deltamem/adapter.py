@@ -1,0 +1,201 @@
+"""Adapter files: the project's format, the reference release's format, and identities.
+
+Project format (a folder):
+    adapter_config.json    {"format": "deltamem-adapter", "version": 1, "config": {...},
+                            "backbone": {"name": ..., "fingerprint": ...}, "meta": {...}}
+    adapter.safetensors    the δ-mem parameters, keys "layers.<i>.<w_q|w_k|w_v|w_beta|b_q|b_o>.*"
+
+Reference format (the public release):
+    delta_mem_config.json  rank, alpha, num_state_heads, memory_write_granularity, delta_heads,
+                           state_update_mode, target_layers, ...
+    delta_mem_adapter.pt   a torch state dict keyed by module path, loaded with weights_only=True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .layer import DeltaMem, DeltaMemConfig
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter.safetensors"
+REF_CONFIG_FILE = "delta_mem_config.json"
+REF_WEIGHTS_FILE = "delta_mem_adapter.pt"
+FORMAT_NAME = "deltamem-adapter"
+FORMAT_VERSION = 1
+
+# Module names of the reference release, per attention layer, mapped to ours. The release
+# documents `delta_q_proj` (the Δq up-projection B_q); the others follow the same naming.
+REF_NAME_MAP = {
+    "delta_q_proj": "b_q",
+    "delta_o_proj": "b_o",
+    "mem_q_proj": "w_q",
+    "mem_k_proj": "w_k",
+    "mem_v_proj": "w_v",
+    "mem_beta_proj": "w_beta",
+    "beta_proj": "w_beta",
+}
+_REF_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.(\w+)\.(weight|bias)$")
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be used: missing files, bad shapes, wrong backbone."""
+
+
+@dataclass
+class BackboneIdentity:
+    name: str
+    fingerprint: str
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.fingerprint}"
+
+
+@dataclass
+class Adapter:
+    """δ-mem parameters plus what they were made for."""
+
+    module: DeltaMem
+    backbone: BackboneIdentity | None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def config(self) -> DeltaMemConfig:
+        return self.module.cfg
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        for k, v in sorted(self.module.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().float().numpy().tobytes())
+        return "sha256:" + h.hexdigest()[:16]
+
+    def check_backbone(self, backbone: BackboneIdentity) -> None:
+        if self.backbone is None:
+            return
+        if self.backbone.fingerprint != backbone.fingerprint:
+            raise AdapterError(
+                f"adapter was trained for backbone {self.backbone} but the model is {backbone}; "
+                "refusing to load it (a state or adapter of another backbone is meaningless)")
+
+
+def backbone_fingerprint(model_dir: str | Path) -> BackboneIdentity:
+    """Identity of a backbone folder: its config's shapes and a hash of its weight files."""
+    model_dir = Path(model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    h = hashlib.sha256()
+    for key in ("architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size"):
+        h.update(f"{key}={cfg.get(key)};".encode())
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    if not files:
+        raise AdapterError(f"no weight files in {model_dir}")
+    for f in files:
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return BackboneIdentity(name=model_dir.name, fingerprint="sha256:" + h.hexdigest()[:16])
+
+
+def new_adapter(hf_model, backbone: BackboneIdentity | None = None, seed: int | None = None,
+                **cfg_kw) -> Adapter:
+    """A freshly initialised (untrained) adapter for an HF Llama/Qwen3 model."""
+    cfg = DeltaMemConfig.for_backbone(hf_model.config, **cfg_kw)
+    if seed is not None:
+        torch.manual_seed(seed)
+    mod = DeltaMem(cfg)
+    layers = hf_model.model.layers
+    for i in cfg.layers:
+        attn = layers[i].self_attn
+        mod.layer(i).reset_parameters(attn.q_proj.weight.detach(), attn.o_proj.weight.detach())
+    return Adapter(mod, backbone, {"trained": False})
+
+
+def save_adapter(adapter: Adapter, path: str | Path, meta: dict | None = None) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous().float()
+               for k, v in adapter.module.state_dict().items()}
+    save_file(tensors, str(path / WEIGHTS_FILE))
+    doc = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "config": adapter.config.to_dict(),
+        "backbone": None if adapter.backbone is None else {
+            "name": adapter.backbone.name, "fingerprint": adapter.backbone.fingerprint},
+        "meta": {**adapter.meta, **(meta or {})},
+    }
+    (path / CONFIG_FILE).write_text(json.dumps(doc, indent=2))
+    return path
+
+
+def _module_from_state(cfg: DeltaMemConfig, state: dict[str, torch.Tensor]) -> DeltaMem:
+    mod = DeltaMem(cfg)
+    expected = mod.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise AdapterError(f"adapter weights do not match its config: missing {missing[:4]}, "
+                           f"unexpected {unexpected[:4]}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise AdapterError(f"adapter weight {k} has shape {tuple(v.shape)}, "
+                               f"expected {tuple(expected[k].shape)}")
+    mod.load_state_dict({k: v.float() for k, v in state.items()})
+    return mod
+
+
+def load_adapter(path: str | Path, hf_config=None) -> Adapter:
+    """Load an adapter folder in either format. `hf_config` (the backbone's) is needed for
+    the reference format, whose config does not carry the backbone's shapes."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        doc = json.loads((path / CONFIG_FILE).read_text())
+        if doc.get("format") != FORMAT_NAME or doc.get("version") != FORMAT_VERSION:
+            raise AdapterError(f"{path / CONFIG_FILE}: unknown adapter format "
+                               f"{doc.get('format')!r} v{doc.get('version')!r}")
+        cfg = DeltaMemConfig.from_dict(doc["config"])
+        mod = _module_from_state(cfg, load_file(str(path / WEIGHTS_FILE)))
+        bb = doc.get("backbone")
+        backbone = BackboneIdentity(bb["name"], bb["fingerprint"]) if bb else None
+        return Adapter(mod, backbone, doc.get("meta", {}))
+    if (path / REF_CONFIG_FILE).is_file():
+        return import_reference_adapter(path, hf_config)
+    raise AdapterError(f"{path} holds no adapter ({CONFIG_FILE} or {REF_CONFIG_FILE})")
+
+
+def import_reference_adapter(path: str | Path, hf_config) -> Adapter:
+    """Read the reference release's folder into our module (no backbone fingerprint: the
+    release does not carry one)."""
+    path = Path(path)
+    if hf_config is None:
+        raise AdapterError("importing a reference adapter needs the backbone's config")
+    ref = json.loads((path / REF_CONFIG_FILE).read_text())
+    granularity = ref.get("memory_write_granularity", "token")
+    granularity = {"token": "token", "tsw": "token", "message_mean": "message_mean",
+                   "ssw": "message_mean"}.get(str(granularity).lower())
+    if granularity is None:
+        raise AdapterError(f"unsupported memory_write_granularity {ref.get('memory_write_granularity')!r}")
+    heads = ref.get("delta_heads", ["q", "o"])
+    if isinstance(heads, str):
+        heads = [h for h in re.split(r"[^a-z]+", heads.lower()) if h]
+    cfg = DeltaMemConfig.for_backbone(
+        hf_config, rank=int(ref.get("rank", 8)), alpha=float(ref.get("alpha", 16)),
+        num_state_heads=int(ref.get("num_state_heads", 1)), write_granularity=granularity,
+        delta_heads=tuple(heads), target_layers=ref.get("target_layers"),
+        state_update_mode=ref.get("state_update_mode", "standard"))
+    raw = torch.load(path / REF_WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    state = {}
+    for key, tensor in raw.items():
+        m = _REF_KEY.search(key)
+        if not m or m.group(2) not in REF_NAME_MAP:
+            raise AdapterError(f"unrecognised key in reference adapter: {key}")
+        state[f"layers.{m.group(1)}.{REF_NAME_MAP[m.group(2)]}.{m.group(3)}"] = tensor
+    return Adapter(_module_from_state(cfg, state), None, {"imported_from": str(path)})

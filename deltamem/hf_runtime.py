@@ -1,0 +1,184 @@
+"""δ-mem on an HF transformers model (Llama, Qwen3): the reference runtime.
+
+It is the oracle the vLLM engine is tested against and the runtime training runs on. Each
+wrapped layer's q_proj and o_proj are replaced by thin modules: q_proj's input is exactly the
+δ-mem x_t (the normed attention input), so the q_proj wrapper projects, runs the scan with the
+layer's state and adds Δq (before q_norm and RoPE, which HF applies after q_proj); the o_proj
+wrapper adds Δo from the same reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapter import Adapter
+from .layer import DeltaMemLayer
+
+
+class _Context:
+    """Per-forward inputs and outputs of the wrappers (one per runtime)."""
+
+    def __init__(self):
+        self.active = False
+        self.states: list[torch.Tensor] = []  # per wrapped layer, (B, H_s, r, r)
+        self.write_mask: torch.Tensor | None = None  # (B, T) bool
+        self.message_ids: torch.Tensor | None = None  # (B, T) for SSW
+        self.reads: dict[int, torch.Tensor] = {}
+
+
+class _QProjWithMemory(nn.Module):
+    def __init__(self, base: nn.Module, mem: DeltaMemLayer, slot: int, ctx: _Context):
+        super().__init__()
+        self.base, self.slot = base, slot
+        self._mem = [mem]  # a list keeps the adapter's parameters out of the backbone's
+        self._ctx = ctx
+
+    @property
+    def weight(self):  # HF code and our init read q_proj.weight
+        return self.base.weight
+
+    def forward(self, x):
+        out = self.base(x)
+        ctx = self._ctx
+        if not ctx.active:
+            return out
+        mem = self._mem[0]
+        p = mem.project(x)
+        if mem.cfg.write_granularity == "message_mean" and ctx.message_ids is not None:
+            reads, state = mem.scan_messages(x, p, ctx.states[self.slot], ctx.message_ids)
+        else:
+            reads, state = mem.scan_tokens(p, ctx.states[self.slot], ctx.write_mask)
+        ctx.states[self.slot] = state
+        ctx.reads[self.slot] = reads
+        dq = mem.delta_q(reads)
+        return out if dq is None else out + dq.to(out.dtype)
+
+
+class _OProjWithMemory(nn.Module):
+    def __init__(self, base: nn.Module, mem: DeltaMemLayer, slot: int, ctx: _Context):
+        super().__init__()
+        self.base, self.slot = base, slot
+        self._mem = [mem]
+        self._ctx = ctx
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    def forward(self, y):
+        out = self.base(y)
+        ctx = self._ctx
+        if not ctx.active:
+            return out
+        do = self._mem[0].delta_o(ctx.reads.pop(self.slot))
+        return out if do is None else out + do.to(out.dtype)
+
+
+@dataclass
+class RunResult:
+    tokens: list[int]  # generated tokens (the last one has not been through the model)
+    prompt_logits: torch.Tensor  # (T, vocab) float32 logits over the prompt
+    step_logits: list[torch.Tensor]  # logits that chose each generated token
+    final_state: torch.Tensor  # (L, H_s, r, r) float32
+    finish_reason: str  # "stop" or "length"
+
+
+class DeltaMemHF:
+    """An HF causal LM with a δ-mem adapter attached."""
+
+    def __init__(self, model, adapter: Adapter):
+        self.model = model
+        self.adapter = adapter
+        self.ctx = _Context()
+        cfg = adapter.config
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.layer_ids = cfg.layers
+        for slot, i in enumerate(self.layer_ids):
+            attn = model.model.layers[i].self_attn
+            mem = adapter.module.layer(i)
+            attn.q_proj = _QProjWithMemory(attn.q_proj, mem, slot, self.ctx)
+            attn.o_proj = _OProjWithMemory(attn.o_proj, mem, slot, self.ctx)
+        adapter.module.to(next(model.parameters()).device)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, adapter: Adapter | None = None,
+                        dtype=torch.float32, **adapter_kw) -> DeltaMemHF:
+        from transformers import AutoModelForCausalLM
+
+        from .adapter import backbone_fingerprint, new_adapter
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model.eval()
+        if adapter is None:
+            adapter = new_adapter(model, backbone_fingerprint(model_dir), **adapter_kw)
+        return cls(model, adapter)
+
+    @property
+    def state_shape(self) -> tuple[int, int, int, int]:
+        c = self.adapter.config
+        return (len(self.layer_ids), c.num_state_heads, c.rank, c.rank)
+
+    def forward(self, input_ids: torch.Tensor, state: torch.Tensor | None = None,
+                write_mask: torch.Tensor | None = None, message_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, past_key_values=None,
+                memory: bool = True):
+        """One forward over (B, T) tokens. Returns (logits, final_state (B, L, H_s, r, r),
+        HF output). Differentiable through the state (training) when grad is enabled."""
+        B = input_ids.shape[0]
+        dev = input_ids.device
+        if state is None:
+            state = torch.zeros((B, *self.state_shape), device=dev)
+        ctx = self.ctx
+        ctx.active = memory
+        ctx.states = [state[:, j].float() for j in range(len(self.layer_ids))]
+        ctx.write_mask, ctx.message_ids, ctx.reads = write_mask, message_ids, {}
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                             past_key_values=past_key_values, use_cache=past_key_values is not None)
+        finally:
+            ctx.active = False
+        final = torch.stack(ctx.states, dim=1) if memory else state
+        ctx.states = []
+        return out.logits, final, out
+
+    @torch.no_grad()
+    def run(self, prompt_ids: list[int], initial_state: torch.Tensor | None = None,
+            write_start: int = 0, max_new_tokens: int = 0, eos_token_ids=(),
+            memory: bool = True) -> RunResult:
+        """Serve one request the way the engine does: the prompt with writes from
+        `write_start` on, then greedy decoding; each generated token but the last is fed
+        back (and written)."""
+        from transformers import DynamicCache
+
+        dev = next(self.model.parameters()).device
+        ids = torch.tensor([prompt_ids], device=dev)
+        state = None if initial_state is None else initial_state.unsqueeze(0).to(dev)
+        T = len(prompt_ids)
+        mask = (torch.arange(T, device=dev) >= write_start).unsqueeze(0)
+        cache = DynamicCache()
+        logits, state, _ = self.forward(ids, state, mask, past_key_values=cache, memory=memory)
+        prompt_logits = logits[0].float()
+        tokens, step_logits = [], []
+        nxt_logits = logits[0, -1].float()
+        finish = "length"
+        pos = T
+        for step in range(max_new_tokens):
+            tok = int(nxt_logits.argmax())
+            tokens.append(tok)
+            step_logits.append(nxt_logits)
+            if tok in eos_token_ids:
+                finish = "stop"
+                break
+            if step == max_new_tokens - 1:
+                break
+            m = torch.tensor([[pos >= write_start]], device=dev)
+            logits, state, _ = self.forward(torch.tensor([[tok]], device=dev), state, m,
+                                            past_key_values=cache, memory=memory)
+            nxt_logits = logits[0, -1].float()
+            pos += 1
+        return RunResult(tokens, prompt_logits, step_logits, state[0].float(), finish)

@@ -1,0 +1,234 @@
+"""The δ-mem delta-rule scan: a per-token reference loop and a chunked fast path.
+
+Contract (shared by both implementations):
+
+    reads, final_state = delta_rule_scan(q, k, v, beta, initial_state, write_mask=None)
+
+    q, k, v, beta   (B, T, H, r); q, k already L2-normalised; beta in (0, 1)
+    initial_state   (B, H, r, r); S maps keys to values, read = S @ q
+    write_mask      (B, T) bool or None; a False token reads but does not write
+    reads[b, t, h]  = S_{t-1} q_t                                   (read before write)
+    S_t             = diag(1-β_t) S_{t-1} + diag(β_t) (v_t - S_{t-1} k_t) k_tᵀ
+
+Computed in float32 (float64 when given float64) whatever the input dtype.
+
+How the fast path works. Row i of S evolves on its own (β is one gate per row):
+
+    s_t = a_t s_{t-1} + δ_t k_tᵀ,   a_t = 1 - β_t,   δ_t = β_t (v_t - s_{t-1}·k_t)
+
+Inside a chunk of C tokens with start state s_0 and γ_t = a_1⋯a_t,
+    s_{t-1}·k_t = γ_{t-1} s_0·k_t + Σ_{j<t} (γ_{t-1}/γ_j) δ_j (k_j·k_t)
+so the δ of a chunk solve one unit lower-triangular C×C system (the "UT transform" of
+DeltaNet), and δ is affine in s_0: δ = X - Y s_0ᵀ. Then the chunk's end state is affine in
+s_0 too (s_C = s_0 M + c), the states at chunk boundaries follow from a loop over chunks
+(T/C steps of one tiny matmul), and every read is one more batched matmul. Decay ratios are
+formed as exp(log γ_a - log γ_b) with a ≥ b only, so nothing overflows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_CHUNK = 16
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check(q, k, v, beta, initial_state, write_mask):
+    if q.dim() != 4:
+        raise ValueError(f"q must be (B, T, H, r), got {tuple(q.shape)}")
+    B, T, H, r = q.shape
+    for name, x in (("k", k), ("v", v), ("beta", beta)):
+        if tuple(x.shape) != (B, T, H, r):
+            raise ValueError(f"{name} must be {(B, T, H, r)}, got {tuple(x.shape)}")
+    if tuple(initial_state.shape) != (B, H, r, r):
+        raise ValueError(f"initial_state must be {(B, H, r, r)}, got {tuple(initial_state.shape)}")
+    if write_mask is not None and tuple(write_mask.shape) != (B, T):
+        raise ValueError(f"write_mask must be {(B, T)}, got {tuple(write_mask.shape)}")
+
+
+def delta_rule_scan_reference(q, k, v, beta, initial_state, write_mask=None):
+    """The per-token loop, written as the equations read. The oracle for the fast path."""
+    _check(q, k, v, beta, initial_state, write_mask)
+    dt = _compute_dtype(initial_state)
+    q, k, v, beta = (x.to(dt) for x in (q, k, v, beta))
+    S = initial_state.to(dt).clone()
+    B, T, H, r = q.shape
+    reads = q.new_empty(B, T, H, r)
+    for t in range(T):
+        reads[:, t] = (S @ q[:, t].unsqueeze(-1)).squeeze(-1)
+        kt = k[:, t]  # (B, H, r)
+        bt = beta[:, t]
+        if write_mask is not None:
+            bt = bt * write_mask[:, t, None, None].to(dt)
+        pred = (S @ kt.unsqueeze(-1)).squeeze(-1)  # S_{t-1} k_t, (B, H, r)
+        delta = bt * (v[:, t] - pred)
+        S = (1 - bt).unsqueeze(-1) * S + delta.unsqueeze(-1) * kt.unsqueeze(-2)
+    return reads, S
+
+
+def delta_rule_scan_chunked(q, k, v, beta, initial_state, write_mask=None,
+                            chunk_size: int = DEFAULT_CHUNK):
+    """The fast path: chunked UT transform, no per-token Python loop."""
+    _check(q, k, v, beta, initial_state, write_mask)
+    dt = _compute_dtype(initial_state)
+    B, T, H, r = q.shape
+    if T == 0:
+        return q.new_zeros(B, 0, H, r, dtype=dt), initial_state.to(dt).clone()
+    C = max(1, min(chunk_size, T))
+    N = (T + C - 1) // C
+    pad = N * C - T
+
+    beta = beta.to(dt)
+    if write_mask is not None:
+        beta = beta * write_mask.to(dt)[:, :, None, None]
+
+    def chunked(x):  # (B, T, H, r) -> (B, H, N, C, r); padded tokens write nothing
+        x = x.to(dt)
+        if pad:
+            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
+        return x.view(B, N, C, H, r).permute(0, 3, 1, 2, 4)
+
+    qc, kc, vc, bc = chunked(q), chunked(k), chunked(v), chunked(beta)
+    # Per-row quantities get the row as an extra dim before the chunk's time axis:
+    # (B, H, N, r_row, C).
+    b_rows = bc.transpose(-1, -2)
+    v_rows = vc.transpose(-1, -2)
+    tiny = torch.finfo(dt).tiny
+    log_a = torch.log(torch.clamp(1.0 - b_rows, min=tiny))
+    g = torch.cumsum(log_a, dim=-1)  # log γ_t, inclusive
+    g_prev = g - log_a  # log γ_{t-1}
+
+    # decay[t, j] = γ_{t-1}/γ_j for j < t (strictly lower), 0 elsewhere.
+    strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
+    expo = (g_prev.unsqueeze(-1) - g.unsqueeze(-2)).masked_fill(~strict, float("-inf"))
+    decay = torch.exp(expo)  # (B, H, N, r, C, C)
+
+    kk = (kc @ kc.transpose(-1, -2)).unsqueeze(3)  # (B, H, N, 1, C, C): k_t·k_j
+    qk = (qc @ kc.transpose(-1, -2)).unsqueeze(3)  # q_t·k_j
+    eye = torch.eye(C, dtype=dt, device=q.device)
+    A = eye + b_rows.unsqueeze(-1) * decay * kk  # unit lower-triangular
+    # Right-hand sides: the v part (one column) and the s_0 part (r columns).
+    gamma_prev = torch.exp(g_prev)
+    rhs_v = (b_rows * v_rows).unsqueeze(-1)  # (B, H, N, r, C, 1)
+    rhs_s = (b_rows * gamma_prev).unsqueeze(-1) * kc.unsqueeze(3)  # (B, H, N, r, C, r)
+    sol = torch.linalg.solve_triangular(A, torch.cat([rhs_v, rhs_s], dim=-1), upper=False,
+                                        unitriangular=True)
+    X, Y = sol[..., 0], sol[..., 1:]  # δ = X - Y @ s_0
+
+    # Chunk end state as an affine map of its start state: s_C = s_0 M + c.
+    e = torch.exp(g[..., -1:] - g)  # γ_C/γ_j, (B, H, N, r, C)
+    gamma_C = torch.exp(g[..., -1])  # (B, H, N, r)
+    Kc = kc.unsqueeze(3)  # (B, H, N, 1, C, r)
+    M = gamma_C[..., None, None] * torch.eye(r, dtype=dt, device=q.device) - (
+        (Y * e.unsqueeze(-1)).transpose(-1, -2) @ Kc
+    )  # (B, H, N, r_row, r, r)
+    c = ((e * X).unsqueeze(-2) @ Kc).squeeze(-2)  # (B, H, N, r_row, r)
+
+    # The only sequential part: T/C steps, one (r)·(r×r) product per row.
+    starts = []
+    s = initial_state.to(dt)  # (B, H, r_row, r)
+    for n in range(N):
+        starts.append(s)
+        s = (s.unsqueeze(-2) @ M[:, :, n]).squeeze(-2) + c[:, :, n]
+    s0 = torch.stack(starts, dim=2)  # (B, H, N, r_row, r)
+
+    delta = X - (Y @ s0.unsqueeze(-1)).squeeze(-1)  # (B, H, N, r_row, C)
+    # m_t = γ_{t-1} s_0·q_t + Σ_{j<t} (γ_{t-1}/γ_j) δ_j (q_t·k_j)
+    s0_q = (qc.unsqueeze(3) @ s0.unsqueeze(-1)).squeeze(-1)  # (B, H, N, r_row, C)
+    intra = ((decay * qk) @ delta.unsqueeze(-1)).squeeze(-1)
+    reads = gamma_prev * s0_q + intra  # (B, H, N, r_row, C)
+    reads = reads.permute(0, 2, 4, 1, 3).reshape(B, N * C, H, r)[:, :T]
+    return reads, s
+
+
+# --- compiled CPU kernel --------------------------------------------------------------------
+# On the CPU the chunked path is memory-bound (its C×C blocks carry a row axis because β is
+# per row), and at decode (T = 1) its ~40 tensor ops per layer cost more than the math. A
+# compiled per-token kernel does the 8×8 arithmetic in registers: it is the fast path for
+# inference on the CPU. It has no backward, so training (autograd) uses the chunked path.
+
+_numba_kernel = None
+
+
+def _get_numba_kernel():
+    global _numba_kernel
+    if _numba_kernel is None:
+        import numba
+
+        @numba.njit(parallel=True, cache=True, fastmath=False)
+        def kernel(q, k, v, beta, mask, cu_seqlens, state, reads):
+            # q, k, v, beta, reads: (N, H, r); mask: (N,) bool; cu_seqlens: (B+1,) int64;
+            # state: (B, H, r, r), updated in place.
+            nseq = cu_seqlens.shape[0] - 1
+            H = q.shape[1]
+            r = q.shape[2]
+            for job in numba.prange(nseq * H):
+                b = job // H
+                h = job % H
+                S = state[b, h]
+                for t in range(cu_seqlens[b], cu_seqlens[b + 1]):
+                    for i in range(r):
+                        acc = 0.0
+                        for j in range(r):
+                            acc += S[i, j] * q[t, h, j]
+                        reads[t, h, i] = acc
+                    if mask[t]:
+                        for i in range(r):
+                            pred = 0.0
+                            for j in range(r):
+                                pred += S[i, j] * k[t, h, j]
+                            bt = beta[t, h, i]
+                            d = bt * (v[t, h, i] - pred)
+                            a = 1.0 - bt
+                            for j in range(r):
+                                S[i, j] = a * S[i, j] + d * k[t, h, j]
+
+        _numba_kernel = kernel
+    return _numba_kernel
+
+
+def delta_rule_scan_varlen_cpu(q, k, v, beta, states, cu_seqlens, write_mask=None):
+    """Varlen scan on the CPU for a flattened batch (the engine's layout).
+
+    q, k, v, beta: (N, H, r) for all sequences' tokens back to back; cu_seqlens: (B+1,) token
+    offsets; states: (B, H, r, r) initial states; write_mask: (N,) bool or None.
+    Returns (reads (N, H, r), final states (B, H, r, r)); inputs are not modified.
+    """
+    dt = _compute_dtype(states)
+    kernel = _get_numba_kernel()
+    qn, kn, vn, bn = (x.detach().to(dt).contiguous().numpy() for x in (q, k, v, beta))
+    st = states.detach().to(dt).clone().contiguous()
+    N = q.shape[0]
+    mask = (torch.ones(N, dtype=torch.bool) if write_mask is None
+            else write_mask.detach().to(torch.bool).contiguous())
+    reads = torch.empty(q.shape, dtype=dt)
+    cu = cu_seqlens.detach().to(torch.int64).contiguous()
+    kernel(qn, kn, vn, bn, mask.numpy(), cu.numpy(), st.numpy(), reads.numpy())
+    return reads, st
+
+
+def delta_rule_scan_cpu_kernel(q, k, v, beta, initial_state, write_mask=None):
+    """The (B, T, H, r) contract on top of the varlen CPU kernel."""
+    _check(q, k, v, beta, initial_state, write_mask)
+    B, T, H, r = q.shape
+    cu = torch.arange(B + 1, dtype=torch.int64) * T
+    flat = [x.reshape(B * T, H, r) for x in (q, k, v, beta)]
+    mask = None if write_mask is None else write_mask.reshape(B * T)
+    reads, state = delta_rule_scan_varlen_cpu(*flat, initial_state, cu, mask)
+    return reads.view(B, T, H, r), state
+
+
+def delta_rule_scan(q, k, v, beta, initial_state, write_mask=None):
+    """δ-mem scan; see the module docstring for the contract.
+
+    Dispatch: CPU tensors that need no gradient go to the compiled kernel; anything that
+    needs autograd, or lives on an accelerator, goes to the chunked path.
+    """
+    needs_grad = torch.is_grad_enabled() and any(
+        x.requires_grad for x in (q, k, v, beta, initial_state))
+    if q.device.type == "cpu" and not needs_grad:
+        return delta_rule_scan_cpu_kernel(q, k, v, beta, initial_state, write_mask)
+    return delta_rule_scan_chunked(q, k, v, beta, initial_state, write_mask)

