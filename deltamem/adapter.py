@@ -104,18 +104,52 @@ def backbone_fingerprint(model_dir: str | Path) -> BackboneIdentity:
     return BackboneIdentity(name=model_dir.name, fingerprint="sha256:" + h.hexdigest()[:16])
 
 
-def new_adapter(hf_model, backbone: BackboneIdentity | None = None, seed: int | None = None,
-                **cfg_kw) -> Adapter:
-    """A freshly initialised (untrained) adapter for an HF Llama/Qwen3 model."""
-    cfg = DeltaMemConfig.for_backbone(hf_model.config, **cfg_kw)
+def _init_adapter(cfg: DeltaMemConfig, backbone_weights, backbone: BackboneIdentity | None,
+                  seed: int | None) -> Adapter:
     if seed is not None:
         torch.manual_seed(seed)
     mod = DeltaMem(cfg)
-    layers = hf_model.model.layers
     for i in cfg.layers:
+        w_q, w_o = backbone_weights(i)
+        mod.layer(i).reset_parameters(w_q, w_o)
+    return Adapter(mod, backbone, {"trained": False, "init_seed": seed})
+
+
+def new_adapter(hf_model, backbone: BackboneIdentity | None = None, seed: int | None = None,
+                **cfg_kw) -> Adapter:
+    """A freshly initialised (untrained) adapter for a loaded HF Llama/Qwen3 model."""
+    cfg = DeltaMemConfig.for_backbone(hf_model.config, **cfg_kw)
+    layers = hf_model.model.layers
+
+    def weights(i):
         attn = layers[i].self_attn
-        mod.layer(i).reset_parameters(attn.q_proj.weight.detach(), attn.o_proj.weight.detach())
-    return Adapter(mod, backbone, {"trained": False})
+        return attn.q_proj.weight.detach(), attn.o_proj.weight.detach()
+
+    return _init_adapter(cfg, weights, backbone, seed)
+
+
+def new_adapter_from_checkpoint(model_dir: str | Path, seed: int | None = 0,
+                                **cfg_kw) -> Adapter:
+    """The same untrained adapter as `new_adapter`, read from the weight files alone (no
+    model is built: the server makes its default adapter this way)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    model_dir = Path(model_dir)
+    cfg = DeltaMemConfig.for_backbone(AutoConfig.from_pretrained(model_dir), **cfg_kw)
+    handles = [safe_open(str(f), "pt") for f in sorted(model_dir.glob("*.safetensors"))]
+
+    def tensor(name):
+        for h in handles:
+            if name in h.keys():
+                return h.get_tensor(name).float()
+        raise AdapterError(f"{model_dir} has no weight {name}")
+
+    def weights(i):
+        pre = f"model.layers.{i}.self_attn."
+        return tensor(pre + "q_proj.weight"), tensor(pre + "o_proj.weight")
+
+    return _init_adapter(cfg, weights, backbone_fingerprint(model_dir), seed)
 
 
 def save_adapter(adapter: Adapter, path: str | Path, meta: dict | None = None) -> Path:

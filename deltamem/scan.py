@@ -144,69 +144,38 @@ def delta_rule_scan_chunked(q, k, v, beta, initial_state, write_mask=None,
     return reads, s
 
 
-# --- compiled CPU kernel --------------------------------------------------------------------
+# --- compiled CPU kernel (deltamem/_cpu_kernel.py) --------------------------------------------
 # On the CPU the chunked path is memory-bound (its C×C blocks carry a row axis because β is
 # per row), and at decode (T = 1) its ~40 tensor ops per layer cost more than the math. A
 # compiled per-token kernel does the 8×8 arithmetic in registers: it is the fast path for
 # inference on the CPU. It has no backward, so training (autograd) uses the chunked path.
 
-_numba_kernel = None
-
-
-def _get_numba_kernel():
-    global _numba_kernel
-    if _numba_kernel is None:
-        import numba
-
-        @numba.njit(parallel=True, cache=True, fastmath=False)
-        def kernel(q, k, v, beta, mask, cu_seqlens, state, reads):
-            # q, k, v, beta, reads: (N, H, r); mask: (N,) bool; cu_seqlens: (B+1,) int64;
-            # state: (B, H, r, r), updated in place.
-            nseq = cu_seqlens.shape[0] - 1
-            H = q.shape[1]
-            r = q.shape[2]
-            for job in numba.prange(nseq * H):
-                b = job // H
-                h = job % H
-                S = state[b, h]
-                for t in range(cu_seqlens[b], cu_seqlens[b + 1]):
-                    for i in range(r):
-                        acc = 0.0
-                        for j in range(r):
-                            acc += S[i, j] * q[t, h, j]
-                        reads[t, h, i] = acc
-                    if mask[t]:
-                        for i in range(r):
-                            pred = 0.0
-                            for j in range(r):
-                                pred += S[i, j] * k[t, h, j]
-                            bt = beta[t, h, i]
-                            d = bt * (v[t, h, i] - pred)
-                            a = 1.0 - bt
-                            for j in range(r):
-                                S[i, j] = a * S[i, j] + d * k[t, h, j]
-
-        _numba_kernel = kernel
-    return _numba_kernel
-
-
-def delta_rule_scan_varlen_cpu(q, k, v, beta, states, cu_seqlens, write_mask=None):
+def delta_rule_scan_varlen_cpu(q, k, v, beta, states, cu_seqlens, write_mask=None,
+                               inplace: bool = False):
     """Varlen scan on the CPU for a flattened batch (the engine's layout).
 
     q, k, v, beta: (N, H, r) for all sequences' tokens back to back; cu_seqlens: (B+1,) token
     offsets; states: (B, H, r, r) initial states; write_mask: (N,) bool or None.
-    Returns (reads (N, H, r), final states (B, H, r, r)); inputs are not modified.
+    Returns (reads (N, H, r), final states (B, H, r, r)). With `inplace`, `states` (which must
+    then be a contiguous float32/float64 CPU tensor) is updated and returned.
     """
+    from . import _cpu_kernel
+
     dt = _compute_dtype(states)
-    kernel = _get_numba_kernel()
     qn, kn, vn, bn = (x.detach().to(dt).contiguous().numpy() for x in (q, k, v, beta))
-    st = states.detach().to(dt).clone().contiguous()
+    if inplace:
+        if not states.is_contiguous() or states.dtype != dt:
+            raise ValueError("inplace needs a contiguous float32/float64 state tensor")
+        st = states
+    else:
+        st = states.detach().to(dt).clone().contiguous()
     N = q.shape[0]
     mask = (torch.ones(N, dtype=torch.bool) if write_mask is None
             else write_mask.detach().to(torch.bool).contiguous())
     reads = torch.empty(q.shape, dtype=dt)
     cu = cu_seqlens.detach().to(torch.int64).contiguous()
-    kernel(qn, kn, vn, bn, mask.numpy(), cu.numpy(), st.numpy(), reads.numpy())
+    _cpu_kernel.run(qn, kn, vn, bn, mask.numpy(), cu.numpy(), st.detach().numpy(),
+                    reads.numpy())
     return reads, st
 
 

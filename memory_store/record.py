@@ -1,0 +1,138 @@
+"""Session record types and id validation."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import InvalidSessionId
+
+__all__ = [
+    "SessionRecord",
+    "SessionSummary",
+    "StateIdentity",
+    "validate_session_id",
+    "validate_tenant",
+]
+
+# No '/', '{' or '}': the Redis store builds keys and cluster hash tags from these ids.
+_ID_RE = re.compile(r"[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}")
+
+
+def _validate_id(value: object, what: str) -> str:
+    if not isinstance(value, str) or _ID_RE.fullmatch(value) is None:
+        raise InvalidSessionId(
+            f"invalid {what} {value!r}: use 1-128 characters of [A-Za-z0-9._:-], "
+            "not starting with '.'"
+        )
+    return value
+
+
+def validate_session_id(session_id: object) -> str:
+    """Return ``session_id`` unchanged if valid, else raise :class:`InvalidSessionId`."""
+    return _validate_id(session_id, "session id")
+
+
+def validate_tenant(tenant: object) -> str:
+    """Tenant ids follow the session id rules."""
+    return _validate_id(tenant, "tenant id")
+
+
+@dataclass(frozen=True)
+class StateIdentity:
+    """What a state was made with; a state is only valid under the same identity."""
+
+    backbone: str
+    adapter: str
+    num_layers: int
+    num_state_heads: int
+    rank: int
+
+    def __post_init__(self) -> None:
+        for name in ("backbone", "adapter"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"StateIdentity.{name} must be a non-empty string")
+        for name in ("num_layers", "num_state_heads", "rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"StateIdentity.{name} must be a positive int, got {value!r}")
+
+    @property
+    def state_shape(self) -> tuple[int, int, int, int]:
+        return (self.num_layers, self.num_state_heads, self.rank, self.rank)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "backbone": self.backbone,
+            "adapter": self.adapter,
+            "num_layers": self.num_layers,
+            "num_state_heads": self.num_state_heads,
+            "rank": self.rank,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> StateIdentity:
+        return cls(
+            backbone=obj["backbone"],
+            adapter=obj["adapter"],
+            num_layers=obj["num_layers"],
+            num_state_heads=obj["num_state_heads"],
+            rank=obj["rank"],
+        )
+
+    def differences(self, other: StateIdentity) -> list[str]:
+        """Human-readable list of the fields where ``other`` differs from ``self``."""
+        return [
+            f"{name}: {getattr(other, name)!r} != {getattr(self, name)!r}"
+            for name in ("backbone", "adapter", "num_layers", "num_state_heads", "rank")
+            if getattr(self, name) != getattr(other, name)
+        ]
+
+
+# eq=False: field-wise equality would compare tensors elementwise and fail in bool().
+@dataclass(eq=False)
+class SessionRecord:
+    """All of one conversation's persistent state.
+
+    ``state`` is float32 of shape ``identity.state_shape``; None means the zero state.
+    ``version`` 0 means not stored yet; the store sets it on every commit.
+    """
+
+    session_id: str
+    tenant: str
+    identity: StateIdentity
+    state: torch.Tensor | None = None
+    transcript: list[int] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    tokens_absorbed: int = 0
+    version: int = 0
+    turns: int = 0
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> SessionSummary:
+        return SessionSummary(
+            session_id=self.session_id,
+            version=self.version,
+            turns=self.turns,
+            tokens_absorbed=self.tokens_absorbed,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+        )
+
+
+@dataclass(frozen=True)
+class SessionSummary:
+    """What listing a tenant's sessions shows, without loading their records."""
+
+    session_id: str
+    version: int
+    turns: int
+    tokens_absorbed: int
+    created_at: float
+    updated_at: float

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+try:  # pytest puts tests/ on sys.path (rootdir without tests/__init__.py)
+    from redis_server import RedisServer
+except ImportError:  # tests/ became a package
+    from tests.redis_server import RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A private redis-server (append-only file on) with ``.url``, ``.stop()``, ``.start()``.
+
+    Fails, never skips, when redis-server cannot start: the Redis store is part of the
+    contract under test.
+    """
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    try:
+        server.start()
+    except Exception as exc:
+        server.close()
+        pytest.fail(f"cannot start redis-server for the tests: {exc}", pytrace=False)
+    yield server
+    server.close()
+
+
+# --- the default model and the HF reference runtime (shared by the whole session) -------------
+
+
+@pytest.fixture(scope="session")
+def model_dir():
+    from deltamem.model_fetch import FetchError, resolve_model
+
+    try:
+        return resolve_model(None)
+    except FetchError as exc:
+        pytest.fail(f"{exc} (make test fetches it first)", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="session")
+def hf_runtime(model_dir):
+    """Float32 HF backbone with a random (seeded) δ-mem adapter."""
+    from deltamem.hf_runtime import DeltaMemHF
+
+    return DeltaMemHF.from_pretrained(model_dir, seed=0)
