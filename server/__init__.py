@@ -1,0 +1,1 @@
+"""The δ-mem server: OpenAI-compatible API, session turns, the vLLM engine integration."""

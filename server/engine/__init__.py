@@ -1,0 +1,1 @@
+"""vLLM integration: the plugin, the δ-mem model classes, the async engine facade."""

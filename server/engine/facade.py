@@ -1,0 +1,186 @@
+"""Async engine facade: token ids + sampling + initial state + write start in; a token stream,
+finish reason, usage and the final state out. Also runs the bare backbone (memory off) for
+baselines. It owns vLLM's AsyncLLM and hides its request plumbing from the server."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from deltamem.adapter import Adapter, AdapterError, backbone_fingerprint, load_adapter
+
+from .model import EXTRA_ARGS_KEY, decode_state, encode_state
+
+log = logging.getLogger(__name__)
+
+ARCH_MAP = {"LlamaForCausalLM": "DeltaMemLlamaForCausalLM",
+            "Qwen3ForCausalLM": "DeltaMemQwen3ForCausalLM"}
+
+
+class EngineError(RuntimeError):
+    """The engine could not start or could not serve a request."""
+
+
+@dataclass
+class EngineConfig:
+    model_dir: Path
+    adapter_dir: Path | None = None  # None with memory on: refuse (the server makes one)
+    memory: bool = True
+    dtype: str = "bfloat16"
+    max_model_len: int = 8192
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int | None = None  # chunked-prefill budget per step
+    kv_cache_gib: int = 2  # CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE, an integer)
+    gpu_memory_utilization: float = 0.5
+    enforce_eager: bool = True
+    seed: int = 0
+    speculative_config: dict | None = None
+    extra_engine_args: dict = field(default_factory=dict)
+
+
+@dataclass
+class GenerationChunk:
+    token_ids: list[int]  # new tokens since the previous chunk
+    text: str  # new text since the previous chunk
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    final_state: torch.Tensor | None = None  # on the finished chunk, with memory on
+
+
+class DeltaMemEngine:
+    """One vLLM AsyncLLM with (or without) δ-mem."""
+
+    def __init__(self, llm, cfg: EngineConfig, adapter: Adapter | None, backbone):
+        self.llm = llm
+        self.cfg = cfg
+        self.adapter = adapter
+        self.backbone = backbone
+        self.state_shape = None
+        if adapter is not None:
+            c = adapter.config
+            self.state_shape = (len(c.layers), c.num_state_heads, c.rank, c.rank)
+
+    @property
+    def memory(self) -> bool:
+        return self.adapter is not None
+
+    @classmethod
+    def start(cls, cfg: EngineConfig) -> DeltaMemEngine:
+        """Build and start the engine (spawns vLLM's engine core; ~25 s for the default model).
+        Must be called from a module guarded by `if __name__ == "__main__":` or a server."""
+        from transformers import AutoConfig
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if cfg.speculative_config:
+            raise EngineError("speculative decoding is not supported with δ-mem: rejected "
+                              "draft tokens would be written into the memory state")
+        model_dir = Path(cfg.model_dir)
+        hf_cfg = AutoConfig.from_pretrained(model_dir)
+        backbone = backbone_fingerprint(model_dir)
+        adapter = None
+        overrides: dict = {}
+        if cfg.memory:
+            if cfg.adapter_dir is None:
+                raise EngineError("memory on but no adapter given")
+            adapter = load_adapter(cfg.adapter_dir, hf_cfg)
+            try:
+                adapter.check_backbone(backbone)
+            except AdapterError as e:
+                raise EngineError(str(e)) from e
+            archs = [ARCH_MAP.get(a) for a in (hf_cfg.architectures or [])]
+            if not archs or None in archs:
+                raise EngineError(f"δ-mem supports {sorted(ARCH_MAP)}; the model is "
+                                  f"{hf_cfg.architectures}")
+            overrides = {"architectures": archs,
+                         "deltamem_adapter": str(Path(cfg.adapter_dir).resolve())}
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(cfg.kv_cache_gib)))
+        args = AsyncEngineArgs(
+            model=str(model_dir),
+            dtype=cfg.dtype,
+            max_model_len=cfg.max_model_len,
+            max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            enforce_eager=cfg.enforce_eager,
+            seed=cfg.seed,
+            # Invariant 3: a prefix-cache hit skips the forward, and so the writes and reads,
+            # of the cached tokens. Off with memory; the backbone alone keeps it.
+            enable_prefix_caching=not cfg.memory,
+            # Async scheduling would feed a finished request's last sampled token before the
+            # stop is known, writing a token that is not yet part of the transcript.
+            async_scheduling=False if cfg.memory else None,
+            hf_overrides=overrides or None,
+            worker_extension_cls="server.engine.model.DeltaMemWorkerExtension",
+            **cfg.extra_engine_args,
+        )
+        log.info("starting vLLM engine: model=%s memory=%s adapter=%s", model_dir, cfg.memory,
+                 adapter.fingerprint() if adapter else None)
+        llm = AsyncLLM.from_engine_args(args)
+        return cls(llm, cfg, adapter, backbone)
+
+    async def generate(self, prompt_token_ids: list[int], sampling_params,
+                       initial_state: torch.Tensor | None = None, write_start: int = 0,
+                       request_id: str | None = None) -> AsyncIterator[GenerationChunk]:
+        """Stream one request. Stopping the iteration early aborts the request in vLLM."""
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        rid = request_id or uuid.uuid4().hex
+        sp = sampling_params.clone()
+        sp.output_kind = RequestOutputKind.DELTA
+        if self.memory:
+            if initial_state is not None and tuple(initial_state.shape) != self.state_shape:
+                raise EngineError(f"initial state has shape {tuple(initial_state.shape)}, "
+                                  f"the adapter needs {self.state_shape}")
+            sp.extra_args = {**(sp.extra_args or {}), EXTRA_ARGS_KEY: {
+                "state": encode_state(initial_state), "write_start": int(write_start),
+                "key": rid}}
+        finished = False
+        completion = 0
+        try:
+            async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_token_ids),
+                                               sp, rid):
+                c = out.outputs[0]
+                completion += len(c.token_ids)
+                chunk = GenerationChunk(list(c.token_ids), c.text, prompt_tokens=len(
+                    prompt_token_ids), completion_tokens=completion)
+                if out.finished:
+                    finished = True
+                    chunk.finished = True
+                    chunk.finish_reason = c.finish_reason or "stop"
+                    if self.memory:
+                        chunk.final_state = await self._take_state(rid)
+                yield chunk
+        finally:
+            if not finished:
+                await self.llm.abort(rid)
+                if self.memory:  # drop whatever the worker kept for it
+                    await self._take_state(rid, required=False)
+
+    async def _take_state(self, rid: str, required: bool = True) -> torch.Tensor | None:
+        results = await self.llm.collective_rpc("deltamem_take_states", args=([rid],))
+        got = results[0].get(rid) if results else None
+        if got is None:
+            if required:
+                raise EngineError(f"no δ-mem state came back for request {rid}")
+            return None
+        return decode_state(got["state"], tuple(got["shape"]))
+
+    async def stats(self) -> dict:
+        res = await self.llm.collective_rpc("deltamem_stats")
+        return res[0] if res else {}
+
+    async def check_health(self) -> None:
+        await self.llm.check_health()
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()

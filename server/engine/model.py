@@ -1,0 +1,344 @@
+"""δ-mem inside vLLM: model classes, per-request state on the worker, the worker RPC.
+
+Per-request state channel. A request brings its initial state and write start inline in
+`SamplingParams.extra_args["deltamem"]` (a base64 float32 blob: 7.7 KB for the default model),
+so it travels with the request through vLLM's own scheduler messages and reaches the worker
+in `scheduled_new_reqs` with no side channel to keep consistent. The final state comes back
+through `collective_rpc("deltamem_take_states", …)` once the request has finished; the worker
+keeps finished states in a bounded outbox until then.
+
+Invariants (DESIGN.md §2) and where they hold:
+- writes idempotent by position: each request carries `pos`, the number of its tokens already
+  absorbed; a step must start at `pos` (chunked prefill continues), or at 0, which is a
+  recompute after preemption and restarts from the initial state. Anything else is a bug and
+  raises.
+- prefix caching is off for δ-mem engines (facade), so no forward is skipped.
+- async scheduling is off (facade): it would feed a request's last sampled token before
+  knowing the request stopped, writing a token that invariant 5 says is not yet absorbed.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+import types
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from deltamem.adapter import Adapter, load_adapter
+from deltamem.layer import DeltaMem
+from deltamem.scan import delta_rule_scan_chunked, delta_rule_scan_varlen_cpu
+
+log = logging.getLogger(__name__)
+
+EXTRA_ARGS_KEY = "deltamem"
+OUTBOX_MAX = 4096
+OUTBOX_TTL_S = 600.0
+
+
+def encode_state(state: torch.Tensor | None) -> str | None:
+    if state is None:
+        return None
+    return base64.b64encode(state.detach().to(torch.float32).contiguous().cpu().numpy()
+                            .tobytes()).decode("ascii")
+
+
+def decode_state(blob: str | bytes, shape: tuple[int, ...]) -> torch.Tensor:
+    raw = base64.b64decode(blob) if isinstance(blob, str) else blob
+    arr = np.frombuffer(raw, dtype=np.float32)
+    if arr.size != int(np.prod(shape)):
+        raise ValueError(f"δ-mem state has {arr.size} values, expected shape {shape}")
+    return torch.from_numpy(arr.copy()).view(shape)
+
+
+@dataclass
+class RequestMemory:
+    initial: torch.Tensor  # (L, H, r, r) float32
+    state: torch.Tensor
+    write_start: int
+    key: str  # the caller's request id (vLLM appends a suffix to its own ids)
+    pos: int = 0  # tokens of this request already through the model
+    taken: bool = False  # final state already handed out
+
+
+@dataclass
+class _StepPlan:
+    req_ids: list[str]
+    num_tokens: np.ndarray  # per request, this step
+    start_pos: np.ndarray  # per request, position of its first token this step
+
+
+class DeltaMemRuntime:
+    """The worker-side δ-mem: adapter module, per-request states, per-step batch layout."""
+
+    def __init__(self, module: DeltaMem, device: torch.device):
+        self.module = module.to(device=device, dtype=torch.float32).eval()
+        self.device = device
+        cfg = module.cfg
+        self.layer_ids = cfg.layers
+        self.slot_of = {i: s for s, i in enumerate(self.layer_ids)}
+        self.state_shape = (len(self.layer_ids), cfg.num_state_heads, cfg.rank, cfg.rank)
+        self.requests: dict[str, RequestMemory] = {}
+        self.outbox: OrderedDict[str, tuple[float, torch.Tensor]] = OrderedDict()
+        self._plan: _StepPlan | None = None
+        # Per forward:
+        self._active: list[RequestMemory] | None = None
+        self._cu: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
+        self._states: torch.Tensor | None = None  # (L, B, H, r, r)
+        self._n_valid = 0
+        self._reads: dict[int, torch.Tensor] = {}
+
+    # --- request lifecycle (called from the model runner hooks) ------------------------------
+    def _memory_of(self, req_id: str, runner_requests) -> RequestMemory:
+        rm = self.requests.get(req_id)
+        if rm is not None:
+            return rm
+        extra = {}
+        req = runner_requests.get(req_id)
+        if req is not None and req.sampling_params is not None:
+            extra = (req.sampling_params.extra_args or {}).get(EXTRA_ARGS_KEY) or {}
+        blob = extra.get("state")
+        init = (decode_state(blob, self.state_shape) if blob else
+                torch.zeros(self.state_shape, dtype=torch.float32))
+        init = init.to(self.device)
+        rm = RequestMemory(init, init.clone(), int(extra.get("write_start", 0)),
+                           str(extra.get("key", req_id)))
+        self.requests[req_id] = rm
+        return rm
+
+    def plan_step(self, req_ids, num_scheduled, num_computed, runner_requests) -> None:
+        self._plan = _StepPlan(list(req_ids), np.asarray(num_scheduled, dtype=np.int64).copy(),
+                               np.asarray(num_computed, dtype=np.int64).copy())
+        for rid in self._plan.req_ids:
+            self._memory_of(rid, runner_requests)
+
+    def on_request_removed(self, req_id: str) -> None:
+        rm = self.requests.pop(req_id, None)
+        if rm is None or rm.taken:
+            return
+        self.outbox[rm.key] = (time.monotonic(), rm.state)
+        self._trim_outbox()
+
+    def _trim_outbox(self) -> None:
+        now = time.monotonic()
+        while self.outbox and (len(self.outbox) > OUTBOX_MAX
+                               or now - next(iter(self.outbox.values()))[0] > OUTBOX_TTL_S):
+            self.outbox.popitem(last=False)
+
+    def take_states(self, keys: list[str]) -> dict[str, dict]:
+        """Hand out final states (float32 bytes) by the caller's request ids; forget them."""
+        out = {}
+        live = {rm.key: rm for rm in self.requests.values()}
+        for key in keys:
+            if key in self.outbox:
+                _, st = self.outbox.pop(key)
+            elif key in live:
+                live[key].taken = True
+                st = live[key].state
+            else:
+                continue
+            out[key] = {"state": st.detach().cpu().contiguous().numpy().tobytes(),
+                        "shape": list(st.shape)}
+        return out
+
+    # --- one forward --------------------------------------------------------------------------
+    def begin_forward(self, num_tokens: int) -> None:
+        plan, self._plan = self._plan, None
+        if plan is None or not plan.req_ids:
+            # A dummy/profiling run: one throwaway sequence from a zero state.
+            self._active = None
+            self._cu = torch.tensor([0, num_tokens], dtype=torch.int64)
+            self._mask = torch.zeros(num_tokens, dtype=torch.bool)
+            self._states = torch.zeros((self.state_shape[0], 1, *self.state_shape[1:]),
+                                       dtype=torch.float32, device=self.device)
+            self._n_valid = num_tokens
+            return
+        active = []
+        masks = []
+        for rid, n, p0 in zip(plan.req_ids, plan.num_tokens, plan.start_pos, strict=True):
+            rm = self.requests[rid]
+            if p0 != rm.pos:
+                if p0 == 0:
+                    # Recomputed after preemption: its tokens must not read their own future.
+                    rm.state = rm.initial.clone()
+                    rm.pos = 0
+                else:
+                    raise RuntimeError(
+                        f"δ-mem request {rid}: step starts at position {p0} but {rm.pos} tokens "
+                        "are absorbed (prefix caching must be off for δ-mem)")
+            masks.append(torch.arange(p0, p0 + n) >= rm.write_start)
+            active.append(rm)
+        self._active = active
+        counts = torch.as_tensor(plan.num_tokens)
+        self._cu = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+        self._n_valid = int(self._cu[-1])
+        self._mask = torch.cat(masks)
+        # (L, B, H, r, r): each layer's slice is contiguous for the in-place kernel.
+        self._states = torch.stack([rm.state for rm in active], dim=1).contiguous()
+        for rm, n in zip(active, plan.num_tokens, strict=True):
+            rm.pos += int(n)
+
+    def end_forward(self) -> None:
+        if self._active is not None:
+            for b, rm in enumerate(self._active):
+                rm.state = self._states[:, b].clone()
+        self._active = self._states = None
+        self._reads.clear()
+
+    def delta_q(self, layer_idx: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Project x, run the scan for this layer, keep the reads for Δo; return Δq."""
+        slot = self.slot_of.get(layer_idx)
+        if slot is None or self._states is None:
+            return None
+        mem = self.module.layer(layer_idx)
+        n = self._n_valid
+        p = mem.project(x[:n])
+        states = self._states[slot]
+        if self.device.type == "cpu":
+            reads, _ = delta_rule_scan_varlen_cpu(p.q, p.k, p.v, p.beta, states, self._cu,
+                                                  self._mask, inplace=True)
+        else:
+            reads = self._scan_padded(p, states)
+        if n < x.shape[0]:  # padded tokens read nothing
+            reads = torch.cat([reads, reads.new_zeros(x.shape[0] - n, *reads.shape[1:])])
+        self._reads[slot] = reads
+        return mem.delta_q(reads)
+
+    def delta_o(self, layer_idx: int) -> torch.Tensor | None:
+        slot = self.slot_of.get(layer_idx)
+        if slot is None or slot not in self._reads:
+            return None
+        return self.module.layer(layer_idx).delta_o(self._reads.pop(slot))
+
+    def _scan_padded(self, p, states: torch.Tensor) -> torch.Tensor:
+        """Accelerator path: pad the varlen batch to (B, Tmax) and run the chunked scan."""
+        cu = self._cu.tolist()
+        B = len(cu) - 1
+        lens = [cu[i + 1] - cu[i] for i in range(B)]
+        T = max(lens)
+        H, r = p.q.shape[1], p.q.shape[2]
+        idx_b = torch.repeat_interleave(torch.arange(B), torch.tensor(lens)).to(self.device)
+        idx_t = torch.cat([torch.arange(n) for n in lens]).to(self.device)
+
+        def pad(x):
+            out = x.new_zeros(B, T, H, r)
+            out[idx_b, idx_t] = x
+            return out
+
+        mask = torch.zeros(B, T, dtype=torch.bool, device=self.device)
+        mask[idx_b, idx_t] = self._mask.to(self.device)
+        reads, final = delta_rule_scan_chunked(pad(p.q), pad(p.k), pad(p.v), pad(p.beta),
+                                               states, mask)
+        states.copy_(final)
+        return reads[idx_b, idx_t]
+
+
+# --- the attention forward with δ-mem -----------------------------------------------------------
+
+def _deltamem_attention_forward(self, positions: torch.Tensor, hidden_states: torch.Tensor):
+    """LlamaAttention / Qwen3Attention forward plus Δq (before q_norm and RoPE) and Δo.
+
+    `hidden_states` is the normed layer input, i.e. the δ-mem x_t; the paged attention and KV
+    cache are vLLM's own, untouched.
+    """
+    rt: DeltaMemRuntime = self._deltamem_runtime
+    qkv, _ = self.qkv_proj(hidden_states)
+    q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+    dq = rt.delta_q(self._deltamem_layer, hidden_states)
+    if dq is not None:
+        q = q + dq.to(q.dtype)
+    if hasattr(self, "q_norm"):  # Qwen3: per-head RMSNorm on q and k before RoPE
+        q = self.q_norm(q.view(*q.shape[:-1], -1, self.head_dim)).view(q.shape)
+        k = self.k_norm(k.view(*k.shape[:-1], -1, self.head_dim)).view(k.shape)
+    q, k = self.rotary_emb(positions, q, k)
+    attn_output = self.attn(q, k, v)
+    output, _ = self.o_proj(attn_output)
+    do = rt.delta_o(self._deltamem_layer)
+    if do is not None:
+        output = output + do.to(output.dtype)
+    return output
+
+
+class _DeltaMemMixin:
+    """Turns a vLLM Llama/Qwen3 causal LM into its δ-mem variant.
+
+    The adapter is read in `load_weights` (after the backbone, whose W_Q/W_O an untrained
+    adapter would need) from the path in the HF config's `deltamem_adapter`, which the facade
+    sets through `hf_overrides`. The δ-mem module is kept off the nn.Module tree so vLLM's
+    weight loader never looks for it in the backbone checkpoint.
+    """
+
+    deltamem_runtime: DeltaMemRuntime | None = None
+
+    def _deltamem_setup(self) -> None:
+        path = getattr(self.config, "deltamem_adapter", None)
+        if not path:
+            raise ValueError("δ-mem model class selected without `deltamem_adapter` in "
+                             "hf_overrides")
+        adapter: Adapter = load_adapter(path, self.config)
+        if adapter.config.write_granularity != "token":
+            raise ValueError(f"the engine serves token-level (TSW/MSW) adapters; this one "
+                             f"writes per {adapter.config.write_granularity!r}")
+        device = next(self.parameters()).device
+        rt = DeltaMemRuntime(adapter.module, device)
+        self.deltamem_runtime = rt
+        for i, layer in enumerate(self.model.layers):
+            attn = layer.self_attn
+            attn._deltamem_runtime = rt
+            attn._deltamem_layer = i
+            attn.forward = types.MethodType(_deltamem_attention_forward, attn)
+        # Compile the CPU kernel now, not inside the first request's forward.
+        if device.type == "cpu":
+            z = torch.zeros(1, 1, adapter.config.rank)
+            delta_rule_scan_varlen_cpu(z, z, z, z, torch.zeros(1, 1, 8, 8).new_zeros(
+                1, 1, adapter.config.rank, adapter.config.rank), torch.tensor([0, 1]))
+        log.info("δ-mem adapter %s loaded on %d layers (%d parameters)", adapter.fingerprint(),
+                 len(rt.layer_ids), adapter.module.num_parameters())
+
+    def load_weights(self, weights):
+        loaded = super().load_weights(weights)
+        self._deltamem_setup()
+        return loaded
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None,
+                **kwargs):
+        rt = self.deltamem_runtime
+        rt.begin_forward(int(positions.shape[-1]))
+        try:
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds,
+                                   **kwargs)
+        finally:
+            rt.end_forward()
+
+
+def _model_classes():
+    from vllm.model_executor.models.llama import LlamaForCausalLM
+    from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+
+    class DeltaMemLlamaForCausalLM(_DeltaMemMixin, LlamaForCausalLM):
+        pass
+
+    class DeltaMemQwen3ForCausalLM(_DeltaMemMixin, Qwen3ForCausalLM):
+        pass
+
+    return {"DeltaMemLlamaForCausalLM": DeltaMemLlamaForCausalLM,
+            "DeltaMemQwen3ForCausalLM": DeltaMemQwen3ForCausalLM}
+
+
+class DeltaMemWorkerExtension:
+    """Mixed into vLLM's worker (worker_extension_cls): the API process's way in."""
+
+    def deltamem_take_states(self, req_ids: list[str]) -> dict[str, dict]:
+        rt = getattr(self.model_runner.get_model(), "deltamem_runtime", None)
+        return {} if rt is None else rt.take_states(req_ids)
+
+    def deltamem_stats(self) -> dict:
+        rt = getattr(self.model_runner.get_model(), "deltamem_runtime", None)
+        if rt is None:
+            return {"enabled": False}
+        return {"enabled": True, "active_requests": len(rt.requests), "outbox": len(rt.outbox)}

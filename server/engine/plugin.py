@@ -1,0 +1,72 @@
+"""vLLM general plugin (entry point `vllm.general_plugins`), loaded in every vLLM process.
+
+It registers the δ-mem model classes and hooks the model runner at two points that vLLM's
+per-request bookkeeping passes through, so the model knows which request each token belongs
+to:
+- `_prepare_inputs`: the current step's batch order (`input_batch.req_ids`), tokens per
+  request and positions (computed tokens) are final here, before the forward;
+- `_on_request_state_removed`: vLLM's hook for request-scoped side state, fired when a
+  finished request leaves the worker.
+`CPUModelRunner` subclasses `GPUModelRunner`, so one patch covers the CPU and CUDA engines.
+Both hooks do nothing for models that are not δ-mem.
+"""
+
+from __future__ import annotations
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    from vllm import ModelRegistry
+
+    for arch in ("DeltaMemLlamaForCausalLM", "DeltaMemQwen3ForCausalLM"):
+        ModelRegistry.register_model(arch, f"server.engine.plugin:{arch}")
+    _patch_model_runner()
+
+
+def __getattr__(name: str):
+    # ModelRegistry resolves "module:Class" lazily, in the worker, after torch/vLLM are up.
+    if name in ("DeltaMemLlamaForCausalLM", "DeltaMemQwen3ForCausalLM"):
+        from .model import _model_classes
+
+        return _model_classes()[name]
+    raise AttributeError(name)
+
+
+def _runtime(runner):
+    try:
+        model = runner.get_model()
+    except Exception:  # model not loaded yet
+        return None
+    return getattr(model, "deltamem_runtime", None)
+
+
+def _patch_model_runner() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if getattr(GPUModelRunner, "_deltamem_patched", False):
+        return
+    orig_prepare = GPUModelRunner._prepare_inputs
+    orig_removed = GPUModelRunner._on_request_state_removed
+
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
+        rt = _runtime(self)
+        if rt is not None:
+            n = self.input_batch.num_reqs
+            rt.plan_step(self.input_batch.req_ids[:n], num_scheduled_tokens[:n],
+                         self.input_batch.num_computed_tokens_cpu[:n], self.requests)
+        return orig_prepare(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+
+    def _on_request_state_removed(self, req_id, req_state):
+        rt = _runtime(self)
+        if rt is not None:
+            rt.on_request_removed(req_id)
+        return orig_removed(self, req_id, req_state)
+
+    GPUModelRunner._prepare_inputs = _prepare_inputs
+    GPUModelRunner._on_request_state_removed = _on_request_state_removed
+    GPUModelRunner._deltamem_patched = True
