@@ -1,0 +1,214 @@
+"""OpenAI protocol models (pydantic v2), apart from any serving logic.
+
+Shapes follow OpenAI's chat completions API; the δ-mem additions are `session_id` and
+`memory_window_tokens` in the request and a `session` object in responses.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Fields OpenAI defines that this server does not implement: refused with a 400 naming the
+# field, never silently ignored.
+UNSUPPORTED_FIELDS = {
+    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logit_bias",
+    "audio", "modalities", "prediction", "web_search_options", "top_logprobs",
+    "reasoning_effort",
+}
+# Fields that change nothing here and that clients send routinely.
+IGNORED_FIELDS = {"user", "metadata", "store", "service_tier"}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+    def normalized(self) -> dict[str, str]:
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": self.text()}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text"]
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    n: int = Field(default=1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool | None = None
+    response_format: ResponseFormat | None = None
+    # δ-mem extensions
+    session_id: str | None = None
+    memory_window_tokens: int | None = Field(
+        default=None, ge=-1,
+        description="tokens of recent transcript kept in the prompt (0: state only, -1: all)")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v):
+        if isinstance(v, str):
+            return [v]
+        if v is not None and len(v) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return v
+
+    def unsupported(self) -> list[str]:
+        extra = set(self.model_extra or {})
+        bad = sorted(extra & UNSUPPORTED_FIELDS)
+        bad += sorted(extra - UNSUPPORTED_FIELDS - IGNORED_FIELDS)
+        if self.logprobs:
+            bad.append("logprobs")
+        return bad
+
+
+class SessionInfo(BaseModel):
+    id: str
+    version: int
+    turns: int
+    tokens_absorbed: int
+    transcript_tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+def new_completion_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    system_fingerprint: str | None = None
+    session: SessionInfo | None = None
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+    session: SessionInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "deltamem"
+    memory: dict[str, Any] | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class SessionView(BaseModel):
+    id: str
+    version: int
+    turns: int
+    tokens_absorbed: int
+    transcript_tokens: int
+    created_at: float
+    updated_at: float
+    messages: list[dict[str, Any]] | None = None
+    transcript: list[int] | None = None
+    turn_log: list[dict[str, Any]] | None = None
+    versions: list[int] | None = None
+    state_bytes: int | None = None
+
+
+class SessionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[SessionView]
+    next_cursor: str | None = None
+
+
+class ForkRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    new_session_id: str | None = None
+
+
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1)
