@@ -1,0 +1,48 @@
+"""The settings object: flags, environment variables, and docs that list every one."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from server.settings import Settings, add_arguments, from_args
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse(argv, monkeypatch=None):
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return from_args(p.parse_args(argv))
+
+
+def test_flags_override_environment(monkeypatch):
+    monkeypatch.setenv("DELTAMEM_PORT", "9001")
+    monkeypatch.setenv("REDIS_URL", "redis://example:6379/0")
+    monkeypatch.setenv("DELTAMEM_API_KEY", "a, b")
+    s = parse([])
+    assert s.port == 9001 and s.redis_url == "redis://example:6379/0"
+    assert s.api_key == ["a", "b"] and set(s.keys()) == {"a", "b"}
+    s = parse(["--port", "9002", "--no-memory", "--api-key", "z"])
+    assert s.port == 9002 and s.no_memory is True and s.api_key == ["z"]
+
+
+def test_tenants_are_hashes_of_keys(tmp_path):
+    f = tmp_path / "keys"
+    f.write_text("# comment\nk1\n\nk2\n")
+    keys = Settings(api_key=["k0"], api_key_file=f).keys()
+    assert set(keys) == {"k0", "k1", "k2"}
+    assert all(t.startswith("k") and "k1" not in t[1:3] for t in keys.values())
+    assert len(set(keys.values())) == 3
+
+
+def test_every_setting_is_documented_in_help_and_readme():
+    out = subprocess.run([sys.executable, "-m", "deltamem.cli", "serve", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    readme = (ROOT / "README.md").read_text()
+    for name in Settings.model_fields:
+        flag = "--" + name.replace("_", "-")
+        assert flag in out, flag
+        assert f"`{flag}`" in readme and f"DELTAMEM_{name.upper()}" in readme, flag
