@@ -53,3 +53,29 @@ def hf_runtime(model_dir):
     from deltamem.hf_runtime import DeltaMemHF
 
     return DeltaMemHF.from_pretrained(model_dir, seed=0)
+
+
+# --- the shared δ-mem engine (tests/engine_host.py) ---------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def engine_host(model_dir, tmp_path_factory):
+    """ONE δ-mem vLLM engine for the whole session (float32, random adapter with B ×10,
+    64-token prefill chunks), on its own event loop in a background thread: `.engine`,
+    `.loop`, `.run(coro, timeout)`, `.adapter_dir`, `.hf` (the HF reference on the same
+    adapter). Shut down at session end."""
+    try:
+        from engine_host import EngineHost, make_test_adapter
+    except ImportError:
+        from tests.engine_host import EngineHost, make_test_adapter
+
+    adapter_dir = tmp_path_factory.mktemp("engine") / "adapter"
+    make_test_adapter(model_dir, adapter_dir)
+    host = EngineHost(model_dir, adapter_dir)
+    try:
+        host.start()
+    except Exception as exc:
+        host.close()
+        pytest.fail(f"cannot start the shared vLLM engine: {exc}", pytrace=False)
+    yield host
+    host.close()

@@ -118,7 +118,7 @@ class DeltaMemEngine:
             # Async scheduling would feed a finished request's last sampled token before the
             # stop is known, writing a token that is not yet part of the transcript.
             async_scheduling=False if cfg.memory else None,
-            hf_overrides=overrides or None,
+            hf_overrides=overrides,  # a dict ({} with memory off), never None
             worker_extension_cls="server.engine.model.DeltaMemWorkerExtension",
             **cfg.extra_engine_args,
         )

@@ -92,6 +92,7 @@ class DeltaMemRuntime:
         self._states: torch.Tensor | None = None  # (L, B, H, r, r)
         self._n_valid = 0
         self._reads: dict[int, torch.Tensor] = {}
+        self.recomputes = 0  # requests restarted from their initial state (preemption)
 
     # --- request lifecycle (called from the model runner hooks) ------------------------------
     def _memory_of(self, req_id: str, runner_requests) -> RequestMemory:
@@ -167,6 +168,7 @@ class DeltaMemRuntime:
                     # Recomputed after preemption: its tokens must not read their own future.
                     rm.state = rm.initial.clone()
                     rm.pos = 0
+                    self.recomputes += 1
                 else:
                     raise RuntimeError(
                         f"δ-mem request {rid}: step starts at position {p0} but {rm.pos} tokens "
@@ -341,4 +343,5 @@ class DeltaMemWorkerExtension:
         rt = getattr(self.model_runner.get_model(), "deltamem_runtime", None)
         if rt is None:
             return {"enabled": False}
-        return {"enabled": True, "active_requests": len(rt.requests), "outbox": len(rt.outbox)}
+        return {"enabled": True, "active_requests": len(rt.requests), "outbox": len(rt.outbox),
+                "recomputes": rt.recomputes}
