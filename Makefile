@@ -13,13 +13,15 @@ MODEL_DIR := $(CACHE_DIR)/models/SmolLM2-135M-Instruct
 STAMP := $(VENV)/.installed-$(ENGINE)
 PYTEST_ARGS ?=
 
-.PHONY: install model serve test test-fast bench lint format load clean help
+.PHONY: install model serve test bench lint format load test-image compose-tool clean help
 
 help:
 	@echo "make serve   set up, fetch the default model, serve on the embedded defaults (port 8000)"
 	@echo "make test    set up, fetch the model, run the whole test suite (real engine, real Redis)"
 	@echo "make bench   run the benchmarks (tables on stdout, JSON under results/)"
 	@echo "make lint    ruff"
+	@echo "make load    locust load test against a running server (LOAD_ARGS=...)"
+	@echo "make test-image  build the container image with podman and check it answers"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,7 +43,13 @@ model: $(MODEL_DIR)/deltamem_model.json
 serve: install model
 	$(VENV)/bin/deltamem serve
 
-test: install model
+# `make test` validates docker-compose.yml; docker-compose 1.29 (Debian) does that without an
+# engine. --no-install-recommends: otherwise apt also brings docker.io.
+compose-tool:
+	@command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-compose; }
+
+test: install model compose-tool
 	DELTAMEM_CACHE_DIR=$(CACHE_DIR) $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: install model
@@ -53,8 +61,16 @@ lint: install
 format: install
 	$(VENV)/bin/ruff check --fix .
 
+LOAD_ARGS ?= --host http://127.0.0.1:8000 --users 8 --spawn-rate 2 --run-time 60s --out results/load
 load: install
 	$(PY) -m deploy.load $(LOAD_ARGS)
+
+# Build the CPU image with podman and check that it answers (no Docker engine or registry
+# needed; about 10 minutes).
+test-image:
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman runc debootstrap; }
+	deploy/test_image.sh
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache

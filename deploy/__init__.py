@@ -1,0 +1,1 @@
+"""Deployment: container entrypoint, image build scripts, locust load test (`make load`)."""
