@@ -19,7 +19,8 @@ import concurrent.futures
 import gc
 import logging
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,37 @@ def make_test_adapter(model_dir: str | Path, path: str | Path, seed: int = ADAPT
                     b.weight.mul_(b_scale)
     save_adapter(adapter, path, meta={"test": True, "b_scale": b_scale})
     return adapter
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with `n` intra-op torch threads, then restore the setting. The engine's
+    processes hold the cores; a test-process model on 2 OpenMP threads fighting them runs 5-10×
+    slower than on one."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+class OneThreadOracle:
+    """A `DeltaMemHF` whose `run` and `forward` run on one torch thread (see
+    `torch_threads`); everything else passes through."""
+
+    def __init__(self, hf, threads: int = 1):
+        self._hf = hf
+        self._threads = threads
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._hf, name)
+        if name in ("run", "forward"):
+            def call(*args, **kwargs):
+                with torch_threads(self._threads):
+                    return attr(*args, **kwargs)
+            return call
+        return attr
 
 
 class EngineHost:
@@ -143,14 +175,15 @@ class EngineHost:
     # --- oracles ----------------------------------------------------------------------------
     @property
     def hf(self):
-        """The HF reference runtime (float32) on the engine's adapter, built on first use."""
+        """The HF reference runtime (float32) on the engine's adapter, built on first use;
+        its `run`/`forward` use one torch thread (`OneThreadOracle`)."""
         with self._hf_lock:
             if self._hf is None:
                 from deltamem.adapter import load_adapter
                 from deltamem.hf_runtime import DeltaMemHF
 
-                self._hf = DeltaMemHF.from_pretrained(self.model_dir,
-                                                      adapter=load_adapter(self.adapter_dir))
+                self._hf = OneThreadOracle(DeltaMemHF.from_pretrained(
+                    self.model_dir, adapter=load_adapter(self.adapter_dir)))
             return self._hf
 
     # --- helpers for tests ------------------------------------------------------------------

@@ -1,0 +1,420 @@
+"""The vLLM engine with δ-mem (server/engine): real vLLM on the CPU, default model, one shared
+engine (tests/engine_host.py), checked against the HF reference runtime.
+
+The shared engine runs float32 with a seeded random adapter whose B_q/B_o are scaled ×10 (a
+state then visibly changes the answers) and a 64-token step budget, so any longer prompt is
+prefilled in chunks. Two extra engines (a zero-B δ-mem engine with a tiny KV cache, then the
+plain backbone) are started one after the other in one test and shut down at its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+try:  # pytest puts tests/ on sys.path (rootdir without tests/__init__.py)
+    from engine_host import MAX_NUM_BATCHED_TOKENS, OneThreadOracle, make_test_adapter
+except ImportError:  # tests/ became a package
+    from tests.engine_host import MAX_NUM_BATCHED_TOKENS, OneThreadOracle, make_test_adapter
+
+REL_TOL = 1e-4  # final state vs reference, float32
+COLOURS = "Name three colours."
+PROMPTS = [COLOURS, "What is the capital of France?", "Write a haiku about the sea.",
+           "How many legs does a spider have?"]
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def chat(tokenizer, text: str) -> list[int]:
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                         add_generation_prompt=True, tokenize=True,
+                                         return_dict=True)["input_ids"]
+
+
+def rand_state(shape, seed: int, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g) * scale
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def greedy(max_tokens: int, **kw):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, **kw)
+
+
+def min_margin(step_logits) -> float:
+    """Smallest top-1/top-2 logit gap of a greedy HF run (a near-tie explains a flip)."""
+    gaps = [float(v[0] - v[1]) for v in (lg.topk(2).values for lg in step_logits)]
+    return min(gaps) if gaps else float("inf")
+
+
+def assert_matches_hf(host, tokenizer, ids, state, write_start, max_tokens, tokens, final):
+    ref = host.hf.run(ids, state, write_start=write_start, max_new_tokens=max_tokens,
+                      eos_token_ids=(tokenizer.eos_token_id,))
+    assert tokens == ref.tokens, (
+        f"engine {tokenizer.decode(tokens)!r} != HF {tokenizer.decode(ref.tokens)!r} "
+        f"(smallest HF logit margin {min_margin(ref.step_logits):.4f})")
+    err = rel_err(final.final_state, ref.final_state)
+    assert err <= REL_TOL, f"final state rel err {err:.2e} vs HF"
+    return ref
+
+
+def wait_idle(host, engine=None, timeout: float = 20.0) -> dict:
+    """Poll the worker until it holds no request; return its stats."""
+    eng = engine or host.engine
+    deadline = time.monotonic() + timeout
+    while True:
+        st = host.run(eng.stats())
+        if st.get("active_requests") == 0 or time.monotonic() > deadline:
+            return st
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def host(engine_host):
+    return engine_host
+
+
+@pytest.fixture(scope="module")
+def shape(host):
+    return host.engine.state_shape
+
+
+# --- the shared engine against the HF reference -------------------------------------------------
+
+def test_greedy_tokens_and_final_state_match_hf(host, tokenizer, shape):
+    ids = chat(tokenizer, COLOURS)
+    answers = set()
+    for seed in (0, 1, 3):
+        state = rand_state(shape, seed)
+        tokens, fin = host.generate(ids, greedy(16), state)
+        assert fin.finished and fin.finish_reason in ("stop", "length")
+        assert fin.prompt_tokens == len(ids) and fin.completion_tokens == len(tokens)
+        assert fin.final_state.shape == shape and fin.final_state.dtype == torch.float32
+        assert_matches_hf(host, tokenizer, ids, state, 0, 16, tokens, fin)
+        answers.add(tuple(tokens))
+    # The adapter is strong enough that the state changes the answer.
+    assert len(answers) >= 2, "three different states gave the same answer"
+
+
+def test_batched_requests_match_each_alone(host, tokenizer, shape):
+    reqs = [(chat(tokenizer, PROMPTS[i % 4]), rand_state(shape, 100 + i), ws)
+            for i, ws in enumerate([0, 5, 0, 12, 0, 3, 0, 40])]
+    sp = greedy(12)
+    alone = [host.generate(ids, sp, s, ws) for ids, s, ws in reqs]
+
+    async def together():
+        return await asyncio.gather(*[host.collect(ids, sp, s, ws) for ids, s, ws in reqs])
+
+    batched = host.run(together())
+    # They really ran together: every request streamed before any had finished.
+    assert max(r[2][0] for r in batched) < min(r[2][1] for r in batched)
+    for i, ((t_a, f_a), (t_b, f_b, _)) in enumerate(zip(alone, batched, strict=True)):
+        assert t_b == t_a, f"request {i}: batched tokens differ from alone"
+        err = rel_err(f_b.final_state, f_a.final_state)
+        assert err <= REL_TOL, f"request {i}: batched state rel err {err:.2e}"
+    assert len({tuple(t) for t, _ in alone}) > 1
+
+
+def test_long_prompt_chunked_prefill_matches_hf(host, tokenizer, shape):
+    sc = host.engine.llm.vllm_config.scheduler_config
+    assert sc.max_num_batched_tokens == MAX_NUM_BATCHED_TOKENS and sc.enable_chunked_prefill
+    colours, herbs = ["red", "blue", "green", "white"], ["basil", "mint", "thyme", "sage"]
+    notes = " ".join(f"Note {i}: the {colours[i % 4]} pot on shelf {i % 7} holds {i * 3} "
+                     f"seeds of {herbs[(i // 4) % 4]}." for i in range(32))
+    ids = chat(tokenizer, notes + " Which pot holds basil?")
+    assert len(ids) > 8 * MAX_NUM_BATCHED_TOKENS  # at least 9 prefill chunks
+    short = chat(tokenizer, PROMPTS[1])
+    s_long, s_short = rand_state(shape, 7, 0.5), rand_state(shape, 8)
+
+    async def both():  # a short request decodes while the long one is prefilled
+        return await asyncio.gather(host.collect(ids, greedy(6), s_long, 3),
+                                    host.collect(short, greedy(8), s_short))
+
+    (t_long, f_long, _), (t_short, f_short, _) = host.run(both())
+    assert_matches_hf(host, tokenizer, ids, s_long, 3, 6, t_long, f_long)
+    assert_matches_hf(host, tokenizer, short, s_short, 0, 8, t_short, f_short)
+
+
+def test_write_start(host, tokenizer, shape):
+    ids = chat(tokenizer, COLOURS)
+    T = len(ids)
+    state = rand_state(shape, 3)
+
+    # Inside the prompt: tokens before it are read, not written; the state is HF's.
+    tokens, fin = host.generate(ids, greedy(8), state, write_start=10)
+    assert_matches_hf(host, tokenizer, ids, state, 10, 8, tokens, fin)
+    _, fin0 = host.generate(ids, greedy(8), state, write_start=0)
+    assert rel_err(fin.final_state, fin0.final_state) > 1e-2  # the first 10 tokens wrote nothing
+
+    # Beyond everything: nothing is written, the state comes back as it went in; but every
+    # token read it, since another state gives another answer (both equal HF's).
+    far = T + 100
+    tokens, fin = host.generate(ids, greedy(8), state, write_start=far)
+    assert torch.equal(fin.final_state, state)
+    assert_matches_hf(host, tokenizer, ids, state, far, 8, tokens, fin)
+    other = rand_state(shape, 0)
+    tokens_other, fin_other = host.generate(ids, greedy(8), other, write_start=far)
+    assert torch.equal(fin_other.final_state, other)
+    assert tokens_other != tokens
+
+    # Inside the generation: the fed-back generated tokens at positions >= T + 3 are written
+    # (the last one is never fed back).
+    tokens, fin = host.generate(ids, greedy(8, ignore_eos=True), state, write_start=T + 3)
+    assert len(tokens) == 8 and not torch.equal(fin.final_state, state)
+    ref = host.hf.run(ids, state, write_start=T + 3, max_new_tokens=8, eos_token_ids=())
+    assert tokens == ref.tokens
+    assert rel_err(fin.final_state, ref.final_state) <= REL_TOL
+
+
+def test_bad_initial_state_refused(host, tokenizer, shape):
+    from server.engine.facade import EngineError
+
+    bad = torch.zeros(shape[0] - 1, *shape[1:])
+    with pytest.raises(EngineError, match="shape"):
+        host.generate(chat(tokenizer, COLOURS), greedy(2), bad)
+
+
+def test_abort_mid_stream_leaves_nothing_behind(host, tokenizer, shape):
+    eng = host.engine
+    ids = chat(tokenizer, PROMPTS[2])
+    sp = greedy(1900, ignore_eos=True)  # ~30 s or more to finish: an abort shows in time
+    before = wait_idle(host)
+
+    async def break_early():
+        n = 0
+        async for chunk in eng.generate(ids, sp, rand_state(shape, 5)):
+            n += len(chunk.token_ids)
+            if n >= 3:
+                break  # the generator is dropped, its finally aborts the request
+        return n
+
+    async def cancel_consumer():  # what a server sees when a client disconnects
+        started = asyncio.Event()
+
+        async def consume():
+            async for _ in eng.generate(ids, sp, rand_state(shape, 6)):
+                started.set()
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.wait_for(started.wait(), 60)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    for case in (break_early, cancel_consumer):
+        host.run(case())
+        t0 = time.monotonic()
+        st = wait_idle(host, timeout=10)
+        assert st["active_requests"] == 0, f"{case.__name__}: request not aborted: {st}"
+        # Its state was dropped, not parked in the outbox of finished states.
+        assert st["outbox"] == before["outbox"], f"{case.__name__}: {st}"
+        while eng.llm.output_processor.has_unfinished_requests():
+            assert time.monotonic() - t0 < 10, f"{case.__name__}: request not aborted"
+            time.sleep(0.1)
+    # The engine still serves, and correctly.
+    tokens, fin = host.generate(chat(tokenizer, COLOURS), greedy(4), rand_state(shape, 0))
+    assert_matches_hf(host, tokenizer, chat(tokenizer, COLOURS), rand_state(shape, 0), 0, 4,
+                      tokens, fin)
+    assert wait_idle(host)["outbox"] == before["outbox"]
+
+
+# --- refusals at start (no engine is started) ---------------------------------------------------
+
+@pytest.fixture
+def no_vllm_start(monkeypatch):
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    def refuse(*a, **k):
+        raise AssertionError("a vLLM engine was started")
+
+    monkeypatch.setattr(AsyncLLM, "from_engine_args", refuse)
+
+
+def test_speculative_decoding_refused(host, no_vllm_start):
+    from server.engine.facade import DeltaMemEngine, EngineError
+
+    cfg = host.config(speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                          "prompt_lookup_max": 3})
+    with pytest.raises(EngineError, match="speculative decoding"):
+        DeltaMemEngine.start(cfg)
+
+
+def test_adapter_of_another_backbone_refused(host, tmp_path, no_vllm_start):
+    from server.engine.facade import DeltaMemEngine, EngineError
+
+    other = tmp_path / "other-backbone"
+    shutil.copytree(host.adapter_dir, other)
+    doc = json.loads((other / "adapter_config.json").read_text())
+    doc["backbone"] = {"name": "SomeOtherModel-1B", "fingerprint": "sha256:0123456789abcdef"}
+    (other / "adapter_config.json").write_text(json.dumps(doc))
+    with pytest.raises(EngineError, match="SomeOtherModel-1B.*refusing"):
+        DeltaMemEngine.start(host.config(adapter_dir=other))
+    with pytest.raises(EngineError, match="no adapter"):
+        DeltaMemEngine.start(host.config(adapter_dir=None))
+
+
+# --- B_q = B_o = 0 equals plain vLLM; preemption with recompute ---------------------------------
+
+def test_zero_b_equals_plain_vllm_and_recompute_resets_state(host, tokenizer, shape, model_dir,
+                                                             tmp_path):
+    """Two extra engines, one at a time. A δ-mem engine with B_q = B_o = 0 (the state is still
+    written, but changes nothing) must give plain vLLM's tokens. Its KV cache holds 3 blocks of
+    128 tokens, so two requests of 116 + 24 tokens cannot both grow past 128: one is preempted
+    and later recomputed from position 0, and must restart from its initial state: the final
+    states equal the HF reference's teacher-forced run over prompt + generated tokens."""
+    from deltamem.adapter import load_adapter
+    from deltamem.hf_runtime import DeltaMemHF
+
+    zero_dir = tmp_path / "zero-b"
+    make_test_adapter(model_dir, zero_dir, b_scale=0.0)
+    small = {"max_model_len": 384, "max_num_seqs": 4, "max_num_batched_tokens": 384,
+             "kv_cache_gib": 1,
+             # Extra engines keep out of the process-wide Prometheus registry.
+             "extra_engine_args": {"num_gpu_blocks_override": 4, "disable_log_stats": True}}
+    chats = [chat(tokenizer, p) for p in PROMPTS[:3]]
+    g = torch.Generator().manual_seed(11)
+    pre_prompts = [torch.randint(1000, 40000, (116,), generator=g).tolist() for _ in range(2)]
+    pre_states = [rand_state(shape, 20 + i) for i in range(2)]
+    write_start = 10
+
+    eng = host.start_engine(host.config(adapter_dir=zero_dir, **small))
+    try:
+        zero_b = [host.generate(ids, greedy(24), rand_state(shape, 30 + i), engine=eng)
+                  for i, ids in enumerate(chats)]
+        before = host.run(eng.stats())["recomputes"]
+
+        async def crowd():
+            return await asyncio.gather(*[
+                host.collect(p, greedy(24, ignore_eos=True), s, write_start, engine=eng)
+                for p, s in zip(pre_prompts, pre_states, strict=True)])
+
+        crowded = host.run(crowd(), 300)
+        stats = wait_idle(host, eng)
+    finally:
+        host.stop_engine(eng)
+    assert stats["recomputes"] > before, f"no request was preempted and recomputed: {stats}"
+    assert stats["active_requests"] == 0 and stats["outbox"] == 0
+
+    hf0 = OneThreadOracle(DeltaMemHF.from_pretrained(model_dir, adapter=load_adapter(zero_dir)))
+    for i, (p, s, (toks, fin, _)) in enumerate(zip(pre_prompts, pre_states, crowded,
+                                                   strict=True)):
+        assert len(toks) == 24
+        seq = p + toks[:-1]  # the last sampled token is never fed back
+        mask = (torch.arange(len(seq)) >= write_start).unsqueeze(0)
+        with torch.no_grad():
+            _, ref, _ = hf0.forward(torch.tensor([seq]), s.unsqueeze(0), mask)
+        err = rel_err(fin.final_state, ref[0])
+        assert err <= REL_TOL, f"request {i}: state after recompute rel err {err:.2e}"
+    del hf0
+
+    plain = host.start_engine(host.config(memory=False, adapter_dir=None, **small))
+    try:
+        base = [host.generate(ids, greedy(24), engine=plain) for ids in chats]
+    finally:
+        host.stop_engine(plain)
+    for ids, (t_zero, _), (t_plain, f_plain) in zip(chats, zero_b, base, strict=True):
+        assert f_plain.final_state is None
+        assert t_zero == t_plain, (f"zero-B δ-mem {tokenizer.decode(t_zero)!r} != plain "
+                                   f"{tokenizer.decode(t_plain)!r} for {tokenizer.decode(ids)!r}")
+
+
+# --- the worker runtime's bookkeeping, without vLLM ----------------------------------------------
+
+def _runtime(layers: int = 2, d: int = 32, seed: int = 0):
+    """A worker runtime on a small random adapter (no backbone)."""
+    from deltamem.layer import DeltaMem, DeltaMemConfig
+    from server.engine.model import DeltaMemRuntime
+
+    torch.manual_seed(seed)
+    cfg = DeltaMemConfig(hidden_size=d, q_out_size=d, num_layers=layers)
+    mod = DeltaMem(cfg)
+    for i in cfg.layers:
+        mod.layer(i).reset_parameters()
+        torch.nn.init.normal_(mod.layer(i).w_beta.weight, std=0.1)
+    return DeltaMemRuntime(mod, torch.device("cpu"))
+
+
+def _request(state, write_start, key):
+    from server.engine.model import EXTRA_ARGS_KEY, encode_state
+
+    extra = {EXTRA_ARGS_KEY: {"state": encode_state(state), "write_start": write_start,
+                              "key": key}}
+    return SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra))
+
+
+def _step(rt, runner_requests, batch):
+    """One forward: batch = [(req_id, x (n, d) of its tokens this step, start position)]."""
+    rt.plan_step([b[0] for b in batch], [len(b[1]) for b in batch], [b[2] for b in batch],
+                 runner_requests)
+    x = torch.cat([b[1] for b in batch])
+    rt.begin_forward(x.shape[0])
+    try:
+        for layer in rt.layer_ids:  # same x per layer: only the bookkeeping is under test
+            rt.delta_q(layer, x)
+            rt.delta_o(layer)
+    finally:
+        rt.end_forward()
+
+
+def _reference_state(rt, x, s0, write_start):
+    out = []
+    mask = (torch.arange(x.shape[0]) >= write_start).unsqueeze(0)
+    for slot, layer in enumerate(rt.layer_ids):
+        mem = rt.module.layer(layer)
+        _, fin = mem.scan_tokens(mem.project(x.unsqueeze(0)), s0[slot].unsqueeze(0), mask)
+        out.append(fin[0])
+    return torch.stack(out)
+
+
+def test_runtime_chunks_recompute_and_gaps():
+    from server.engine.model import decode_state
+
+    rt = _runtime()
+    d = rt.module.cfg.hidden_size
+    g = torch.Generator().manual_seed(1)
+    x_a, x_b = torch.randn(10, d, generator=g), torch.randn(7, d, generator=g)
+    s_a, s_b = torch.randn(rt.state_shape, generator=g), torch.randn(rt.state_shape,
+                                                                     generator=g)
+    reqs = {"a": _request(s_a, 2, "A"), "b": _request(s_b, 0, "B")}
+    want_a, want_b = _reference_state(rt, x_a, s_a, 2), _reference_state(rt, x_b, s_b, 0)
+
+    # Chunked prefill, interleaved with another request, batch order changing between steps.
+    _step(rt, reqs, [("a", x_a[:4], 0), ("b", x_b[:3], 0)])
+    _step(rt, reqs, [("b", x_b[3:], 3), ("a", x_a[4:7], 4)])
+    _step(rt, reqs, [("a", x_a[7:], 7)])
+    assert rel_err(rt.requests["a"].state, want_a) < 1e-5
+    assert rel_err(rt.requests["b"].state, want_b) < 1e-5
+
+    # Preempted and recomputed from position 0: restarts from the initial state, not from
+    # the state that already holds these tokens' writes.
+    _step(rt, reqs, [("a", x_a[:5], 0)])
+    assert rt.recomputes == 1
+    _step(rt, reqs, [("a", x_a[5:], 5)])
+    assert rel_err(rt.requests["a"].state, want_a) < 1e-5
+
+    # A step that skips or repeats absorbed tokens (e.g. a prefix-cache hit) is a bug: raise.
+    for bad_start in (12, 4):
+        with pytest.raises(RuntimeError, match="absorbed"):
+            _step(rt, reqs, [("a", x_a[:1], bad_start)])
+
+    # Finished requests: states handed out by the caller's key, and forgotten.
+    assert rt.take_states(["B"])["B"]["shape"] == list(rt.state_shape)  # live: marked taken
+    rt.on_request_removed("b")  # already taken: nothing goes to the outbox
+    rt.on_request_removed("a")
+    assert set(rt.requests) == set() and list(rt.outbox) == ["A"]
+    got = rt.take_states(["A", "B", "nobody"])
+    assert set(got) == {"A"} and not rt.outbox
+    assert rel_err(decode_state(got["A"]["state"], rt.state_shape), want_a) < 1e-5
