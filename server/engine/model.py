@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from deltamem import _cpu_kernel
 from deltamem.adapter import Adapter, load_adapter
 from deltamem.layer import DeltaMem
 from deltamem.scan import delta_rule_scan_chunked, delta_rule_scan_varlen_cpu
@@ -91,8 +92,26 @@ class DeltaMemRuntime:
         self._mask: torch.Tensor | None = None
         self._states: torch.Tensor | None = None  # (L, B, H, r, r)
         self._n_valid = 0
-        self._reads: dict[int, torch.Tensor] = {}
+        self._delta_o: dict[int, torch.Tensor] = {}
         self.recomputes = 0  # requests restarted from their initial state (preemption)
+        self._fused = [self._fuse(module.layer(i)) for i in self.layer_ids]
+
+    def _fuse(self, mem):
+        """Per-layer weights packed so a step costs two matmuls instead of six: decode is
+        dominated by per-op overhead, not arithmetic (~0.3 ms/layer unfused on 2 cores).
+
+        W (d, 4m) = [W_q; W_k; W_v; W_β]ᵀ, b = [0, 0, 0, b_β]; B (m, q_out + d) = (α/r)[B_q; B_o]ᵀ.
+        """
+        c = mem.cfg
+        m = c.mem_dim
+        with torch.no_grad():
+            W = torch.cat([mem.w_q.weight, mem.w_k.weight, mem.w_v.weight,
+                           mem.w_beta.weight]).t().contiguous()
+            b = torch.cat([torch.zeros(3 * m, device=W.device), mem.w_beta.bias])
+            q_out = c.q_out_size if mem.b_q is not None else 0
+            parts = [x.weight for x in (mem.b_q, mem.b_o) if x is not None]
+            B = (c.scale * torch.cat(parts)).t().contiguous() if parts else None
+        return W, b, B, q_out
 
     # --- request lifecycle (called from the model runner hooks) ------------------------------
     def _memory_of(self, req_id: str, runner_requests) -> RequestMemory:
@@ -122,7 +141,8 @@ class DeltaMemRuntime:
         rm = self.requests.pop(req_id, None)
         if rm is None or rm.taken:
             return
-        self.outbox[rm.key] = (time.monotonic(), rm.state)
+        # A copy: rm.state is a view into a whole step's state tensor.
+        self.outbox[rm.key] = (time.monotonic(), rm.state.clone())
         self._trim_outbox()
 
     def _trim_outbox(self) -> None:
@@ -155,13 +175,14 @@ class DeltaMemRuntime:
             self._active = None
             self._cu = torch.tensor([0, num_tokens], dtype=torch.int64)
             self._mask = torch.zeros(num_tokens, dtype=torch.bool)
+            self._cu_np, self._mask_np = self._cu.numpy(), self._mask.numpy()
             self._states = torch.zeros((self.state_shape[0], 1, *self.state_shape[1:]),
                                        dtype=torch.float32, device=self.device)
             self._n_valid = num_tokens
             return
         active = []
-        masks = []
-        for rid, n, p0 in zip(plan.req_ids, plan.num_tokens, plan.start_pos, strict=True):
+        write_starts = np.empty(len(plan.req_ids), dtype=np.int64)
+        for b, (rid, p0) in enumerate(zip(plan.req_ids, plan.start_pos, strict=True)):
             rm = self.requests[rid]
             if p0 != rm.pos:
                 if p0 == 0:
@@ -173,13 +194,19 @@ class DeltaMemRuntime:
                     raise RuntimeError(
                         f"δ-mem request {rid}: step starts at position {p0} but {rm.pos} tokens "
                         "are absorbed (prefix caching must be off for δ-mem)")
-            masks.append(torch.arange(p0, p0 + n) >= rm.write_start)
+            write_starts[b] = rm.write_start
             active.append(rm)
         self._active = active
-        counts = torch.as_tensor(plan.num_tokens)
-        self._cu = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
-        self._n_valid = int(self._cu[-1])
-        self._mask = torch.cat(masks)
+        # Token t of request b sits at position start_pos[b] + (t - cu[b]); it writes iff that
+        # is at or after the request's write start.
+        n = plan.num_tokens
+        cu = np.zeros(len(n) + 1, dtype=np.int64)
+        np.cumsum(n, out=cu[1:])
+        pos = np.repeat(plan.start_pos - cu[:-1], n) + np.arange(cu[-1])
+        self._mask_np = pos >= np.repeat(write_starts, n)
+        self._cu_np = cu
+        self._cu, self._mask = torch.from_numpy(cu), torch.from_numpy(self._mask_np)
+        self._n_valid = int(cu[-1])
         # (L, B, H, r, r): each layer's slice is contiguous for the in-place kernel.
         self._states = torch.stack([rm.state for rm in active], dim=1).contiguous()
         for rm, n in zip(active, plan.num_tokens, strict=True):
@@ -187,43 +214,58 @@ class DeltaMemRuntime:
 
     def end_forward(self) -> None:
         if self._active is not None:
+            # Views, not copies: the next step stacks the states into a new tensor anyway.
             for b, rm in enumerate(self._active):
-                rm.state = self._states[:, b].clone()
+                rm.state = self._states[:, b]
         self._active = self._states = None
-        self._reads.clear()
+        self._delta_o.clear()
 
     def delta_q(self, layer_idx: int, x: torch.Tensor) -> torch.Tensor | None:
-        """Project x, run the scan for this layer, keep the reads for Δo; return Δq."""
+        """Project x, run the scan for this layer, keep Δo for later; return Δq (float32).
+
+        The same math as DeltaMemLayer.project / delta_q / delta_o (the HF runtime's), on
+        the packed weights of `_fuse`."""
         slot = self.slot_of.get(layer_idx)
         if slot is None or self._states is None:
             return None
-        mem = self.module.layer(layer_idx)
+        W, b, B, q_out = self._fused[slot]
+        H, r = self.state_shape[1], self.state_shape[2]
         n = self._n_valid
-        p = mem.project(x[:n])
+        proj = torch.addmm(b, x[:n].float(), W).view(n, 4, H, r)
+        qk = torch.tanh(proj[:, :2])
+        qk = qk / qk.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        beta = torch.sigmoid(proj[:, 3])
         states = self._states[slot]
         if self.device.type == "cpu":
-            reads, _ = delta_rule_scan_varlen_cpu(p.q, p.k, p.v, p.beta, states, self._cu,
-                                                  self._mask, inplace=True)
+            # Straight into the compiled kernel (numpy views, no copies): the scan wrapper's
+            # conversions cost more than the scan at decode.
+            reads = torch.empty(n, H, r)
+            qk_np = qk.numpy()
+            _cpu_kernel.run(qk_np[:, 0], qk_np[:, 1], proj.detach().numpy()[:, 2],
+                            beta.numpy(), self._mask_np, self._cu_np, states.numpy(),
+                            reads.numpy())
         else:
-            reads = self._scan_padded(p, states)
+            reads = self._scan_padded(qk[:, 0], qk[:, 1], proj[:, 2], beta, states)
+        if B is None:
+            return None
+        dqo = reads.view(n, H * r) @ B
         if n < x.shape[0]:  # padded tokens read nothing
-            reads = torch.cat([reads, reads.new_zeros(x.shape[0] - n, *reads.shape[1:])])
-        self._reads[slot] = reads
-        return mem.delta_q(reads)
+            dqo = torch.cat([dqo, dqo.new_zeros(x.shape[0] - n, dqo.shape[1])])
+        if dqo.shape[1] > q_out:
+            self._delta_o[slot] = dqo[:, q_out:]
+        return dqo[:, :q_out] if q_out else None
 
     def delta_o(self, layer_idx: int) -> torch.Tensor | None:
         slot = self.slot_of.get(layer_idx)
-        if slot is None or slot not in self._reads:
-            return None
-        return self.module.layer(layer_idx).delta_o(self._reads.pop(slot))
+        return None if slot is None else self._delta_o.pop(slot, None)
 
-    def _scan_padded(self, p, states: torch.Tensor) -> torch.Tensor:
+    def _scan_padded(self, q, k, v, beta, states: torch.Tensor) -> torch.Tensor:
         """Accelerator path: pad the varlen batch to (B, Tmax) and run the chunked scan."""
         cu = self._cu.tolist()
         B = len(cu) - 1
         lens = [cu[i + 1] - cu[i] for i in range(B)]
         T = max(lens)
-        H, r = p.q.shape[1], p.q.shape[2]
+        H, r = q.shape[1], q.shape[2]
         idx_b = torch.repeat_interleave(torch.arange(B), torch.tensor(lens)).to(self.device)
         idx_t = torch.cat([torch.arange(n) for n in lens]).to(self.device)
 
@@ -234,8 +276,7 @@ class DeltaMemRuntime:
 
         mask = torch.zeros(B, T, dtype=torch.bool, device=self.device)
         mask[idx_b, idx_t] = self._mask.to(self.device)
-        reads, final = delta_rule_scan_chunked(pad(p.q), pad(p.k), pad(p.v), pad(p.beta),
-                                               states, mask)
+        reads, final = delta_rule_scan_chunked(pad(q), pad(k), pad(v), pad(beta), states, mask)
         states.copy_(final)
         return reads[idx_b, idx_t]
 
