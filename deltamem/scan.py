@@ -29,7 +29,11 @@ from __future__ import annotations
 
 import torch
 
-DEFAULT_CHUNK = 16
+# Chunk length: on the CPU the chunked path is memory-bound in its C×C blocks (16 is best);
+# on a GPU it is launch-bound in the loop over chunks (64 is best: 2.3 ms for T = 2,048 ×
+# 30 rows on an H200, against 5.7 ms at 16).
+DEFAULT_CHUNK = {"cpu": 16}
+DEFAULT_CHUNK_ACCELERATOR = 64
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -70,13 +74,15 @@ def delta_rule_scan_reference(q, k, v, beta, initial_state, write_mask=None):
 
 
 def delta_rule_scan_chunked(q, k, v, beta, initial_state, write_mask=None,
-                            chunk_size: int = DEFAULT_CHUNK):
+                            chunk_size: int | None = None):
     """The fast path: chunked UT transform, no per-token Python loop."""
     _check(q, k, v, beta, initial_state, write_mask)
     dt = _compute_dtype(initial_state)
     B, T, H, r = q.shape
     if T == 0:
         return q.new_zeros(B, 0, H, r, dtype=dt), initial_state.to(dt).clone()
+    if chunk_size is None:
+        chunk_size = DEFAULT_CHUNK.get(q.device.type, DEFAULT_CHUNK_ACCELERATOR)
     C = max(1, min(chunk_size, T))
     N = (T + C - 1) // C
     pad = N * C - T

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -48,8 +49,10 @@ def random_scan_inputs(B, T, H, r, dtype=torch.float64, seed=0, masked=True):
 # --- scan -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("T", [1, 7, 16, 33, 257, 4096])
-@pytest.mark.parametrize("fast", [delta_rule_scan_chunked, delta_rule_scan_cpu_kernel],
-                         ids=["chunked", "cpu_kernel"])
+@pytest.mark.parametrize("fast", [delta_rule_scan_chunked,
+                                  functools.partial(delta_rule_scan_chunked, chunk_size=64),
+                                  delta_rule_scan_cpu_kernel],
+                         ids=["chunked", "chunked64", "cpu_kernel"])
 def test_fast_scans_match_reference_float64(T, fast):
     args = random_scan_inputs(2, T, 2, 8, seed=T)
     r_ref, s_ref = delta_rule_scan_reference(*args)
