@@ -102,7 +102,8 @@ class DeltaMemEngine:
                                   f"{hf_cfg.architectures}")
             overrides = {"architectures": archs,
                          "deltamem_adapter": str(Path(cfg.adapter_dir).resolve())}
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(cfg.kv_cache_gib)))
+        # Set per engine (not setdefault): a later engine in the same process gets its own size.
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(cfg.kv_cache_gib))
         args = AsyncEngineArgs(
             model=str(model_dir),
             dtype=cfg.dtype,
