@@ -1,0 +1,728 @@
+"""`deltamem train`: train a δ-mem adapter on generated memory episodes (DESIGN.md §1).
+
+One episode: a write pass over the history (chat template, writes on, gradients flow through
+the state), then a read pass with writes off over only [system, question, answer] starting
+from the write pass's final state; the loss is next-token cross-entropy on the answer tokens
+(plus <|im_end|>), plus 0.01 · mean over layers of (mean β − 0.05)². The history is never in
+the read pass's attention, so the state is the only way the answer can get there.
+
+Only the δ-mem parameters train (the runtime freezes the backbone). Data are indexed by
+(seed, step, slot), so a resumed run sees exactly the episodes an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+BETA_TARGET = 0.05
+BETA_WEIGHT = 0.01
+DEFAULT_OUT = Path("results/train")
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="backbone folder (default: the default model)")
+    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT,
+                   help="checkpoints, log, metrics, loss curve, card (default: results/train)")
+    p.add_argument("--init-adapter", type=Path, default=None,
+                   help="start from this adapter folder instead of a fresh initialisation")
+    p.add_argument("--layers", default="all",
+                   help="layers a fresh adapter wraps: 'all', 'last:N' or 'i,j,...' "
+                        "(default all; --tiny uses last:4, whose backward stays shallow)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <out-dir>/last (weights, optimizer, step, metrics)")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    p.add_argument("--batch", type=int, default=4, help="episodes per step (default 4)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    p.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction (default 0.1)")
+    p.add_argument("--min-lr-frac", type=float, default=0.05,
+                   help="cosine floor as a fraction of the peak lr (default 0.05)")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of init and data (default 0)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--curriculum", default="0:0,0.25:1,0.5:2,0.75:3",
+                   help="frac:stage,... the stage reached at each fraction of the run "
+                        "(stages in deltamem.data.STAGES; default 0:0,0.25:1,0.5:2,0.75:3)")
+    p.add_argument("--advance-at", type=float, default=0.7,
+                   help="move to the next stage early when the recent train exact match "
+                        "reaches this (default 0.7; >1 disables)")
+    p.add_argument("--p-earlier", type=float, default=0.3,
+                   help="chance an episode comes from an earlier stage (default 0.3)")
+    p.add_argument("--max-stage", type=int, default=None,
+                   help="never go beyond this stage (default: the last)")
+    p.add_argument("--facts", default=None,
+                   help="override facts per episode for every stage, 'min,max' (e.g. 1,1)")
+    p.add_argument("--read-write-prob", type=float, default=0.0,
+                   help="chance that the read pass writes its question and answer tokens, as "
+                        "a server does when a question turn is written (default 0: the "
+                        "recipe's read pass without writes)")
+    p.add_argument("--eval-episodes", type=int, default=64,
+                   help="held-out episodes of the final evaluation, per stage (default 64)")
+    p.add_argument("--eval-every", type=int, default=100,
+                   help="periodic held-out evaluation every N steps, 0 = never (default 100)")
+    p.add_argument("--eval-periodic-episodes", type=int, default=32,
+                   help="held-out episodes of each periodic evaluation (default 32)")
+    p.add_argument("--eval-seed", type=int, default=7, help="seed of the held-out episodes")
+    p.add_argument("--before-episodes", type=int, default=None,
+                   help="held-out episodes per stage of the before-training evaluation "
+                        "(default: --eval-episodes)")
+    p.add_argument("--ckpt-every", type=int, default=50, help="checkpoint every N steps")
+    p.add_argument("--tiny", action="store_true",
+                   help="a fast smoke configuration: 4 steps, 2 episodes, stage 0, tiny eval")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--finalize", action="store_true",
+                   help="train no further: resume <out-dir>/last, evaluate the best checkpoint, "
+                        "write the adapter folder with its card and loss curve")
+
+
+def _tiny(args) -> None:
+    args.steps = min(args.steps, 4)
+    args.batch = min(args.batch, 2)
+    args.max_stage = 0
+    args.eval_episodes = min(args.eval_episodes, 2)
+    args.eval_periodic_episodes = min(args.eval_periodic_episodes, 2)
+    args.eval_every = 0
+    args.ckpt_every = 2
+    if args.layers == "all":
+        args.layers = "last:4"
+
+
+def parse_layers(spec: str, num_layers: int) -> list[int] | None:
+    if spec == "all":
+        return None
+    if spec.startswith("last:"):
+        n = int(spec.split(":", 1)[1])
+        return list(range(max(0, num_layers - n), num_layers))
+    return sorted(int(x) for x in spec.split(","))
+
+
+# --- schedule and curriculum -----------------------------------------------------------------
+
+
+def lr_at(step: int, total: int, peak: float, warmup: float, floor: float) -> float:
+    """Linear warm-up then cosine decay to floor·peak (step is 0-based)."""
+    n_warm = max(1, int(round(warmup * total)))
+    if step < n_warm:
+        return peak * (step + 1) / n_warm
+    t = (step - n_warm) / max(1, total - n_warm)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def parse_curriculum(spec: str) -> list[tuple[float, int]]:
+    out = []
+    for part in spec.split(","):
+        frac, stage = part.split(":")
+        out.append((float(frac), int(stage)))
+    return sorted(out)
+
+
+def scheduled_stage(curriculum: list[tuple[float, int]], step: int, total: int) -> int:
+    frac = step / max(1, total)
+    stage = curriculum[0][1]
+    for f, s in curriculum:
+        if frac >= f:
+            stage = s
+    return stage
+
+
+# --- tokenisation and batches ----------------------------------------------------------------
+
+
+class Encoder:
+    """Chat-template token ids for write passes and read passes."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def ids(self, messages, generation_prompt=False) -> list[int]:
+        text = self.tok.apply_chat_template(messages, tokenize=False,
+                                            add_generation_prompt=generation_prompt)
+        return self.tok(text, add_special_tokens=False).input_ids
+
+    def history(self, ep) -> list[int]:
+        return self.ids(ep.history)
+
+    def read(self, ep) -> tuple[list[int], int, int]:
+        """(ids, question_start, answer_start): the read pass [system, question, answer];
+        the answer's tokens end with <|im_end|>."""
+        from .data import read_messages
+
+        msgs = read_messages(ep)
+        sys_ids = self.ids(msgs[:1])
+        prompt = self.ids(msgs[:2], generation_prompt=True)
+        answer = self.tok(msgs[2]["content"], add_special_tokens=False).input_ids + [self.end_id]
+        return prompt + answer, len(sys_ids), len(prompt)
+
+
+def make_batch(enc: Encoder, episodes, write_read: list[bool] | None = None):
+    """Right-padded tensors for a list of episodes.
+
+    Pads never write (write_mask False) and, being after every real token, are never attended
+    by one under the causal mask, so no attention mask is needed; the final state of a row is
+    its state after its last real token.
+    """
+    import torch
+
+    hist = [enc.history(ep) for ep in episodes]
+    reads = [enc.read(ep) for ep in episodes]
+    B = len(episodes)
+    Th = max(len(h) for h in hist)
+    Tr = max(len(r[0]) for r in reads)
+    h_ids = torch.full((B, Th), enc.pad_id, dtype=torch.long)
+    h_mask = torch.zeros((B, Th), dtype=torch.bool)
+    r_ids = torch.full((B, Tr), enc.pad_id, dtype=torch.long)
+    r_mask = torch.zeros((B, Tr), dtype=torch.bool)
+    labels = torch.full((B, Tr), -100, dtype=torch.long)
+    for b, (h, (r, q_start, a_start)) in enumerate(zip(hist, reads, strict=True)):
+        h_ids[b, :len(h)] = torch.tensor(h)
+        h_mask[b, :len(h)] = True
+        r_ids[b, :len(r)] = torch.tensor(r)
+        if write_read is not None and write_read[b]:
+            # Like a served question turn: the system prompt is re-sent context (not written),
+            # the question and the generated answer are written.
+            r_mask[b, q_start:len(r)] = True
+        # logits at position t predict token t+1: label the answer tokens at t = index - 1.
+        labels[b, a_start - 1:len(r) - 1] = torch.tensor(r[a_start:])
+    return {"h_ids": h_ids, "h_mask": h_mask, "r_ids": r_ids, "r_mask": r_mask,
+            "labels": labels, "n_hist_tokens": sum(len(h) for h in hist)}
+
+
+# --- the episode loss ------------------------------------------------------------------------
+
+
+class BetaProbe:
+    """Collects β of the write pass from each layer's w_beta output (a forward hook, so the
+    runtime's API is untouched)."""
+
+    def __init__(self, module):
+        self.active = False
+        self.outputs: list = []
+        self.handles = [layer.w_beta.register_forward_hook(self._hook)
+                        for layer in module.layers.values()]
+
+    def _hook(self, _mod, _inp, out):
+        if self.active:
+            self.outputs.append(out)
+
+    @contextmanager
+    def collect(self):
+        self.outputs = []
+        self.active = True
+        try:
+            yield self
+        finally:
+            self.active = False
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+@contextmanager
+def _no_lm_head(rt):
+    """The write pass needs the state, not logits: skip the vocabulary projection."""
+    import torch
+
+    head = rt.model.lm_head
+    rt.model.lm_head = torch.nn.Identity()
+    try:
+        yield
+    finally:
+        rt.model.lm_head = head
+
+
+def episode_loss(rt, batch, probe: BetaProbe | None = None, memory: bool = True):
+    """Loss and metrics of a batch. With grad enabled it is differentiable through the state."""
+    import torch
+    import torch.nn.functional as F
+
+    B = batch["h_ids"].shape[0]
+    beta_reg = torch.zeros(())
+    mean_beta = float("nan")
+    if memory:
+        with _no_lm_head(rt):
+            if probe is not None:
+                with probe.collect():
+                    _, state, _ = rt.forward(batch["h_ids"], None, batch["h_mask"])
+                w = batch["h_mask"].unsqueeze(-1).float()
+                per_layer = torch.stack([
+                    (torch.sigmoid(o) * w).sum((0, 1)).sum() / (w.sum() * o.shape[-1])
+                    for o in probe.outputs])
+                beta_reg = BETA_WEIGHT * ((per_layer - BETA_TARGET) ** 2).mean()
+                mean_beta = float(per_layer.detach().mean())
+            else:
+                _, state, _ = rt.forward(batch["h_ids"], None, batch["h_mask"])
+    else:
+        state = None
+    logits, _, _ = rt.forward(batch["r_ids"], state, batch["r_mask"], memory=memory)
+    labels = batch["labels"]
+    sel = labels != -100
+    ce = F.cross_entropy(logits[sel].float(), labels[sel])
+    with torch.no_grad():
+        pred = logits.argmax(-1)
+        correct = (pred == labels) | ~sel
+        exact = correct.all(dim=1).float()
+        tok_acc = ((pred == labels) & sel).sum().float() / sel.sum()
+    return ce + beta_reg, {"ce": float(ce.detach()), "beta_reg": float(beta_reg.detach()),
+                           "mean_beta": mean_beta, "tok_acc": float(tok_acc),
+                           "exact": float(exact.mean()), "exact_rows": exact.tolist(), "B": B}
+
+
+# --- evaluation ------------------------------------------------------------------------------
+
+
+def heldout_episodes(n_per_stage: int, seed: int, stages, split: str = "heldout"):
+    from .data import make_episode
+
+    return {s: [make_episode(split, 10_000 + seed, s * 100_000 + i, s)
+                for i in range(n_per_stage)] for s in stages}
+
+
+def evaluate(rt, enc: Encoder, sets: dict, batch: int = 8, memory: bool = True,
+             write_read: bool = False) -> dict:
+    """State-only exact match (greedy = teacher-forced argmax of every answer token and the
+    closing <|im_end|>) per stage, no history in the read pass."""
+    import torch
+
+    out = {}
+    with torch.no_grad():
+        for stage, eps in sets.items():
+            rows = []
+            for i in range(0, len(eps), batch):
+                chunk = eps[i:i + batch]
+                b = make_batch(enc, chunk, [write_read] * len(chunk))
+                _, m = episode_loss(rt, b, None, memory=memory)
+                rows += m["exact_rows"]
+            out[str(stage)] = sum(rows) / max(1, len(rows))
+    out["all"] = sum(out.values()) / max(1, len(out))
+    return out
+
+
+def state_gain(rt, enc: Encoder, eps, batch: int = 8) -> dict:
+    """Does the state carry the episode's fact? Answer cross-entropy and first-answer-token
+    accuracy with the episode's own state against the state of another episode of the same
+    batch (rolled by one): same kind of input, wrong fact. A memory that carries the value
+    makes the first lower and the second higher; a generic bias moves both alike."""
+    import torch
+    import torch.nn.functional as F
+
+    sums = {"ce_own": 0.0, "ce_other": 0.0, "first_own": 0.0, "first_other": 0.0}
+    n = 0
+    with torch.no_grad():
+        for i in range(0, len(eps) - 1, batch):
+            chunk = eps[i:i + batch]
+            if len(chunk) < 2:
+                break
+            b = make_batch(enc, chunk)
+            with _no_lm_head(rt):
+                _, st, _ = rt.forward(b["h_ids"], None, b["h_mask"])
+            labels = b["labels"]
+            sel = labels != -100
+            first = sel & (sel.cumsum(1) == 1)
+            for key, state in (("own", st), ("other", st.roll(1, dims=0))):
+                logits, _, _ = rt.forward(b["r_ids"], state, b["r_mask"])
+                ce = F.cross_entropy(logits[sel].float(), labels[sel], reduction="none")
+                per_row = torch.zeros(len(chunk)).index_add_(0, sel.nonzero()[:, 0], ce)
+                sums[f"ce_{key}"] += float((per_row / sel.sum(1)).sum())
+                sums[f"first_{key}"] += float((logits.argmax(-1) == labels)[first].sum())
+            n += len(chunk)
+    return {k: v / max(1, n) for k, v in sums.items()} | {"n": n}
+
+
+# --- checkpoints, plots, card ----------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, rt, opt, step: int, extra: dict) -> None:
+    import torch
+
+    from .adapter import save_adapter
+
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_adapter(rt.adapter, tmp, {"trained": True, "step": step, **extra.get("meta", {})})
+    torch.save({"optimizer": opt.state_dict(), "step": step}, tmp / "optimizer.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **extra}, indent=1))
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def plot_curves(metrics_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, loss, acc, ev_steps, ev = [], [], [], [], []
+    for line in metrics_path.read_text().splitlines():
+        r = json.loads(line)
+        if r.get("kind") == "train":
+            steps.append(r["step"])
+            loss.append(r["ce"])
+            acc.append(r["exact"])
+        elif r.get("kind") == "eval":
+            ev_steps.append(r["step"])
+            ev.append(r["heldout"]["all"])
+
+    def smooth(xs, k=20):
+        out, acc_ = [], 0.0
+        for i, x in enumerate(xs):
+            acc_ = x if i == 0 else acc_ + (x - acc_) / min(i + 1, k)
+            out.append(acc_)
+        return out
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    ax[0].plot(steps, loss, alpha=0.3, label="answer CE")
+    ax[0].plot(steps, smooth(loss), label="answer CE (smoothed)")
+    ax[0].set_xlabel("step")
+    ax[0].set_ylabel("cross-entropy")
+    ax[0].set_yscale("log")
+    ax[0].legend()
+    ax[1].plot(steps, smooth(acc), label="train exact match (smoothed)")
+    if ev_steps:
+        ax[1].plot(ev_steps, ev, "o-", label="held-out exact match, state only")
+    ax[1].set_xlabel("step")
+    ax[1].set_ylim(-0.02, 1.02)
+    ax[1].legend()
+    fig.suptitle("δ-mem training, SmolLM2-135M-Instruct")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores visible, {platform.system()} {platform.release()}"
+
+
+def write_card(path: Path, info: dict) -> None:
+    from .data import CATEGORY_NAMES, STAGES, SYSTEM_PROMPT
+
+    def row(name, d):
+        cells = " | ".join(f"{100 * d.get(str(s), float('nan')):.1f}" for s in info["stages"])
+        return f"| {name} | {cells} | {100 * d.get('all', float('nan')):.1f} |"
+
+    head = " | ".join(f"stage {s}" for s in info["stages"])
+    lines = [
+        "# δ-mem adapter: SmolLM2-135M-Instruct, TSW (rank 8, Q/O, all 30 layers)",
+        "",
+        f"Trained with `deltamem train` ({info['command']}).",
+        "",
+        "## Recipe",
+        "- Frozen backbone; only the δ-mem parameters train "
+        f"({info['n_params']:,} parameters).",
+        "- Episode: write pass over the history (chat template, writes on, gradients through "
+        "the state) → read pass over only [system, question, answer] from the write pass's final "
+        "state, writes off" + (f" (written in {100 * info['read_write_prob']:.0f}% of episodes, "
+                               "as a served question turn is)" if info["read_write_prob"] else "")
+        + "; loss = cross-entropy on the answer tokens and the closing `<|im_end|>`, "
+        f"+ {BETA_WEIGHT}·mean((mean β − {BETA_TARGET})²).",
+        f"- AdamW (weight decay 0), peak lr {info['lr']}, cosine with {info['warmup']:.0%} "
+        f"warm-up, gradient clip {info['clip']}, {info['batch']} episodes per step, "
+        f"{info['steps_done']} steps (of {info['steps']} planned), seed {info['seed']}.",
+        f"- System prompt (use the same when serving): `{SYSTEM_PROMPT}`",
+        "",
+        "## Data (`deltamem/data.py`)",
+        "Generated chats between two people: facts about the speakers (pet, city, job, "
+        "favourite food, hobby, instrument, planned trip, birthday, sister, event) drawn at "
+        "random from value pools, later updates that override a fact, same-kind facts of the "
+        "other speaker, chatter and reactions; one user message per turn (`Name: text`). "
+        "The question asks a fact's current value. Train and held-out splits use different "
+        "seeds and disjoint pools of names, values, templates and chatter.",
+        "",
+        "Curriculum stages:",
+        "",
+        "| stage | facts | chatter turns | p(update) | p(distractor) | sessions |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, d in enumerate(STAGES):
+        lines.append(f"| {i} | {d.n_facts[0]}–{d.n_facts[1]} | {d.n_chatter[0]}–"
+                     f"{d.n_chatter[1]} | {d.p_update} | {d.p_distractor} | {d.n_sessions} |")
+    lines += [
+        "",
+        f"Stage schedule: `{info['curriculum']}` (advance early at recent train exact match ≥ "
+        f"{info['advance_at']}); {info['p_earlier']:.0%} of episodes replay earlier stages. "
+        f"Stages reached: {info.get('stage_log', '')}.",
+        "",
+        "## Result: state-only exact match",
+        "",
+        "Fresh episodes (never trained on). The read pass sees only the system prompt and the "
+        "question; the history reaches it only through the state. Exact match = greedy answer "
+        "equals the value token for token (and stops).",
+        "",
+        f"| adapter ({info['eval_n']} episodes per stage) | {head} | all |",
+        "|---|" + "---|" * (len(info["stages"]) + 1),
+    ]
+    start = ("untrained adapter, held-out" if not info.get("started_from")
+             else f"starting adapter ({info['started_from']}), held-out")
+    for name, key in (("no memory (backbone alone), held-out", "nomem"),
+                      (start, "before"),
+                      ("**trained adapter, held-out split**", "after"),
+                      ("trained adapter, held-out, question written", "after_write"),
+                      ("trained adapter, train split (new episodes)", "after_train_split")):
+        if key in info:
+            lines.append(row(name, info[key]))
+    if info.get("gain"):
+        lines += [
+            "",
+            "Does the state carry the fact? Held-out answer cross-entropy (nats per token) and "
+            "first-answer-token accuracy, read from the episode's own state and from another "
+            "episode's state (same batch, rolled): a memory that holds the value lowers the "
+            "first and raises its accuracy; a generic bias moves both alike.",
+            "",
+            "| stage | CE own state | CE other state | first token, own | first token, other |",
+            "|---|---|---|---|---|",
+        ]
+        for st, g in info["gain"].items():
+            lines.append(f"| {st} | {g['ce_own']:.3f} | {g['ce_other']:.3f} | "
+                         f"{100 * g['first_own']:.1f}% | {100 * g['first_other']:.1f}% |")
+    lines += [
+        "",
+        f"Shipped checkpoint: step {info.get('best_step')} (the best periodic held-out exact "
+        "match when one is above 0, else the last step; best periodic score "
+        f"{info.get('best_score', float('nan')):.3f}).",
+        "",
+        "## Run",
+        f"- Machine: {info['machine']}; torch threads {info['threads']}.",
+        f"- Wall time: {info['wall_s'] / 60:.1f} min, {info['s_per_step']:.2f} s per step on "
+        "average.",
+        "- Loss curve: `loss.png`.",
+        "",
+        "Categories of the LoCoMo-format held-out file (`write_locomo_json`): "
+        + "; ".join(f"{k} = {v}" for k, v in CATEGORY_NAMES.items()) + ".",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def run(args) -> int:
+    import torch
+
+    if args.tiny:
+        _tiny(args)
+    torch.set_num_threads(max(1, args.threads))
+    torch.manual_seed(args.seed)
+    from transformers import AutoTokenizer
+
+    from . import data as D
+    from .adapter import load_adapter
+    from .hf_runtime import DeltaMemHF
+    from .model_fetch import resolve_model
+
+    out: Path = args.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = resolve_model(args.model)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    enc = Encoder(tok)
+    last = out / "last"
+    if args.finalize:
+        args.resume = True
+    resume = args.resume and (last / "trainer_state.json").is_file()
+    if resume:
+        init = load_adapter(last)
+    elif args.init_adapter is not None:
+        init = load_adapter(args.init_adapter)
+    else:
+        init = None
+    if init is None:
+        n_layers = json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"]
+        rt = DeltaMemHF.from_pretrained(model_dir, seed=args.seed,
+                                        target_layers=parse_layers(args.layers, n_layers))
+    else:
+        rt = DeltaMemHF.from_pretrained(model_dir, adapter=init)
+    if init is not None:
+        from .adapter import backbone_fingerprint
+
+        init.check_backbone(backbone_fingerprint(model_dir))
+    params = [p for p in rt.adapter.module.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    n_params = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    probe = BetaProbe(rt.adapter.module)
+
+    stages_all = list(range(len(D.STAGES)))
+    max_stage = stages_all[-1] if args.max_stage is None else min(args.max_stage, stages_all[-1])
+    stages_all = stages_all[:max_stage + 1]
+    if args.facts:
+        lo, hi = (int(x) for x in args.facts.split(","))
+        import dataclasses
+
+        D.STAGES[:] = [dataclasses.replace(d, n_facts=(lo, hi)) for d in D.STAGES]
+    curriculum = parse_curriculum(args.curriculum)
+    periodic_sets = heldout_episodes(args.eval_periodic_episodes // len(stages_all) or 1,
+                                     args.eval_seed + 1, stages_all)
+
+    state = {"step": 0, "stage": 0, "recent": [], "best_score": -1.0, "best_step": None,
+             "wall_s": 0.0, "stage_log": [], "before": None, "nomem": None}
+    metrics_path = out / "metrics.jsonl"
+    if resume:
+        st = json.loads((last / "trainer_state.json").read_text())
+        state.update(st["trainer"])
+        ck = torch.load(last / "optimizer.pt", weights_only=True)
+        opt.load_state_dict(ck["optimizer"])
+        print(f"[train] resumed from {last} at step {state['step']}", file=sys.stderr)
+    else:
+        metrics_path.write_text("")
+    log = open(out / "log.txt", "a")  # noqa: SIM115
+
+    def emit(rec: dict) -> None:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def say(msg: str) -> None:
+        log.write(time.strftime("%H:%M:%S ") + msg + "\n")
+        log.flush()
+
+    final_sets = heldout_episodes(args.eval_episodes, args.eval_seed, stages_all)
+    if state["before"] is None:
+        t0 = time.time()
+        rt.adapter.module.eval()
+        nb = args.before_episodes or args.eval_episodes
+        state["before"] = evaluate(rt, enc, {s: v[:nb] for s, v in final_sets.items()})
+        state["started_from"] = str(args.init_adapter) if init is not None else None
+        state["nomem"] = evaluate(rt, enc, {s: v[: max(1, len(v) // 4)]
+                                            for s, v in final_sets.items()}, memory=False)
+        say(f"before training: held-out exact {state['before']}, no memory {state['nomem']} "
+            f"({time.time() - t0:.0f} s)")
+
+    cmd = "deltamem train " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["train"]
+                                       else sys.argv[1:])
+    meta = {"recipe": "deltamem-train", "system_prompt": D.SYSTEM_PROMPT}
+    from tqdm import tqdm
+
+    bar = tqdm(total=args.steps, initial=state["step"], disable=args.no_progress,
+               mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
+    import random
+
+    t_start = time.time() - state["wall_s"]
+    while state["step"] < args.steps and not args.finalize:
+        step = state["step"]
+        sched = min(scheduled_stage(curriculum, step, args.steps), max_stage)
+        recent = state["recent"][-25:]
+        if (len(recent) >= 25 and sum(recent) / len(recent) >= args.advance_at
+                and state["stage"] < max_stage):
+            state["stage"] += 1
+            state["recent"] = []
+            say(f"step {step}: advancing early to stage {state['stage']}")
+        if sched > state["stage"]:
+            state["stage"] = sched
+            state["recent"] = []
+        stage = state["stage"]
+        if not state["stage_log"] or state["stage_log"][-1][1] != stage:
+            state["stage_log"].append([step, stage])
+        rng = random.Random(f"train-step:{args.seed}:{step}")
+        eps, write_read = [], []
+        for i in range(args.batch):
+            s = stage if stage == 0 or rng.random() >= args.p_earlier else rng.randrange(stage)
+            eps.append(D.make_episode("train", args.seed, step * args.batch + i, s))
+            write_read.append(rng.random() < args.read_write_prob)
+        batch = make_batch(enc, eps, write_read)
+        lr = lr_at(step, args.steps, args.lr, args.warmup, args.min_lr_frac)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        rt.adapter.module.train()
+        t0 = time.time()
+        loss, m = episode_loss(rt, batch, probe)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
+        opt.step()
+        dt = time.time() - t0
+        state["step"] = step + 1
+        state["recent"].append(m["exact"])
+        state["wall_s"] = time.time() - t_start
+        rec = {"kind": "train", "step": step + 1, "stage": stage, "lr": lr, "ce": m["ce"],
+               "beta_reg": m["beta_reg"], "mean_beta": m["mean_beta"], "tok_acc": m["tok_acc"],
+               "exact": m["exact"], "gnorm": gnorm, "s": dt,
+               "hist_tokens": batch["n_hist_tokens"]}
+        emit(rec)
+        say(json.dumps(rec))
+        bar.set_postfix(loss=f"{m['ce']:.3f}", acc=f"{m['tok_acc']:.2f}",
+                        em=f"{sum(state['recent'][-25:]) / len(state['recent'][-25:]):.2f}",
+                        stage=stage, refresh=False)
+        bar.update(1)
+        done = state["step"] >= args.steps
+        if args.eval_every and (state["step"] % args.eval_every == 0 or done):
+            rt.adapter.module.eval()
+            ev = evaluate(rt, enc, periodic_sets)
+            emit({"kind": "eval", "step": state["step"], "heldout": ev})
+            say(f"step {state['step']}: periodic held-out exact {ev}")
+            # Ties go to the later checkpoint: it has trained longer on the same data stream.
+            if ev["all"] >= state["best_score"]:
+                state["best_score"], state["best_step"] = ev["all"], state["step"]
+                save_checkpoint(out / "best", rt, opt, state["step"],
+                                {"trainer": state, "meta": meta})
+        if state["step"] % args.ckpt_every == 0 or done:
+            save_checkpoint(last, rt, opt, state["step"], {"trainer": state, "meta": meta})
+            plot_curves(metrics_path, out / "loss.png")
+    bar.close()
+    probe.remove()
+
+    # Final evaluation of the best checkpoint (the last one when no periodic eval ran).
+    best_dir = out / "best" if (out / "best").is_dir() and state["best_score"] > 0 else last
+    if best_dir == last:
+        state["best_step"] = state["step"]
+    if best_dir != last:
+        from .adapter import load_adapter as _load
+
+        best = _load(best_dir)
+        rt.adapter.module.load_state_dict(best.module.state_dict())
+    rt.adapter.module.eval()
+    info = {
+        "command": cmd, "n_params": n_params, "lr": args.lr, "warmup": args.warmup,
+        "clip": args.clip, "batch": args.batch, "steps": args.steps,
+        "steps_done": state["step"], "seed": args.seed, "curriculum": args.curriculum,
+        "advance_at": args.advance_at, "p_earlier": args.p_earlier,
+        "read_write_prob": args.read_write_prob, "stages": stages_all,
+        "stage_log": ", ".join(f"stage {s} from step {t}" for t, s in state["stage_log"]),
+        "eval_n": args.eval_episodes, "before": state["before"], "nomem": state["nomem"],
+        "started_from": state.get("started_from"),
+        "best_step": state["best_step"] or state["step"],
+        "best_score": state["best_score"] if state["best_score"] >= 0 else float("nan"),
+        "machine": _machine(), "threads": args.threads, "wall_s": state["wall_s"],
+        "s_per_step": state["wall_s"] / max(1, state["step"]),
+    }
+    t0 = time.time()
+    info["after"] = evaluate(rt, enc, final_sets)
+    info["after_write"] = evaluate(rt, enc, final_sets, write_read=True)
+    info["after_train_split"] = evaluate(
+        rt, enc, heldout_episodes(args.eval_episodes, args.eval_seed, stages_all, "train"))
+    say(f"final (best = step {info['best_step']}): held-out exact {info['after']}; question "
+        f"written {info['after_write']}; train split {info['after_train_split']} "
+        f"({time.time() - t0:.0f} s)")
+    info["gain"] = {str(st): state_gain(rt, enc, eps) for st, eps in final_sets.items()}
+    say(f"state gain: {info['gain']}")
+    (out / "final_eval.json").write_text(json.dumps(info, indent=1))
+    from .adapter import save_adapter
+
+    save_adapter(rt.adapter, out / "adapter",
+                 {**meta, "trained": True, "step": info["best_step"],
+                  "heldout_exact_state_only": info["after"]["all"]})
+    plot_curves(metrics_path, out / "loss.png")
+    shutil.copy(out / "loss.png", out / "adapter" / "loss.png")
+    write_card(out / "adapter" / "TRAINING_CARD.md", info)
+    log.close()
+    print(json.dumps({"before": info["before"], "after": info["after"],
+                      "adapter": str(out / "adapter")}))
+    return 0
