@@ -18,18 +18,8 @@ from deltamem.scan import (
     delta_rule_scan,
     delta_rule_scan_chunked,
     delta_rule_scan_reference,
+    random_inputs,
 )
-
-
-def _inputs(B, T, H, r, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    n = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
-    q = n(torch.randn(B, T, H, r, generator=g))
-    k = n(torch.randn(B, T, H, r, generator=g))
-    v = torch.randn(B, T, H, r, generator=g)
-    beta = torch.sigmoid(torch.randn(B, T, H, r, generator=g) - 1.5)
-    s0 = torch.randn(B, H, r, r, generator=g) * 0.1
-    return q, k, v, beta, s0
 
 
 def _time(fn, args, repeats):
@@ -49,7 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path, default=Path("results/bench_scan.json"))
     a = ap.parse_args(argv)
-    args = _inputs(a.batch, a.tokens, 1, 8)
+    args = random_inputs(a.batch, a.tokens, 1, 8, dtype=torch.float32)
     t_loop = _time(delta_rule_scan_reference, args, max(1, a.repeats // 2))
     t_fast = _time(delta_rule_scan, args, a.repeats)
     t_chunk = _time(delta_rule_scan_chunked, args, a.repeats)

@@ -15,19 +15,11 @@ from pathlib import Path
 
 import torch
 
-from deltamem.scan import delta_rule_scan_chunked, delta_rule_scan_reference
+from deltamem.scan import delta_rule_scan_chunked, delta_rule_scan_reference, random_inputs
 
 
 def inputs(B, T, H, r, dtype, device, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    n = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
-    q = n(torch.randn(B, T, H, r, generator=g, dtype=dtype))
-    k = n(torch.randn(B, T, H, r, generator=g, dtype=dtype))
-    v = torch.randn(B, T, H, r, generator=g, dtype=dtype)
-    beta = torch.rand(B, T, H, r, generator=g, dtype=dtype) * 0.98 + 0.01
-    s0 = torch.randn(B, H, r, r, generator=g, dtype=dtype)
-    mask = torch.rand(B, T, generator=g) > 0.3
-    return [x.to(device) for x in (q, k, v, beta, s0, mask)]
+    return random_inputs(B, T, H, r, dtype=dtype, seed=seed, device=device)
 
 
 def sync():

@@ -53,6 +53,19 @@ def _check(q, k, v, beta, initial_state, write_mask):
         raise ValueError(f"write_mask must be {(B, T)}, got {tuple(write_mask.shape)}")
 
 
+def random_inputs(B, T, H, r, dtype=torch.float64, seed=0, masked=True, device="cpu"):
+    """Random scan inputs that satisfy the contract (for tests and benchmarks): normalised
+    q and k, β in (0.01, 0.99), a random initial state, a write mask with ~30% False."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(B, T, H, r, generator=g, dtype=dtype), dim=-1)
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, r, generator=g, dtype=dtype), dim=-1)
+    v = torch.randn(B, T, H, r, generator=g, dtype=dtype)
+    beta = torch.rand(B, T, H, r, generator=g, dtype=dtype) * 0.98 + 0.01
+    s0 = torch.randn(B, H, r, r, generator=g, dtype=dtype)
+    mask = (torch.rand(B, T, generator=g) > 0.3) if masked else None
+    return [None if x is None else x.to(device) for x in (q, k, v, beta, s0, mask)]
+
+
 def delta_rule_scan_reference(q, k, v, beta, initial_state, write_mask=None):
     """The per-token loop, written as the equations read. The oracle for the fast path."""
     _check(q, k, v, beta, initial_state, write_mask)

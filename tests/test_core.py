@@ -26,24 +26,13 @@ from deltamem.scan import (
     delta_rule_scan_reference,
     delta_rule_scan_varlen_cpu,
 )
+from deltamem.scan import random_inputs as random_scan_inputs
 
 RTOL64 = 1e-5  # relative error allowed between fast paths and the loop, float64
 
 
 def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def random_scan_inputs(B, T, H, r, dtype=torch.float64, seed=0, masked=True):
-    g = torch.Generator().manual_seed(seed)
-    n = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
-    q = n(torch.randn(B, T, H, r, generator=g, dtype=dtype))
-    k = n(torch.randn(B, T, H, r, generator=g, dtype=dtype))
-    v = torch.randn(B, T, H, r, generator=g, dtype=dtype)
-    beta = torch.rand(B, T, H, r, generator=g, dtype=dtype) * 0.98 + 0.01
-    s0 = torch.randn(B, H, r, r, generator=g, dtype=dtype)
-    mask = (torch.rand(B, T, generator=g) > 0.3) if masked else None
-    return q, k, v, beta, s0, mask
 
 
 # --- scan -------------------------------------------------------------------------------------
