@@ -170,12 +170,14 @@ def evidence_distance(tokenizer, sample_turns, evidence: list[str]) -> int | Non
 
 
 def run_mode(client: Client, conversations, mode: str, window: int, max_tokens: int,
-             tokenizer, progress) -> list[dict]:
+             tokenizer, progress, system_prompt: str | None = None) -> list[dict]:
     results = []
     for sample in conversations:
         sid = f"eval-{mode.replace('@', '-')}-{uuid.uuid4().hex[:10]}"
         turns = session_turns(sample)
-        for msgs, _ in turns:
+        for i, (msgs, _) in enumerate(turns):
+            if i == 0 and system_prompt:  # the first turn sets the session's system prompt
+                msgs = [{"role": "system", "content": system_prompt}, *msgs]
             client.chat(msgs, session_id=sid, window=window, max_tokens=1)
         for q in sample["qa"]:
             fork = f"{sid}-q{uuid.uuid4().hex[:6]}"
@@ -294,6 +296,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("results/eval"),
                    help="output folder: results.json, table.md, chart.png")
     p.add_argument("--no-general", action="store_true", help="skip the general-ability set")
+    p.add_argument("--system-prompt", default=None,
+                   help="system prompt of every evaluated session (default: the one the "
+                        "adapters are trained with, deltamem.data.SYSTEM_PROMPT; '' for the "
+                        "model's own)")
 
 
 def run(args) -> int:
@@ -313,6 +319,10 @@ def run(args) -> int:
             return 2
         clients["backbone"] = Client(args.baseline_server, args.api_key)
     windows = {"W": args.window, "0": 0, "full": -1}
+    if args.system_prompt is None:
+        from .data import SYSTEM_PROMPT
+
+        args.system_prompt = SYSTEM_PROMPT
     n_q = sum(len(c["qa"]) for c in convs)
     results = []
     t0 = time.time()
@@ -320,7 +330,7 @@ def run(args) -> int:
         for mode in modes:
             kind, w = mode.split("@")
             results += run_mode(clients[kind], convs, mode, windows[w], args.max_tokens, tok,
-                                bar)
+                                bar, args.system_prompt or None)
     general = {} if args.no_general else {k: general_ability(c) for k, c in clients.items()}
     summary = summarize(results, args.window)
     args.out.mkdir(parents=True, exist_ok=True)
