@@ -143,6 +143,20 @@ async def bench_engine(engine, a, rng_seed: int) -> dict:
         "tokens": a.prefill_tokens, "ttft_s": [round(x, 3) for x in ttfts],
         "median_ttft_s": round(ttft, 3), "tok_per_s": round(a.prefill_tokens / ttft, 1)}
     print(f"  prefill {a.prefill_tokens}: median TTFT {ttft:.2f} s", flush=True)
+
+    # The cost of prefix caching off (δ-mem, DESIGN.md §2.3): a session turn re-sends its
+    # context. Plain vLLM serves the re-sent prefix from its cache; δ-mem recomputes it.
+    ttfts = []
+    for _ in range(2):
+        base = prompt(a.prefill_tokens)
+        await _one(engine, base, sp1, state())
+        t0, first, _, _ = await _one(engine, base + prompt(32), sp1, state())
+        ttfts.append(first - t0)
+    res["resent_prefix"] = {"prefix_tokens": a.prefill_tokens, "new_tokens": 32,
+                            "ttft_s": [round(x, 3) for x in ttfts],
+                            "median_ttft_s": round(statistics.median(ttfts), 3)}
+    print(f"  re-sent {a.prefill_tokens}-token prefix + 32 new: median TTFT "
+          f"{statistics.median(ttfts):.2f} s", flush=True)
     return res
 
 
@@ -182,7 +196,9 @@ def table(results: dict, a) -> tuple[str, dict]:
             (f"prefill_{a.prefill_tokens}", "tok_per_s",
              f"prefill {a.prefill_tokens} (tok/s)"),
             (f"prefill_{a.prefill_tokens}", "median_ttft_s",
-             f"prefill {a.prefill_tokens} TTFT (s, lower=better)")]
+             f"prefill {a.prefill_tokens} TTFT (s, lower=better)"),
+            ("resent_prefix", "median_ttft_s",
+             f"re-sent {a.prefill_tokens} prefix +32, TTFT (s)")]
     lines = [f"{'metric':36s} {'plain':>10s} {'δ-mem':>10s} {'δ-mem/plain':>12s}"]
     ratios = {}
     p, d = results.get("plain"), results.get("deltamem")
