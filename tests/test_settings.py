@@ -46,3 +46,19 @@ def test_every_setting_is_documented_in_help_and_readme():
         flag = "--" + name.replace("_", "-")
         assert flag in out, flag
         assert f"`{flag}`" in readme and f"DELTAMEM_{name.upper()}" in readme, flag
+
+
+def test_default_adapter_resolution(tmp_path, model_dir, caplog):
+    from deltamem.adapter import load_adapter, new_adapter_from_checkpoint
+    from server.cli import resolve_adapter
+
+    assert resolve_adapter(Settings(no_memory=True, data_dir=tmp_path), model_dir) is None
+    assert resolve_adapter(Settings(adapter="/x/y", data_dir=tmp_path), model_dir) == Path("/x/y")
+    with caplog.at_level("WARNING"):
+        path = resolve_adapter(Settings(data_dir=tmp_path), model_dir)
+    assert "UNTRAINED" in caplog.text
+    made = load_adapter(path)
+    assert made.fingerprint() == new_adapter_from_checkpoint(model_dir, seed=0).fingerprint()
+    mtime = (path / "adapter.safetensors").stat().st_mtime_ns
+    assert resolve_adapter(Settings(data_dir=tmp_path), model_dir) == path  # made once
+    assert (path / "adapter.safetensors").stat().st_mtime_ns == mtime
