@@ -30,7 +30,9 @@ class _Context:
         self.reads: dict[int, torch.Tensor] = {}
 
 
-class _QProjWithMemory(nn.Module):
+class _ProjWithMemory(nn.Module):
+    """A backbone projection plus one δ-mem correction (the base stays frozen)."""
+
     def __init__(self, base: nn.Module, mem: DeltaMemLayer, slot: int, ctx: _Context):
         super().__init__()
         self.base, self.slot = base, slot
@@ -38,9 +40,11 @@ class _QProjWithMemory(nn.Module):
         self._ctx = ctx
 
     @property
-    def weight(self):  # HF code and our init read q_proj.weight
+    def weight(self):  # HF code and our init read q_proj.weight / o_proj.weight
         return self.base.weight
 
+
+class _QProjWithMemory(_ProjWithMemory):
     def forward(self, x):
         out = self.base(x)
         ctx = self._ctx
@@ -58,17 +62,7 @@ class _QProjWithMemory(nn.Module):
         return out if dq is None else out + dq.to(out.dtype)
 
 
-class _OProjWithMemory(nn.Module):
-    def __init__(self, base: nn.Module, mem: DeltaMemLayer, slot: int, ctx: _Context):
-        super().__init__()
-        self.base, self.slot = base, slot
-        self._mem = [mem]
-        self._ctx = ctx
-
-    @property
-    def weight(self):
-        return self.base.weight
-
+class _OProjWithMemory(_ProjWithMemory):
     def forward(self, y):
         out = self.base(y)
         ctx = self._ctx

@@ -76,6 +76,26 @@ STORE_ERRORS: dict[type, tuple[int, str, str]] = {
 }
 
 
+def classify_error(exc: BaseException) -> tuple[int, ErrorDetail]:
+    """Status and OpenAI error body of an exception: one mapping for the JSON responses and
+    for errors inside an SSE stream."""
+    if isinstance(exc, APIError):
+        return exc.status, ErrorDetail(message=exc.message, type=exc.type, code=exc.code,
+                                       param=exc.param)
+    if isinstance(exc, TurnError):
+        return exc.status, ErrorDetail(message=str(exc), type="invalid_request_error",
+                                       code=exc.code, param=exc.param)
+    if isinstance(exc, SessionBusy):
+        return 409, ErrorDetail(message=str(exc), type="invalid_request_error",
+                                code="session_busy")
+    if isinstance(exc, ms.StoreError):
+        status, type_, code = next((v for k, v in STORE_ERRORS.items() if isinstance(exc, k)),
+                                   (500, "server_error", "store_error"))
+        return status, ErrorDetail(message=str(exc), type=type_, code=code)
+    return 500, ErrorDetail(message=f"internal error: {type(exc).__name__}",
+                            type="server_error", code="internal")
+
+
 class Metrics:
     def __init__(self):
         self.registry = r = CollectorRegistry()
@@ -166,8 +186,7 @@ class ChatService:
         messages = [m.normalized() for m in req.messages]
         if session_id is None:
             record = ms.SessionRecord("ephemeral", tenant, self.identity)
-            plan = plan_turn(self.fmt, record, messages, -1, self.s.max_model_len, max_tokens,
-                             persistent=False)
+            plan = plan_turn(self.fmt, record, messages, -1, self.s.max_model_len, max_tokens)
             gen = await self._generate(plan.prompt, sp, None, 0, stream_cb)
             return gen, None
         ms.validate_session_id(session_id)
@@ -179,7 +198,7 @@ class ChatService:
                 record = ms.SessionRecord(session_id, tenant, self.identity)
             self.metrics.state_load.observe(time.perf_counter() - t0)
             plan = plan_turn(self.fmt, record, messages, window, self.s.max_model_len,
-                             max_tokens, persistent=True)
+                             max_tokens)
             state = plan.initial_state if self.engine.memory else None
             gen = await self._generate(plan.prompt, sp, state, plan.write_start, stream_cb)
             new = finish_turn(plan, gen.tokens, gen.text,
@@ -288,29 +307,14 @@ def create_app(settings: Settings, engine=None, store: ms.SessionStore | None = 
             m.latency.labels(endpoint).observe(time.perf_counter() - t0)
         return resp
 
-    @app.exception_handler(APIError)
-    async def _api_error(request, exc: APIError):
+    def _known_error(request, exc: Exception):
+        status, detail = classify_error(exc)
         if hasattr(app.state, "svc"):
-            svc().metrics.errors.labels(exc.code or exc.type).inc()
-        return error_response(exc.status, exc.message, exc.type, exc.code, exc.param)
+            svc().metrics.errors.labels(detail.code or detail.type).inc()
+        return JSONResponse(ErrorResponse(error=detail).model_dump(), status_code=status)
 
-    @app.exception_handler(TurnError)
-    async def _turn_error(request, exc: TurnError):
-        return error_response(exc.status, str(exc), "invalid_request_error", exc.code,
-                              exc.param)
-
-    @app.exception_handler(SessionBusy)
-    async def _busy(request, exc: SessionBusy):
-        svc().metrics.errors.labels("session_busy").inc()
-        return error_response(409, str(exc), "invalid_request_error", "session_busy")
-
-    @app.exception_handler(ms.StoreError)
-    async def _store_error(request, exc: ms.StoreError):
-        status, type_, code = next((v for k, v in STORE_ERRORS.items() if isinstance(exc, k)),
-                                   (500, "server_error", "store_error"))
-        if hasattr(app.state, "svc"):
-            svc().metrics.errors.labels(code).inc()
-        return error_response(status, str(exc), type_, code)
+    for kind in (APIError, TurnError, SessionBusy, ms.StoreError):
+        app.add_exception_handler(kind, _known_error)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, exc: RequestValidationError):
@@ -331,9 +335,7 @@ def create_app(settings: Settings, engine=None, store: ms.SessionStore | None = 
     @app.exception_handler(Exception)
     async def _unhandled(request, exc: Exception):
         log.exception("unhandled error on %s", request.url.path)
-        if hasattr(app.state, "svc"):
-            svc().metrics.errors.labels("internal").inc()
-        return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
+        return _known_error(request, exc)
 
     # --- endpoints ----------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
@@ -439,23 +441,10 @@ def create_app(settings: Settings, engine=None, store: ms.SessionStore | None = 
             s.metrics.in_flight.dec()
 
     def _error_payload(exc: BaseException) -> dict:
-        if isinstance(exc, APIError):
-            return ErrorResponse(error=ErrorDetail(message=exc.message, type=exc.type,
-                                                   code=exc.code, param=exc.param)).model_dump()
-        if isinstance(exc, TurnError):
-            return ErrorResponse(error=ErrorDetail(message=str(exc), type="invalid_request_error",
-                                                   code=exc.code)).model_dump()
-        if isinstance(exc, ms.StoreError):
-            status, type_, code = next((v for k, v in STORE_ERRORS.items()
-                                        if isinstance(exc, k)), (500, "server_error", None))
-            return ErrorResponse(error=ErrorDetail(message=str(exc), type=type_,
-                                                   code=code)).model_dump()
-        if isinstance(exc, SessionBusy):
-            return ErrorResponse(error=ErrorDetail(message=str(exc), type="invalid_request_error",
-                                                   code="session_busy")).model_dump()
-        log.error("turn failed: %r", exc)
-        return ErrorResponse(error=ErrorDetail(message=f"internal error: {type(exc).__name__}",
-                                               type="server_error")).model_dump()
+        status, detail = classify_error(exc)
+        if status >= 500:
+            log.error("turn failed: %r", exc)
+        return ErrorResponse(error=detail).model_dump()
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -492,7 +481,10 @@ def create_app(settings: Settings, engine=None, store: ms.SessionStore | None = 
         items, cursor = await s.store.list(tenant, limit=limit, after=after)
         return SessionList(data=[SessionView(id=i.session_id, version=i.version, turns=i.turns,
                                              tokens_absorbed=i.tokens_absorbed,
-                                             transcript_tokens=i.tokens_absorbed,
+                                             # after any turn the transcript holds one
+                                             # token more than was absorbed (invariant 1)
+                                             transcript_tokens=i.tokens_absorbed
+                                             + (1 if i.turns else 0),
                                              created_at=i.created_at, updated_at=i.updated_at)
                                  for i in items], next_cursor=cursor)
 

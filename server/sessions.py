@@ -19,7 +19,7 @@ import dataclasses
 import time
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -83,10 +83,8 @@ class TurnPlan:
     prompt: list[int]
     write_start: int
     spans: list[tuple[int, int]]  # prompt = concat of (transcript + new_tokens)[s:e]
-    persistent: bool
     window: int
     initial_state: torch.Tensor | None = None
-    log: dict = field(default_factory=dict)
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -94,7 +92,7 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def plan_turn(fmt: ChatFormat, record: SessionRecord, messages: list[dict], window: int,
-              max_model_len: int, max_tokens: int, persistent: bool) -> TurnPlan:
+              max_model_len: int, max_tokens: int) -> TurnPlan:
     """Work out the new messages, the prompt and the write start of one turn."""
     stored = record.messages
     T = record.transcript
@@ -180,7 +178,7 @@ def plan_turn(fmt: ChatFormat, record: SessionRecord, messages: list[dict], wind
     write_start = len(prompt) - (len(full) - absorbed)
     plan = TurnPlan(record=record, expected_version=record.version, new_messages=new,
                     new_tokens=toks, boundaries=boundaries, prompt=prompt,
-                    write_start=write_start, spans=spans, persistent=persistent, window=window,
+                    write_start=write_start, spans=spans, window=window,
                     initial_state=record.state)
     plan.record.meta = {**meta, "system": system, "system_tokens": sys_len}
     return plan

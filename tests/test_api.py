@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import time
 
 import httpx
 import pytest
@@ -134,16 +135,12 @@ def test_client_disconnect_mid_stream_commits_nothing(engine_host, api, client):
     sid = "disconnect"
     turn(client, sid, "Hello there.")
     body = {"model": MODEL, "stream": True, "max_tokens": 200, "temperature": 0,
-            "session_id": sid, "messages": [{"role": "user", "content": "Tell a long story."}],
-            "ignore": None}
-    body.pop("ignore")
+            "session_id": sid, "messages": [{"role": "user", "content": "Tell a long story."}]}
     with httpx.stream("POST", api.url + "/v1/chat/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]
         assert any(ln.startswith("data: ") for ln in got)
     # The aborted turn left the session as it was; the next turn continues from version 1.
-    import time
-
     time.sleep(1.0)
     assert httpx.get(f"{api.url}/v1/sessions/{sid}").json()["version"] == 1
     _, s = turn(client, sid, "Are you there?")

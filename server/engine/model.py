@@ -32,7 +32,7 @@ import torch
 from deltamem import _cpu_kernel
 from deltamem.adapter import Adapter, load_adapter
 from deltamem.layer import DeltaMem
-from deltamem.scan import delta_rule_scan_chunked, delta_rule_scan_varlen_cpu
+from deltamem.scan import delta_rule_scan_chunked
 
 log = logging.getLogger(__name__)
 
@@ -335,11 +335,13 @@ class _DeltaMemMixin:
             attn._deltamem_runtime = rt
             attn._deltamem_layer = i
             attn.forward = types.MethodType(_deltamem_attention_forward, attn)
-        # Compile the CPU kernel now, not inside the first request's forward.
-        if device.type == "cpu":
-            z = torch.zeros(1, 1, adapter.config.rank)
-            delta_rule_scan_varlen_cpu(z, z, z, z, torch.zeros(1, 1, 8, 8).new_zeros(
-                1, 1, adapter.config.rank, adapter.config.rank), torch.tensor([0, 1]))
+        # One throwaway step through the same path a request takes, so the CPU kernel's
+        # compile (for the strided views it is called with) happens now, not in a request.
+        with torch.inference_mode():
+            rt.begin_forward(1)
+            rt.delta_q(rt.layer_ids[0], torch.zeros(1, adapter.config.hidden_size,
+                                                    device=device))
+            rt.end_forward()
         log.info("δ-mem adapter %s loaded on %d layers (%d parameters)", adapter.fingerprint(),
                  len(rt.layer_ids), adapter.module.num_parameters())
 
