@@ -325,7 +325,15 @@ def _date(rng: random.Random) -> str:
             f"{rng.randint(1, 28)} {rng.choice(MONTHS)}, {rng.randint(2021, 2024)}")
 
 
-def generate_conversation(rng: random.Random, pool: Pools, diff: Difficulty) -> Conversation:
+# Slots whose values are open-class words; copy_words (see make_episode) replaces their values
+# with words of this case.
+COPY_CASE = {"pet": "cap", "city": "cap", "trip": "cap", "sibling": "cap",
+             "job": "low", "food": "low", "hobby": "low", "instrument": "low"}
+
+
+def generate_conversation(rng: random.Random, pool: Pools, diff: Difficulty,
+                          copy_words: dict[str, list[str]] | None = None,
+                          p_copy: float = 0.0) -> Conversation:
     a, b = rng.sample(pool.names, 2)
     n_facts = rng.randint(*diff.n_facts)
     # (person, slot) pairs with distinct slots per person; a distractor adds the same slot
@@ -340,7 +348,15 @@ def generate_conversation(rng: random.Random, pool: Pools, diff: Difficulty) -> 
     used: dict[str, set[str]] = {s: set() for s in SLOTS}
 
     def fresh(slot: str, exclude: set[str]) -> str:
-        choices = [v for v in pool.values[slot] if v not in used[slot] and v not in exclude]
+        pool_v = pool.values[slot]
+        if copy_words and p_copy > 0 and slot in COPY_CASE and rng.random() < p_copy:
+            pool_v = copy_words[COPY_CASE[slot]]
+            v = rng.choice(pool_v)
+            while v in used[slot] or v in exclude:
+                v = rng.choice(pool_v)
+            used[slot].add(v)
+            return v
+        choices = [v for v in pool_v if v not in used[slot] and v not in exclude]
         v = rng.choice(choices)
         used[slot].add(v)
         return v
@@ -434,15 +450,24 @@ STAGES: list[Difficulty] = [
     Difficulty(n_facts=(2, 3), n_chatter=(2, 4), p_update=0.3, p_distractor=0.3),
     Difficulty(n_facts=(2, 4), n_chatter=(3, 6), p_update=0.35, p_distractor=0.35,
                n_sessions=2),
+    Difficulty(n_facts=(3, 5), n_chatter=(6, 12), p_update=0.35, p_distractor=0.3,
+               p_reaction=0.4, n_sessions=3),
 ]
 
 
-def make_episode(split: str, seed: int, index: int, stage: int | Difficulty = 0) -> Episode:
-    """Episode `index` of a (split, seed) stream: deterministic, independent of other indices."""
+def make_episode(split: str, seed: int, index: int, stage: int | Difficulty = 0,
+                 copy_words: dict[str, list[str]] | None = None, p_copy: float = 0.0
+                 ) -> Episode:
+    """Episode `index` of a (split, seed) stream: deterministic, independent of other indices.
+
+    copy_words ({"cap": [...], "low": [...]}) with p_copy: the chance that a value of an
+    open-class slot is a random word of that list instead of the pool's. With thousands of
+    such words, no value repeats often enough to be memorised: the state has to carry the
+    value itself, which is what held-out values (never seen in training) need."""
     diff = stage if isinstance(stage, Difficulty) else STAGES[stage]
     rng = random.Random(f"deltamem-episode:{split}:{seed}:{index}")
     pool = pools(split)
-    conv = generate_conversation(rng, pool, diff)
+    conv = generate_conversation(rng, pool, diff, copy_words, p_copy)
     fact = rng.choice(conv.facts)
     return Episode(conversation_messages(conv), question_for(fact, pool, rng), fact.value,
                    fact.category, fact.slot)
@@ -454,11 +479,74 @@ def make_episode(split: str, seed: int, index: int, stage: int | Difficulty = 0)
 ANSWER_PREFIX = " "
 
 
-def read_messages(ep: Episode, system_prompt: str = SYSTEM_PROMPT) -> list[dict]:
-    """The read pass: only the system message, the question and the answer (no history)."""
-    return [{"role": "system", "content": system_prompt},
+def read_messages(ep: Episode, system_prompt: str = SYSTEM_PROMPT, context: int = 0
+                  ) -> list[dict]:
+    """The read pass: the system message, the last `context` messages of the history (the
+    re-sent window of a served turn; 0: none, the state only), the question and the answer."""
+    hist = [m for m in ep.history if m["role"] != "system"]
+    window = hist[len(hist) - min(context, len(hist)):]
+    return [{"role": "system", "content": system_prompt}, *window,
             {"role": "user", "content": ep.question},
             {"role": "assistant", "content": ANSWER_PREFIX + ep.answer}]
+
+
+def copy_word_lists(vocab: list[str], space_marker: str = "Ġ") -> dict[str, list[str]]:
+    """Single-token words of a tokenizer's vocabulary (pass its token strings), for
+    make_episode's copy_words: "cap" (Capitalised) and "low" (lower case), 5 to 10 letters,
+    with every value, name and template word of the held-out split left out, so held-out
+    values stay unseen in training."""
+    held = pools("heldout")
+    banned: set[str] = set(held.names)
+    for vals in held.values.values():
+        for v in vals:
+            banned.update(v.split())
+    for group in (held.state, held.update, held.question):
+        for temps in group.values():
+            for t in temps:
+                banned.update(w.strip(".,?!'") for w in t.split())
+    out: dict[str, list[str]] = {"cap": [], "low": []}
+    for t in vocab:
+        if not t.startswith(space_marker):
+            continue
+        w = t[len(space_marker):]
+        if not (5 <= len(w) <= 10 and w.isascii() and w.isalpha()) or w in banned:
+            continue
+        if w[0].isupper() and w[1:].islower():
+            out["cap"].append(w)
+        elif w.islower():
+            out["low"].append(w)
+    for k in out:
+        out[k].sort()
+    return out
+
+
+# Questions the backbone answers on its own, for the general-ability episodes of training
+# (their targets are the backbone's own answers). Disjoint from the evaluator's set.
+GENERAL_TRAIN = [
+    "What is the capital of England?", "What is the capital of Russia?",
+    "What is the capital of Canada?", "What is the capital of Egypt?",
+    "What is the capital of China?", "What is the capital of Greece?",
+    "What colour is snow?", "What colour is a banana?", "What colour is a ripe tomato?",
+    "How many hours are in a day?", "How many months are in a year?",
+    "How many legs does a dog have?", "How many wheels does a bicycle have?",
+    "What is 3 plus 5?", "What is 10 minus 4?", "What is 6 times 2?",
+    "Which planet do we live on?", "What is the largest planet in our solar system?",
+    "What is the closest star to Earth?", "What do bees make?", "What do cows drink?",
+    "What is frozen water called?", "What is the boiling point of water in Celsius?",
+    "Who painted the Mona Lisa?", "Who was the first president of the United States?",
+    "What is the opposite of up?", "What is the opposite of big?",
+    "What animal says meow?", "What animal is the largest mammal?",
+    "What language is spoken in France?", "What language is spoken in Germany?",
+    "What is the chemical symbol for water?", "What is the chemical symbol for oxygen?",
+    "How many sides does a triangle have?", "How many minutes are in an hour?",
+    "What do we call a baby cat?", "What do we call a baby dog?",
+    "Which season comes after winter?", "What is the tallest mountain in the world?",
+    "What is the longest river in Africa?", "Give me a synonym for happy.",
+    "Write one sentence about the sea.", "Name a fruit that is yellow.",
+    "What instrument has 88 keys?", "In which country are the pyramids of Giza?",
+    "What is the main ingredient of guacamole?", "What do plants need to grow?",
+    "Translate 'thank you' into Spanish.",
+]
 
 
 # --- LoCoMo export ---------------------------------------------------------------------------

@@ -60,10 +60,27 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="never go beyond this stage (default: the last)")
     p.add_argument("--facts", default=None,
                    help="override facts per episode for every stage, 'min,max' (e.g. 1,1)")
-    p.add_argument("--read-write-prob", type=float, default=0.0,
+    p.add_argument("--read-write-prob", type=float, default=1.0,
                    help="chance that the read pass writes its question and answer tokens, as "
-                        "a server does when a question turn is written (default 0: the "
-                        "recipe's read pass without writes)")
+                        "a server does with every question turn (default 1; 0 is the "
+                        "reference recipe's read pass without writes)")
+    p.add_argument("--context-prob", type=float, default=0.5,
+                   help="chance that the read pass re-sends a window of the history (the last "
+                        "1..all messages, not written) before the question, as a served turn "
+                        "with a window does (default 0.5; otherwise the state only)")
+    p.add_argument("--p-copy", type=float, default=0.5,
+                   help="chance that an open-class value (pet, city, job ...) is a random "
+                        "single-token word of the vocabulary instead of a pool value, so the "
+                        "state learns to carry values rather than memorise a pool (default 0.5)")
+    p.add_argument("--general-per-step", type=int, default=2,
+                   help="general-ability episodes per step: a sessionless question whose "
+                        "target is the backbone's own answer, so δ-mem leaves such answers "
+                        "alone (default 2; 0 = none)")
+    p.add_argument("--general-weight", type=float, default=1.0,
+                   help="weight of the general-ability loss (default 1)")
+    p.add_argument("--beta-bias-init", type=float, default=None,
+                   help="initial b_beta of a fresh adapter (default: DESIGN's -1.5); lower "
+                        "values forget less over long histories at the start")
     p.add_argument("--eval-episodes", type=int, default=64,
                    help="held-out episodes of the final evaluation, per stage (default 64)")
     p.add_argument("--eval-every", type=int, default=100,
@@ -91,6 +108,7 @@ def _tiny(args) -> None:
     args.eval_periodic_episodes = min(args.eval_periodic_episodes, 2)
     args.eval_every = 0
     args.ckpt_every = 2
+    args.general_per_step = min(args.general_per_step, 1)
     if args.layers == "all":
         args.layers = "last:4"
 
@@ -152,19 +170,20 @@ class Encoder:
     def history(self, ep) -> list[int]:
         return self.ids(ep.history)
 
-    def read(self, ep) -> tuple[list[int], int, int]:
-        """(ids, question_start, answer_start): the read pass [system, question, answer];
-        the answer's tokens end with <|im_end|>."""
+    def read(self, ep, context: int = 0) -> tuple[list[int], int, int]:
+        """(ids, question_start, answer_start): the read pass [system, the last `context`
+        history messages, question, answer]; the answer's tokens end with <|im_end|>."""
         from .data import read_messages
 
-        msgs = read_messages(ep)
-        sys_ids = self.ids(msgs[:1])
-        prompt = self.ids(msgs[:2], generation_prompt=True)
-        answer = self.tok(msgs[2]["content"], add_special_tokens=False).input_ids + [self.end_id]
-        return prompt + answer, len(sys_ids), len(prompt)
+        msgs = read_messages(ep, context=context)
+        before_q = self.ids(msgs[:-2])
+        prompt = self.ids(msgs[:-1], generation_prompt=True)
+        answer = self.tok(msgs[-1]["content"], add_special_tokens=False).input_ids + [self.end_id]
+        return prompt + answer, len(before_q), len(prompt)
 
 
-def make_batch(enc: Encoder, episodes, write_read: list[bool] | None = None):
+def make_batch(enc: Encoder, episodes, write_read: list[bool] | None = None,
+               contexts: list[int] | None = None):
     """Right-padded tensors for a list of episodes.
 
     Pads never write (write_mask False) and, being after every real token, are never attended
@@ -174,7 +193,8 @@ def make_batch(enc: Encoder, episodes, write_read: list[bool] | None = None):
     import torch
 
     hist = [enc.history(ep) for ep in episodes]
-    reads = [enc.read(ep) for ep in episodes]
+    reads = [enc.read(ep, c) for ep, c in zip(episodes, contexts or [0] * len(episodes),
+                                               strict=True)]
     B = len(episodes)
     Th = max(len(h) for h in hist)
     Tr = max(len(r[0]) for r in reads)
@@ -188,8 +208,8 @@ def make_batch(enc: Encoder, episodes, write_read: list[bool] | None = None):
         h_mask[b, :len(h)] = True
         r_ids[b, :len(r)] = torch.tensor(r)
         if write_read is not None and write_read[b]:
-            # Like a served question turn: the system prompt is re-sent context (not written),
-            # the question and the generated answer are written.
+            # Like a served question turn: the system prompt and the window are re-sent
+            # context (not written), the question and the generated answer are written.
             r_mask[b, q_start:len(r)] = True
         # logits at position t predict token t+1: label the answer tokens at t = index - 1.
         labels[b, a_start - 1:len(r) - 1] = torch.tensor(r[a_start:])
@@ -276,6 +296,48 @@ def episode_loss(rt, batch, probe: BetaProbe | None = None, memory: bool = True)
     return ce + beta_reg, {"ce": float(ce.detach()), "beta_reg": float(beta_reg.detach()),
                            "mean_beta": mean_beta, "tok_acc": float(tok_acc),
                            "exact": float(exact.mean()), "exact_rows": exact.tolist(), "B": B}
+
+
+# --- general-ability episodes ----------------------------------------------------------------
+
+
+def general_targets(rt, tok, questions: list[str], cache: Path, max_new: int = 24
+                    ) -> list[tuple[list[int], int]]:
+    """(ids, answer_start) per question: the prompt of a sessionless served request (the
+    template's own system prompt, the question, the generation prompt) followed by the
+    backbone's greedy answer with memory off. Computed once, cached in `cache`."""
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    out = []
+    for q in questions:
+        text = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                       add_generation_prompt=True)
+        prompt = tok(text, add_special_tokens=False).input_ids
+        if q not in done:
+            r = rt.run(prompt, None, 0, max_new, (end,), memory=False)
+            done[q] = r.tokens
+        out.append((prompt + done[q], len(prompt)))
+    cache.write_text(json.dumps(done))
+    return out
+
+
+def general_loss(rt, rows: list[tuple[list[int], int]], pad_id: int):
+    """Cross-entropy of the backbone's own answers under δ-mem, every token written from a
+    fresh state (a sessionless request)."""
+    import torch
+    import torch.nn.functional as F
+
+    T = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.bool)
+    labels = torch.full((len(rows), T), -100, dtype=torch.long)
+    for b, (r, a_start) in enumerate(rows):
+        ids[b, :len(r)] = torch.tensor(r)
+        mask[b, :len(r)] = True
+        labels[b, a_start - 1:len(r) - 1] = torch.tensor(r[a_start:])
+    logits, _, _ = rt.forward(ids, None, mask)
+    sel = labels != -100
+    return F.cross_entropy(logits[sel].float(), labels[sel])
 
 
 # --- evaluation ------------------------------------------------------------------------------
@@ -548,6 +610,10 @@ def run(args) -> int:
         n_layers = json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"]
         rt = DeltaMemHF.from_pretrained(model_dir, seed=args.seed,
                                         target_layers=parse_layers(args.layers, n_layers))
+        if args.beta_bias_init is not None:
+            with torch.no_grad():
+                for layer in rt.adapter.module.layers.values():
+                    layer.w_beta.bias.fill_(args.beta_bias_init)
     else:
         rt = DeltaMemHF.from_pretrained(model_dir, adapter=init)
     if init is not None:
@@ -595,6 +661,17 @@ def run(args) -> int:
         log.flush()
 
     final_sets = heldout_episodes(args.eval_episodes, args.eval_seed, stages_all)
+    copy_words = None
+    if args.p_copy > 0:
+        copy_words = D.copy_word_lists(list(tok.get_vocab()))
+        say(f"copy words: {len(copy_words['cap'])} capitalised, {len(copy_words['low'])} "
+            "lower case")
+    general = []
+    if args.general_per_step > 0:
+        t0 = time.time()
+        general = general_targets(rt, tok, D.GENERAL_TRAIN[:4] if args.tiny else D.GENERAL_TRAIN,
+                                  out / "general_targets.json")
+        say(f"general-ability targets: {len(general)} ({time.time() - t0:.0f} s)")
     if state["before"] is None:
         t0 = time.time()
         rt.adapter.module.eval()
@@ -632,18 +709,27 @@ def run(args) -> int:
         if not state["stage_log"] or state["stage_log"][-1][1] != stage:
             state["stage_log"].append([step, stage])
         rng = random.Random(f"train-step:{args.seed}:{step}")
-        eps, write_read = [], []
+        eps, write_read, contexts = [], [], []
         for i in range(args.batch):
             s = stage if stage == 0 or rng.random() >= args.p_earlier else rng.randrange(stage)
-            eps.append(D.make_episode("train", args.seed, step * args.batch + i, s))
+            ep = D.make_episode("train", args.seed, step * args.batch + i, s, copy_words,
+                                args.p_copy)
+            eps.append(ep)
             write_read.append(rng.random() < args.read_write_prob)
-        batch = make_batch(enc, eps, write_read)
+            n_hist = sum(m["role"] != "system" for m in ep.history)
+            contexts.append(rng.randint(1, n_hist) if rng.random() < args.context_prob else 0)
+        batch = make_batch(enc, eps, write_read, contexts)
         lr = lr_at(step, args.steps, args.lr, args.warmup, args.min_lr_frac)
         for g in opt.param_groups:
             g["lr"] = lr
         rt.adapter.module.train()
         t0 = time.time()
         loss, m = episode_loss(rt, batch, probe)
+        if general:
+            g = general_loss(rt, rng.sample(general, min(args.general_per_step, len(general))),
+                             enc.pad_id)
+            loss = loss + args.general_weight * g
+            m["general_ce"] = float(g.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
@@ -655,6 +741,7 @@ def run(args) -> int:
         rec = {"kind": "train", "step": step + 1, "stage": stage, "lr": lr, "ce": m["ce"],
                "beta_reg": m["beta_reg"], "mean_beta": m["mean_beta"], "tok_acc": m["tok_acc"],
                "exact": m["exact"], "gnorm": gnorm, "s": dt,
+               "general_ce": m.get("general_ce"),
                "hist_tokens": batch["n_hist_tokens"]}
         emit(rec)
         say(json.dumps(rec))

@@ -72,6 +72,46 @@ def test_updates_override_and_locomo_layout(tmp_path):
     assert D.CATEGORY_SINGLE in cats
 
 
+def test_copy_words_leave_heldout_values_unseen(tokenizer):
+    words = D.copy_word_lists(list(tokenizer.get_vocab()))
+    assert len(words["cap"]) > 1000 and len(words["low"]) > 1000
+    he = D.pools("heldout")
+    held = set(he.names) | {w for vals in he.values.values() for v in vals for w in v.split()}
+    assert not held & (set(words["cap"]) | set(words["low"]))
+    # With p_copy = 1 every open-class value is a copy word of the slot's case; other slots
+    # and the held-out split keep their pools.
+    n_copy = 0
+    for i in range(80):
+        ep = D.make_episode("train", 0, i, 1, words, 1.0)
+        if ep.slot in D.COPY_CASE:
+            assert ep.answer in words[D.COPY_CASE[ep.slot]], (ep.slot, ep.answer)
+            n_copy += 1
+        else:
+            assert ep.answer in D.pools("train").values[ep.slot]
+    assert n_copy > 20
+    assert D.make_episode("heldout", 0, 1, 1) == D.make_episode("heldout", 0, 1, 1, words, 0.0)
+
+
+def test_read_pass_window_is_context_not_written(tokenizer):
+    from deltamem.train import Encoder, make_batch
+
+    enc = Encoder(tokenizer)
+    ep = D.make_episode("train", 0, 7, 2)
+    hist = [m for m in ep.history if m["role"] != "system"]
+    msgs = D.read_messages(ep, context=2)
+    assert msgs[1:3] == hist[-2:] and msgs[-2]["content"] == ep.question
+    assert D.read_messages(ep, context=0)[1]["content"] == ep.question
+    assert D.read_messages(ep, context=10**6)[1:-2] == hist
+    b0 = make_batch(enc, [ep], [True], [0])
+    b2 = make_batch(enc, [ep], [True], [2])
+    window = len(enc.ids([ep.history[0], *hist[-2:]])) - len(enc.ids(ep.history[:1]))
+    assert b2["r_ids"].shape[1] == b0["r_ids"].shape[1] + window
+    # The same tokens are written (question and answer): the window is only read.
+    assert int(b2["r_mask"].sum()) == int(b0["r_mask"].sum()) > 0
+    assert not b2["r_mask"][0, :b2["r_ids"].shape[1] - int(b2["r_mask"].sum())].any()
+    assert (b2["labels"] != -100).sum() == (b0["labels"] != -100).sum()
+
+
 @pytest.fixture(scope="module")
 def runtime():
     import torch
