@@ -13,12 +13,13 @@ MODEL_DIR := $(CACHE_DIR)/models/SmolLM2-135M-Instruct
 STAMP := $(VENV)/.installed-$(ENGINE)
 PYTEST_ARGS ?=
 
-.PHONY: install model serve test bench lint format load test-image compose-tool clean help
+.PHONY: install model serve test bench eval lint format load test-image compose-tool clean help
 
 help:
 	@echo "make serve   set up, fetch the default model, serve on the embedded defaults (port 8000)"
 	@echo "make test    set up, fetch the model, run the whole test suite (real engine, real Redis)"
 	@echo "make bench   run the benchmarks (tables on stdout, JSON under results/)"
+	@echo "make eval    memory evaluation: a δ-mem and a --no-memory server, deltamem eval (EVAL_ARGS=...)"
 	@echo "make lint    ruff"
 	@echo "make load    locust load test against a running server (LOAD_ARGS=...)"
 	@echo "make test-image  build the container image with podman and check it answers"
@@ -54,6 +55,11 @@ test: install model compose-tool
 
 bench: install model
 	DELTAMEM_CACHE_DIR=$(CACHE_DIR) $(VENV)/bin/deltamem bench
+
+# The memory evaluation (issue 6's table): both servers started and stopped by the script.
+EVAL_ARGS ?= --conversations 12 --out results/eval
+eval: install model
+	DELTAMEM_CACHE_DIR=$(CACHE_DIR) benchmarks/memory_eval.sh $(EVAL_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -228,7 +228,18 @@ def summarize(results: list[dict], window: int) -> dict:
     return out
 
 
-def markdown_table(summary: dict, general: dict, window: int) -> str:
+def category_names(conversations: list[dict]) -> dict:
+    """LoCoMo's category names, or the generator's for its own conversations."""
+    if conversations and all(str(c.get("sample_id", "")).startswith("deltamem-")
+                             for c in conversations):
+        from .data import CATEGORY_NAMES as GENERATED
+
+        return GENERATED
+    return CATEGORY_NAMES
+
+
+def markdown_table(summary: dict, general: dict, window: int,
+                   names: dict | None = None) -> str:
     lines = [f"| mode | F1 all | EM all | contains all | EM outside W={window} | n | "
              "general ability |", "|---|---|---|---|---|---|---|"]
     for mode, s in summary.items():
@@ -240,7 +251,7 @@ def markdown_table(summary: dict, general: dict, window: int) -> str:
     cats = sorted({c for s in summary.values() for c in s["categories"]})
     if cats:
         lines += ["", "| mode | " + " | ".join(
-            f"F1 cat {c} ({CATEGORY_NAMES.get(int(c), c)})" for c in cats) + " |",
+            f"F1 cat {c} ({(names or CATEGORY_NAMES).get(int(c), c)})" for c in cats) + " |",
             "|---|" + "---|" * len(cats)]
         for mode, s in summary.items():
             cells = [s["categories"].get(c) for c in cats]
@@ -338,7 +349,7 @@ def run(args) -> int:
            "seconds": time.time() - t0, "summary": summary, "general_ability": general,
            "results": results}
     (args.out / "results.json").write_text(json.dumps(doc, indent=1))
-    table = markdown_table(summary, general, args.window)
+    table = markdown_table(summary, general, args.window, category_names(convs))
     (args.out / "table.md").write_text(table)
     bar_chart(summary, args.out / "chart.png")
     print(table)

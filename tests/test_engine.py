@@ -418,3 +418,21 @@ def test_runtime_chunks_recompute_and_gaps():
     got = rt.take_states(["A", "B", "nobody"])
     assert set(got) == {"A"} and not rt.outbox
     assert rel_err(decode_state(got["A"]["state"], rt.state_shape), want_a) < 1e-5
+
+
+def test_runtime_state_math_is_float32_under_a_bf16_default_dtype():
+    # vLLM loads a bf16 model with torch's default dtype set to bf16; the runtime is built and
+    # warmed up inside that (a bf16 `make serve` once crashed in the warm-up step).
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        rt = _runtime()
+        for W, b, _, _ in rt._fused:
+            assert W.dtype == b.dtype == torch.float32
+        rt.begin_forward(3)
+        dq = rt.delta_q(rt.layer_ids[0], torch.randn(3, rt.module.cfg.hidden_size,
+                                                     dtype=torch.bfloat16))
+        rt.end_forward()
+        assert dq.dtype == torch.float32 and torch.isfinite(dq).all()
+    finally:
+        torch.set_default_dtype(prev)

@@ -107,7 +107,8 @@ class DeltaMemRuntime:
         with torch.no_grad():
             W = torch.cat([mem.w_q.weight, mem.w_k.weight, mem.w_v.weight,
                            mem.w_beta.weight]).t().contiguous()
-            b = torch.cat([torch.zeros(3 * m, device=W.device), mem.w_beta.bias])
+            b = torch.cat([torch.zeros(3 * m, dtype=torch.float32, device=W.device),
+                           mem.w_beta.bias.float()])
             q_out = c.q_out_size if mem.b_q is not None else 0
             parts = [x.weight for x in (mem.b_q, mem.b_o) if x is not None]
             B = (c.scale * torch.cat(parts)).t().contiguous() if parts else None
@@ -239,7 +240,7 @@ class DeltaMemRuntime:
         if self.device.type == "cpu":
             # Straight into the compiled kernel (numpy views, no copies): the scan wrapper's
             # conversions cost more than the scan at decode.
-            reads = torch.empty(n, H, r)
+            reads = torch.empty(n, H, r, dtype=torch.float32)
             qk_np = qk.numpy()
             _cpu_kernel.run(qk_np[:, 0], qk_np[:, 1], proj.detach().numpy()[:, 2],
                             beta.numpy(), self._mask_np, self._cu_np, states.numpy(),
