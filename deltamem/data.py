@@ -317,6 +317,7 @@ class Difficulty:
     p_distractor: float = 0.0  # chance that a fact's slot is also stated by the other speaker
     p_reaction: float = 0.3  # chance the other speaker reacts to a fact
     n_sessions: int = 1
+    value_subset: int = 0  # > 0: values only from the first N of each pool, no copy words
 
 
 def _date(rng: random.Random) -> str:
@@ -348,8 +349,8 @@ def generate_conversation(rng: random.Random, pool: Pools, diff: Difficulty,
     used: dict[str, set[str]] = {s: set() for s in SLOTS}
 
     def fresh(slot: str, exclude: set[str]) -> str:
-        pool_v = pool.values[slot]
-        if copy_words and p_copy > 0 and slot in COPY_CASE and rng.random() < p_copy:
+        pool_v = pool.values[slot][:diff.value_subset or None]
+        if not diff.value_subset and copy_words and p_copy > 0 and slot in COPY_CASE and rng.random() < p_copy:
             pool_v = copy_words[COPY_CASE[slot]]
             v = rng.choice(pool_v)
             while v in used[slot] or v in exclude:
@@ -442,9 +443,11 @@ class Episode:
     slot: str
 
 
-# Curriculum: stage -> difficulty. Early stages teach the state to hold one fact; later ones
-# add more facts, chatter, updates and same-kind distractors.
+# Curriculum: stage -> difficulty. Stage 0 is DESIGN.md's probe setting (one fact, a few
+# values per kind: the state learns to hold anything at all); stage 1 opens the value pools;
+# later ones add more facts, chatter, updates and same-kind distractors.
 STAGES: list[Difficulty] = [
+    Difficulty(n_facts=(1, 1), n_chatter=(0, 0), p_reaction=0.0, value_subset=6),
     Difficulty(n_facts=(1, 1), n_chatter=(0, 1), p_reaction=0.2),
     Difficulty(n_facts=(1, 2), n_chatter=(1, 3), p_update=0.15, p_distractor=0.15),
     Difficulty(n_facts=(2, 3), n_chatter=(2, 4), p_update=0.3, p_distractor=0.3),

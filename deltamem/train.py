@@ -48,9 +48,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="seed of init and data (default 0)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--curriculum", default="0:0,0.25:1,0.5:2,0.75:3",
+    p.add_argument("--curriculum", default="0:0,0.3:1,0.45:2,0.6:3,0.75:4,0.9:5",
                    help="frac:stage,... the stage reached at each fraction of the run "
-                        "(stages in deltamem.data.STAGES; default 0:0,0.25:1,0.5:2,0.75:3)")
+                        "(stages in deltamem.data.STAGES; default "
+                        "0:0,0.3:1,0.45:2,0.6:3,0.75:4,0.9:5)")
     p.add_argument("--advance-at", type=float, default=0.7,
                    help="move to the next stage early when the recent train exact match "
                         "reaches this (default 0.7; >1 disables)")
@@ -715,9 +716,11 @@ def run(args) -> int:
             ep = D.make_episode("train", args.seed, step * args.batch + i, s, copy_words,
                                 args.p_copy)
             eps.append(ep)
-            write_read.append(rng.random() < args.read_write_prob)
+            # Stage 0 is the probe setting: the state only, nothing written by the read pass.
+            write_read.append(s > 0 and rng.random() < args.read_write_prob)
             n_hist = sum(m["role"] != "system" for m in ep.history)
-            contexts.append(rng.randint(1, n_hist) if rng.random() < args.context_prob else 0)
+            contexts.append(rng.randint(1, n_hist)
+                            if s > 0 and rng.random() < args.context_prob else 0)
         batch = make_batch(enc, eps, write_read, contexts)
         lr = lr_at(step, args.steps, args.lr, args.warmup, args.min_lr_frac)
         for g in opt.param_groups:
