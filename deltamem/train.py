@@ -94,7 +94,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "(default: --eval-episodes)")
     p.add_argument("--ckpt-every", type=int, default=50, help="checkpoint every N steps")
     p.add_argument("--tiny", action="store_true",
-                   help="a fast smoke configuration: 4 steps, 2 episodes, stage 0, tiny eval")
+                   help="a fast smoke configuration: 4 steps, 2 episodes, stages 0-1, tiny eval")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--finalize", action="store_true",
                    help="train no further: resume <out-dir>/last, evaluate the best checkpoint, "
@@ -104,7 +104,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 def _tiny(args) -> None:
     args.steps = min(args.steps, 4)
     args.batch = min(args.batch, 2)
-    args.max_stage = 0
+    args.max_stage = 1  # stage 0 (state only) and stage 1 (windows, written questions)
     args.eval_episodes = min(args.eval_episodes, 2)
     args.eval_periodic_episodes = min(args.eval_periodic_episodes, 2)
     args.eval_every = 0
@@ -728,7 +728,7 @@ def run(args) -> int:
         rt.adapter.module.train()
         t0 = time.time()
         loss, m = episode_loss(rt, batch, probe)
-        if general:
+        if general and stage > 0:  # stage 0 (the probe setting) learns to hold a fact first
             g = general_loss(rt, rng.sample(general, min(args.general_per_step, len(general))),
                              enc.pad_id)
             loss = loss + args.general_weight * g
