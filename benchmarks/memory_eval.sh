@@ -14,7 +14,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 
-# One engine at a time: two vLLM engines starting together on this machine can fail.
+# One engine at a time: start-up is CPU-bound, and a failure names its server.
 start() {  # port log-name args...
     local port=$1 name=$2
     shift 2

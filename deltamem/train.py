@@ -494,10 +494,16 @@ def write_card(path: Path, info: dict) -> None:
         f"({info['n_params']:,} parameters).",
         "- Episode: write pass over the history (chat template, writes on, gradients through "
         "the state) → read pass over only [system, question, answer] from the write pass's final "
-        "state, writes off" + (f" (written in {100 * info['read_write_prob']:.0f}% of episodes, "
+        "state, writes off" + (f" (the question and answer written in {100 * info['read_write_prob']:.0f}% of episodes, "
                                "as a served question turn is)" if info["read_write_prob"] else "")
         + "; loss = cross-entropy on the answer tokens and the closing `<|im_end|>`, "
         f"+ {BETA_WEIGHT}·mean((mean β − {BETA_TARGET})²).",
+        f"- Read passes that re-send a window of the history first (read, not written): "
+        f"{100 * info.get('context_prob', 0):.0f}% (from stage 1). Open-class values replaced "
+        f"by random single-token vocabulary words: {100 * info.get('p_copy', 0):.0f}% (from "
+        f"stage 1). General-ability episodes (a sessionless question, target = the backbone's "
+        f"own greedy answer): {info.get('general_per_step', 0)} per step (from stage 1). "
+        f"Initial b_β: {info.get('beta_bias_init') or -1.5}.",
         f"- AdamW (weight decay 0), peak lr {info['lr']}, cosine with {info['warmup']:.0%} "
         f"warm-up, gradient clip {info['clip']}, {info['batch']} episodes per step, "
         f"{info['steps_done']} steps (of {info['steps']} planned), seed {info['seed']}.",
@@ -785,6 +791,8 @@ def run(args) -> int:
         "steps_done": state["step"], "seed": args.seed, "curriculum": args.curriculum,
         "advance_at": args.advance_at, "p_earlier": args.p_earlier,
         "read_write_prob": args.read_write_prob, "stages": stages_all,
+        "context_prob": args.context_prob, "p_copy": args.p_copy,
+        "general_per_step": args.general_per_step, "beta_bias_init": args.beta_bias_init,
         "stage_log": ", ".join(f"stage {s} from step {t}" for t, s in state["stage_log"]),
         "eval_n": args.eval_episodes, "before": state["before"], "nomem": state["nomem"],
         "started_from": state.get("started_from"),
