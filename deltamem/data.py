@@ -318,6 +318,9 @@ class Difficulty:
     p_reaction: float = 0.3  # chance the other speaker reacts to a fact
     n_sessions: int = 1
     value_subset: int = 0  # > 0: values only from the first N of each pool, no copy words
+    # Training in this stage (DESIGN.md's probe setting): no re-sent window, no written
+    # question, no general-ability episodes; the state is the only thing learned.
+    state_only: bool = False
 
 
 def _date(rng: random.Random) -> str:
@@ -447,7 +450,8 @@ class Episode:
 # values per kind: the state learns to hold anything at all); stage 1 opens the value pools;
 # later ones add more facts, chatter, updates and same-kind distractors.
 STAGES: list[Difficulty] = [
-    Difficulty(n_facts=(1, 1), n_chatter=(0, 0), p_reaction=0.0, value_subset=6),
+    Difficulty(n_facts=(1, 1), n_chatter=(0, 0), p_reaction=0.0, value_subset=6,
+               state_only=True),
     Difficulty(n_facts=(1, 1), n_chatter=(0, 1), p_reaction=0.2),
     Difficulty(n_facts=(1, 2), n_chatter=(1, 3), p_update=0.15, p_distractor=0.15),
     Difficulty(n_facts=(2, 3), n_chatter=(2, 4), p_update=0.3, p_distractor=0.3),

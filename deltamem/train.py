@@ -183,37 +183,47 @@ class Encoder:
         return prompt + answer, len(before_q), len(prompt)
 
 
+def pad_rows(rows: list[list[int]], pad_id: int, answer_starts: list[int] | None = None):
+    """(ids, real, labels): right-padded ids, a mask of the real tokens, and next-token labels
+    for the tokens from each row's answer start on (-100 elsewhere; all -100 without starts).
+
+    Pads, being after every real token, are never attended by one under the causal mask, so
+    no attention mask is needed."""
+    import torch
+
+    B, T = len(rows), max(len(r) for r in rows)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    real = torch.zeros((B, T), dtype=torch.bool)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)] = torch.tensor(r)
+        real[b, :len(r)] = True
+        if answer_starts is not None:
+            a = answer_starts[b]
+            # logits at position t predict token t+1: label the answer tokens at t = index - 1.
+            labels[b, a - 1:len(r) - 1] = torch.tensor(r[a:])
+    return ids, real, labels
+
+
 def make_batch(enc: Encoder, episodes, write_read: list[bool] | None = None,
                contexts: list[int] | None = None):
     """Right-padded tensors for a list of episodes.
 
-    Pads never write (write_mask False) and, being after every real token, are never attended
-    by one under the causal mask, so no attention mask is needed; the final state of a row is
-    its state after its last real token.
+    Pads never write (write_mask False), so the final state of a row is its state after its
+    last real token.
     """
-    import torch
-
     hist = [enc.history(ep) for ep in episodes]
     reads = [enc.read(ep, c) for ep, c in zip(episodes, contexts or [0] * len(episodes),
                                                strict=True)]
-    B = len(episodes)
-    Th = max(len(h) for h in hist)
-    Tr = max(len(r[0]) for r in reads)
-    h_ids = torch.full((B, Th), enc.pad_id, dtype=torch.long)
-    h_mask = torch.zeros((B, Th), dtype=torch.bool)
-    r_ids = torch.full((B, Tr), enc.pad_id, dtype=torch.long)
-    r_mask = torch.zeros((B, Tr), dtype=torch.bool)
-    labels = torch.full((B, Tr), -100, dtype=torch.long)
-    for b, (h, (r, q_start, a_start)) in enumerate(zip(hist, reads, strict=True)):
-        h_ids[b, :len(h)] = torch.tensor(h)
-        h_mask[b, :len(h)] = True
-        r_ids[b, :len(r)] = torch.tensor(r)
-        if write_read is not None and write_read[b]:
-            # Like a served question turn: the system prompt and the window are re-sent
-            # context (not written), the question and the generated answer are written.
-            r_mask[b, q_start:len(r)] = True
-        # logits at position t predict token t+1: label the answer tokens at t = index - 1.
-        labels[b, a_start - 1:len(r) - 1] = torch.tensor(r[a_start:])
+    h_ids, h_mask, _ = pad_rows(hist, enc.pad_id)
+    r_ids, r_real, labels = pad_rows([r for r, _, _ in reads], enc.pad_id,
+                                     [a for _, _, a in reads])
+    r_mask = r_real.clone()
+    for b, (_, q_start, _) in enumerate(reads):
+        # Like a served question turn: the system prompt and the window are re-sent context
+        # (not written), the question and the generated answer are written.
+        written = write_read is not None and write_read[b]
+        r_mask[b, :q_start if written else r_mask.shape[1]] = False
     return {"h_ids": h_ids, "h_mask": h_mask, "r_ids": r_ids, "r_mask": r_mask,
             "labels": labels, "n_hist_tokens": sum(len(h) for h in hist)}
 
@@ -325,18 +335,10 @@ def general_targets(rt, tok, questions: list[str], cache: Path, max_new: int = 2
 def general_loss(rt, rows: list[tuple[list[int], int]], pad_id: int):
     """Cross-entropy of the backbone's own answers under δ-mem, every token written from a
     fresh state (a sessionless request)."""
-    import torch
     import torch.nn.functional as F
 
-    T = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.bool)
-    labels = torch.full((len(rows), T), -100, dtype=torch.long)
-    for b, (r, a_start) in enumerate(rows):
-        ids[b, :len(r)] = torch.tensor(r)
-        mask[b, :len(r)] = True
-        labels[b, a_start - 1:len(r) - 1] = torch.tensor(r[a_start:])
-    logits, _, _ = rt.forward(ids, None, mask)
+    ids, real, labels = pad_rows([r for r, _ in rows], pad_id, [a for _, a in rows])
+    logits, _, _ = rt.forward(ids, None, real)
     sel = labels != -100
     return F.cross_entropy(logits[sel].float(), labels[sel])
 
@@ -499,11 +501,12 @@ def write_card(path: Path, info: dict) -> None:
         + "; loss = cross-entropy on the answer tokens and the closing `<|im_end|>`, "
         f"+ {BETA_WEIGHT}·mean((mean β − {BETA_TARGET})²).",
         f"- Read passes that re-send a window of the history first (read, not written): "
-        f"{100 * info.get('context_prob', 0):.0f}% (from stage 1). Open-class values replaced "
-        f"by random single-token vocabulary words: {100 * info.get('p_copy', 0):.0f}% (from "
-        f"stage 1). General-ability episodes (a sessionless question, target = the backbone's "
-        f"own greedy answer): {info.get('general_per_step', 0)} per step (from stage 1). "
-        f"Initial b_β: {info.get('beta_bias_init') or -1.5}.",
+        f"{100 * info.get('context_prob', 0):.0f}%; open-class values replaced by random "
+        f"single-token vocabulary words: {100 * info.get('p_copy', 0):.0f}%; general-ability "
+        "episodes (a sessionless question, target = the backbone's own greedy answer): "
+        f"{info.get('general_per_step', 0)} per step; none of them in state-only stages. "
+        "Initial b_β: " + ("DESIGN's" if info.get("beta_bias_init") is None
+                            else str(info["beta_bias_init"])) + ".",
         f"- AdamW (weight decay 0), peak lr {info['lr']}, cosine with {info['warmup']:.0%} "
         f"warm-up, gradient clip {info['clip']}, {info['batch']} episodes per step, "
         f"{info['steps_done']} steps (of {info['steps']} planned), seed {info['seed']}.",
@@ -722,11 +725,11 @@ def run(args) -> int:
             ep = D.make_episode("train", args.seed, step * args.batch + i, s, copy_words,
                                 args.p_copy)
             eps.append(ep)
-            # Stage 0 is the probe setting: the state only, nothing written by the read pass.
-            write_read.append(s > 0 and rng.random() < args.read_write_prob)
+            served = not D.STAGES[s].state_only  # else: the probe setting, the state only
+            write_read.append(served and rng.random() < args.read_write_prob)
             n_hist = sum(m["role"] != "system" for m in ep.history)
             contexts.append(rng.randint(1, n_hist)
-                            if s > 0 and rng.random() < args.context_prob else 0)
+                            if served and rng.random() < args.context_prob else 0)
         batch = make_batch(enc, eps, write_read, contexts)
         lr = lr_at(step, args.steps, args.lr, args.warmup, args.min_lr_frac)
         for g in opt.param_groups:
@@ -734,7 +737,7 @@ def run(args) -> int:
         rt.adapter.module.train()
         t0 = time.time()
         loss, m = episode_loss(rt, batch, probe)
-        if general and stage > 0:  # stage 0 (the probe setting) learns to hold a fact first
+        if general and not D.STAGES[stage].state_only:  # first learn to hold a fact at all
             g = general_loss(rt, rng.sample(general, min(args.general_per_step, len(general))),
                              enc.pad_id)
             loss = loss + args.general_weight * g
