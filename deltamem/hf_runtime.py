@@ -101,16 +101,21 @@ class DeltaMemHF:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, adapter: Adapter | None = None,
-                        dtype=torch.float32, **adapter_kw) -> DeltaMemHF:
+                        dtype=torch.float32, device: str | torch.device = "cpu",
+                        **adapter_kw) -> DeltaMemHF:
         from transformers import AutoModelForCausalLM
 
         from .adapter import backbone_fingerprint, new_adapter
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         model.eval()
-        if adapter is None:
+        if adapter is None:  # initialised from the backbone's weights while both are on the CPU
             adapter = new_adapter(model, backbone_fingerprint(model_dir), **adapter_kw)
-        return cls(model, adapter)
+        return cls(model.to(device), adapter)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     @property
     def state_shape(self) -> tuple[int, int, int, int]:

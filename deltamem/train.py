@@ -48,6 +48,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="seed of init and data (default 0)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device of the backbone and the adapter: cpu, cuda, cuda:N "
+                        "(default cpu)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="wall-clock budget of the training loop: the learning-rate schedule "
+                        "and the curriculum follow max(step/steps, elapsed/budget), and "
+                        "training stops at whichever ends first (default: steps only)")
     p.add_argument("--curriculum", default="0:0,0.3:1,0.45:2,0.6:3,0.75:4,0.9:5",
                    help="frac:stage,... the stage reached at each fraction of the run "
                         "(stages in deltamem.data.STAGES; default "
@@ -61,6 +68,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="never go beyond this stage (default: the last)")
     p.add_argument("--facts", default=None,
                    help="override facts per episode for every stage, 'min,max' (e.g. 1,1)")
+    p.add_argument("--probe-values", type=int, default=None,
+                   help="values per kind in stage 0, the probe setting (default: the stage's "
+                        "own, 6); 0 = the whole pools plus copy words (--p-copy), which asks "
+                        "the state to carry values it cannot memorise")
     p.add_argument("--read-write-prob", type=float, default=1.0,
                    help="chance that the read pass writes its question and answer tokens, as "
                         "a server does with every question turn (default 1; 0 is the "
@@ -126,13 +137,26 @@ def parse_layers(spec: str, num_layers: int) -> list[int] | None:
 # --- schedule and curriculum -----------------------------------------------------------------
 
 
-def lr_at(step: int, total: int, peak: float, warmup: float, floor: float) -> float:
-    """Linear warm-up then cosine decay to floor·peak (step is 0-based)."""
-    n_warm = max(1, int(round(warmup * total)))
-    if step < n_warm:
-        return peak * (step + 1) / n_warm
-    t = (step - n_warm) / max(1, total - n_warm)
+def lr_at(step: int, total: int, peak: float, warmup: float, floor: float,
+          progress: float | None = None) -> float:
+    """Linear warm-up then cosine decay to floor·peak (step is 0-based). `progress` (0..1)
+    overrides step/total, for a run on a time budget."""
+    frac = (step + 1) / max(1, total) if progress is None else progress
+    warmup = max(warmup, 1e-9)
+    if frac < warmup:
+        return peak * frac / warmup
+    t = (frac - warmup) / max(1e-9, 1 - warmup)
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def run_progress(step: int, total: int, elapsed_s: float, budget_s: float | None) -> float:
+    """How far a run is (0..1): by steps, or by wall-clock time when a budget is set and time
+    runs out first. The schedule and the curriculum follow it, so a run on a time budget still
+    warms up, decays and reaches every stage."""
+    p = step / max(1, total)
+    if budget_s is not None:
+        p = max(p, elapsed_s / max(budget_s, 1e-9))
+    return min(1.0, p)
 
 
 def parse_curriculum(spec: str) -> list[tuple[float, int]]:
@@ -143,8 +167,9 @@ def parse_curriculum(spec: str) -> list[tuple[float, int]]:
     return sorted(out)
 
 
-def scheduled_stage(curriculum: list[tuple[float, int]], step: int, total: int) -> int:
-    frac = step / max(1, total)
+def scheduled_stage(curriculum: list[tuple[float, int]], step: int, total: int,
+                    progress: float | None = None) -> int:
+    frac = step / max(1, total) if progress is None else progress
     stage = curriculum[0][1]
     for f, s in curriculum:
         if frac >= f:
@@ -277,8 +302,9 @@ def episode_loss(rt, batch, probe: BetaProbe | None = None, memory: bool = True)
     import torch
     import torch.nn.functional as F
 
+    batch = {k: v.to(rt.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     B = batch["h_ids"].shape[0]
-    beta_reg = torch.zeros(())
+    beta_reg = torch.zeros((), device=rt.device)
     mean_beta = float("nan")
     if memory:
         with _no_lm_head(rt):
@@ -337,7 +363,8 @@ def general_loss(rt, rows: list[tuple[list[int], int]], pad_id: int):
     fresh state (a sessionless request)."""
     import torch.nn.functional as F
 
-    ids, real, labels = pad_rows([r for r, _ in rows], pad_id, [a for _, a in rows])
+    ids, real, labels = (t.to(rt.device) for t in
+                         pad_rows([r for r, _ in rows], pad_id, [a for _, a in rows]))
     logits, _, _ = rt.forward(ids, None, real)
     sel = labels != -100
     return F.cross_entropy(logits[sel].float(), labels[sel])
@@ -388,7 +415,8 @@ def state_gain(rt, enc: Encoder, eps, batch: int = 8) -> dict:
             chunk = eps[i:i + batch]
             if len(chunk) < 2:
                 break
-            b = make_batch(enc, chunk)
+            b = {k: v.to(rt.device) if isinstance(v, torch.Tensor) else v
+                 for k, v in make_batch(enc, chunk).items()}
             with _no_lm_head(rt):
                 _, st, _ = rt.forward(b["h_ids"], None, b["h_mask"])
             labels = b["labels"]
@@ -397,7 +425,8 @@ def state_gain(rt, enc: Encoder, eps, batch: int = 8) -> dict:
             for key, state in (("own", st), ("other", st.roll(1, dims=0))):
                 logits, _, _ = rt.forward(b["r_ids"], state, b["r_mask"])
                 ce = F.cross_entropy(logits[sel].float(), labels[sel], reduction="none")
-                per_row = torch.zeros(len(chunk)).index_add_(0, sel.nonzero()[:, 0], ce)
+                per_row = torch.zeros(len(chunk), device=ce.device).index_add_(
+                    0, sel.nonzero()[:, 0], ce)
                 sums[f"ce_{key}"] += float((per_row / sel.sum(1)).sum())
                 sums[f"first_{key}"] += float((logits.argmax(-1) == labels)[first].sum())
             n += len(chunk)
@@ -466,7 +495,9 @@ def plot_curves(metrics_path: Path, png: Path) -> None:
     plt.close(fig)
 
 
-def _machine() -> str:
+def _machine(device: str = "cpu") -> str:
+    import torch
+
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -475,7 +506,11 @@ def _machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores visible, {platform.system()} {platform.release()}"
+    where = f"{cpu}, {os.cpu_count()} cores visible, {platform.system()} {platform.release()}"
+    if torch.device(device).type == "cuda":
+        where = f"{torch.cuda.get_device_name(torch.device(device))} (torch " \
+                f"{torch.__version__}) on {where}"
+    return where
 
 
 def write_card(path: Path, info: dict) -> None:
@@ -506,10 +541,14 @@ def write_card(path: Path, info: dict) -> None:
         "episodes (a sessionless question, target = the backbone's own greedy answer): "
         f"{info.get('general_per_step', 0)} per step; none of them in state-only stages. "
         "Initial b_β: " + ("DESIGN's" if info.get("beta_bias_init") is None
-                            else str(info["beta_bias_init"])) + ".",
+                            else str(info["beta_bias_init"])) + "."
+        + ("" if info.get("probe_values") is None else
+           f" Stage 0 values per kind: {info['probe_values'] or 'all, with copy words'}."),
         f"- AdamW (weight decay 0), peak lr {info['lr']}, cosine with {info['warmup']:.0%} "
         f"warm-up, gradient clip {info['clip']}, {info['batch']} episodes per step, "
-        f"{info['steps_done']} steps (of {info['steps']} planned), seed {info['seed']}.",
+        f"{info['steps_done']} steps (of {info['steps']} planned"
+        + (f", or {info['max_minutes']} minutes" if info.get("max_minutes") else "")
+        + f"), seed {info['seed']}.",
         f"- System prompt (use the same when serving): `{SYSTEM_PROMPT}`",
         "",
         "## Data (`deltamem/data.py`)",
@@ -618,14 +657,14 @@ def run(args) -> int:
         init = None
     if init is None:
         n_layers = json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"]
-        rt = DeltaMemHF.from_pretrained(model_dir, seed=args.seed,
+        rt = DeltaMemHF.from_pretrained(model_dir, seed=args.seed, device=args.device,
                                         target_layers=parse_layers(args.layers, n_layers))
         if args.beta_bias_init is not None:
             with torch.no_grad():
                 for layer in rt.adapter.module.layers.values():
                     layer.w_beta.bias.fill_(args.beta_bias_init)
     else:
-        rt = DeltaMemHF.from_pretrained(model_dir, adapter=init)
+        rt = DeltaMemHF.from_pretrained(model_dir, adapter=init, device=args.device)
     if init is not None:
         from .adapter import backbone_fingerprint
 
@@ -640,11 +679,13 @@ def run(args) -> int:
     stages_all = list(range(len(D.STAGES)))
     max_stage = stages_all[-1] if args.max_stage is None else min(args.max_stage, stages_all[-1])
     stages_all = stages_all[:max_stage + 1]
+    import dataclasses
+
     if args.facts:
         lo, hi = (int(x) for x in args.facts.split(","))
-        import dataclasses
-
         D.STAGES[:] = [dataclasses.replace(d, n_facts=(lo, hi)) for d in D.STAGES]
+    if args.probe_values is not None:
+        D.STAGES[0] = dataclasses.replace(D.STAGES[0], value_subset=args.probe_values)
     curriculum = parse_curriculum(args.curriculum)
     periodic_sets = heldout_episodes(args.eval_periodic_episodes // len(stages_all) or 1,
                                      args.eval_seed + 1, stages_all)
@@ -703,9 +744,17 @@ def run(args) -> int:
     import random
 
     t_start = time.time() - state["wall_s"]
-    while state["step"] < args.steps and not args.finalize:
+    budget_s = None if args.max_minutes is None else 60.0 * args.max_minutes
+    if budget_s is not None:
+        state["budget_s"] = budget_s
+
+    def progress() -> float:
+        return run_progress(state["step"], args.steps, time.time() - t_start, budget_s)
+
+    while progress() < 1.0 and not args.finalize:
         step = state["step"]
-        sched = min(scheduled_stage(curriculum, step, args.steps), max_stage)
+        frac = progress()
+        sched = min(scheduled_stage(curriculum, step, args.steps, frac), max_stage)
         recent = state["recent"][-25:]
         if (len(recent) >= 25 and sum(recent) / len(recent) >= args.advance_at
                 and state["stage"] < max_stage):
@@ -731,7 +780,7 @@ def run(args) -> int:
             contexts.append(rng.randint(1, n_hist)
                             if served and rng.random() < args.context_prob else 0)
         batch = make_batch(enc, eps, write_read, contexts)
-        lr = lr_at(step, args.steps, args.lr, args.warmup, args.min_lr_frac)
+        lr = lr_at(step, args.steps, args.lr, args.warmup, args.min_lr_frac, frac)
         for g in opt.param_groups:
             g["lr"] = lr
         rt.adapter.module.train()
@@ -761,7 +810,7 @@ def run(args) -> int:
                         em=f"{sum(state['recent'][-25:]) / len(state['recent'][-25:]):.2f}",
                         stage=stage, refresh=False)
         bar.update(1)
-        done = state["step"] >= args.steps
+        done = progress() >= 1.0
         if args.eval_every and (state["step"] % args.eval_every == 0 or done):
             rt.adapter.module.eval()
             ev = evaluate(rt, enc, periodic_sets)
@@ -795,13 +844,14 @@ def run(args) -> int:
         "advance_at": args.advance_at, "p_earlier": args.p_earlier,
         "read_write_prob": args.read_write_prob, "stages": stages_all,
         "context_prob": args.context_prob, "p_copy": args.p_copy,
+        "probe_values": args.probe_values, "max_minutes": args.max_minutes,
         "general_per_step": args.general_per_step, "beta_bias_init": args.beta_bias_init,
         "stage_log": ", ".join(f"stage {s} from step {t}" for t, s in state["stage_log"]),
         "eval_n": args.eval_episodes, "before": state["before"], "nomem": state["nomem"],
         "started_from": state.get("started_from"),
         "best_step": state["best_step"] or state["step"],
         "best_score": state["best_score"] if state["best_score"] >= 0 else float("nan"),
-        "machine": _machine(), "threads": args.threads, "wall_s": state["wall_s"],
+        "machine": _machine(args.device), "device": args.device, "threads": args.threads, "wall_s": state["wall_s"],
         "s_per_step": state["wall_s"] / max(1, state["step"]),
     }
     t0 = time.time()

@@ -131,6 +131,27 @@ def runtime():
     torch.set_num_threads(threads)
 
 
+def test_time_budget_drives_the_schedule_and_the_curriculum():
+    from deltamem.train import lr_at, parse_curriculum, run_progress, scheduled_stage
+
+    # Whichever of steps and time is further along sets the progress.
+    assert run_progress(10, 100, 30.0, 60.0) == 0.5
+    assert run_progress(50, 100, 1.0, 60.0) == 0.5
+    assert run_progress(50, 100, 1e9, None) == 0.5
+    assert run_progress(10, 100, 120.0, 60.0) == 1.0
+    peak, floor = 1e-3, 0.05
+    assert lr_at(0, 10**6, peak, 0.1, floor, progress=0.05) == pytest.approx(peak / 2)
+    assert lr_at(0, 10**6, peak, 0.1, floor, progress=0.1) == pytest.approx(peak)
+    assert lr_at(0, 10**6, peak, 0.1, floor, progress=1.0) == pytest.approx(floor * peak)
+    decay = [lr_at(0, 10**6, peak, 0.1, floor, progress=p / 10) for p in range(1, 11)]
+    assert decay == sorted(decay, reverse=True)
+    # By steps, as before a time budget existed.
+    assert lr_at(4, 100, peak, 0.1, floor) == pytest.approx(peak / 2)
+    cur = parse_curriculum("0:0,0.5:1,0.9:2")
+    assert [scheduled_stage(cur, 0, 10**6, p) for p in (0.0, 0.6, 0.95)] == [0, 1, 2]
+    assert scheduled_stage(cur, 60, 100) == 1
+
+
 def test_a_few_steps_lower_the_loss(runtime):
     import torch
 
@@ -196,4 +217,13 @@ def test_cli_tiny_run_checkpoints_and_resume(tmp_path):
     assert all(str(t.dtype) == "torch.float32"
                for t in load_file(str(out / "adapter.safetensors")).values())
     assert "state-only exact match" in (out / "TRAINING_CARD.md").read_text()
+    # A spent time budget ends the run before its steps, and it still writes its adapter.
+    budget = tmp_path / "budget"
+    p = argparse.ArgumentParser()
+    configure_parser(p)
+    assert run(p.parse_args(["--tiny", "--no-progress", "--threads", "1", "--steps", "4",
+                             "--max-minutes", "1e-6", "--out-dir", str(budget)])) == 0
+    rows = [json.loads(x) for x in (budget / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in rows if r["kind"] == "train"]) < 4
+    assert (budget / "adapter" / "TRAINING_CARD.md").is_file()
     torch.set_num_threads(threads)
