@@ -37,6 +37,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", default="all",
                    help="layers a fresh adapter wraps: 'all', 'last:N' or 'i,j,...' "
                         "(default all; --tiny uses last:4, whose backward stays shallow)")
+    p.add_argument("--state-heads", type=int, default=1,
+                   help="state heads per layer of a new adapter: 1 = TSW, 4 = DESIGN's MSW "
+                        "(four 8×8 states, reads of rank 32); ignored with --init-adapter")
     p.add_argument("--resume", action="store_true",
                    help="continue from <out-dir>/last (weights, optimizer, step, metrics)")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
@@ -513,6 +516,17 @@ def _machine(device: str = "cpu") -> str:
     return where
 
 
+def _describe(cfg, model_name: str) -> str:
+    kind = {"token": "TSW", "message_mean": "SSW"}.get(cfg.write_granularity,
+                                                        cfg.write_granularity)
+    if cfg.num_state_heads > 1:
+        kind = f"MSW ({cfg.num_state_heads} state heads, {kind} writes)"
+    n = len(cfg.layers)
+    where = f"all {n} layers" if n == cfg.num_layers else f"{n} of {cfg.num_layers} layers"
+    heads = "/".join(h.upper() for h in cfg.delta_heads)
+    return f"{model_name}, {kind} (rank {cfg.rank}, {heads}, {where})"
+
+
 def write_card(path: Path, info: dict) -> None:
     from .data import CATEGORY_NAMES, STAGES, SYSTEM_PROMPT
 
@@ -522,7 +536,8 @@ def write_card(path: Path, info: dict) -> None:
 
     head = " | ".join(f"stage {s}" for s in info["stages"])
     lines = [
-        "# δ-mem adapter: SmolLM2-135M-Instruct, TSW (rank 8, Q/O, all 30 layers)",
+        "# δ-mem adapter: " + info.get("adapter_desc",
+                                        "SmolLM2-135M-Instruct, TSW (rank 8, Q/O, all 30 layers)"),
         "",
         f"Trained with `deltamem train` ({info['command']}).",
         "",
@@ -658,7 +673,8 @@ def run(args) -> int:
     if init is None:
         n_layers = json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"]
         rt = DeltaMemHF.from_pretrained(model_dir, seed=args.seed, device=args.device,
-                                        target_layers=parse_layers(args.layers, n_layers))
+                                        target_layers=parse_layers(args.layers, n_layers),
+                                        num_state_heads=args.state_heads)
         if args.beta_bias_init is not None:
             with torch.no_grad():
                 for layer in rt.adapter.module.layers.values():
@@ -838,7 +854,8 @@ def run(args) -> int:
         rt.adapter.module.load_state_dict(best.module.state_dict())
     rt.adapter.module.eval()
     info = {
-        "command": cmd, "n_params": n_params, "lr": args.lr, "warmup": args.warmup,
+        "command": cmd, "adapter_desc": _describe(rt.adapter.config, Path(model_dir).name),
+        "n_params": n_params, "lr": args.lr, "warmup": args.warmup,
         "clip": args.clip, "batch": args.batch, "steps": args.steps,
         "steps_done": state["step"], "seed": args.seed, "curriculum": args.curriculum,
         "advance_at": args.advance_at, "p_earlier": args.p_earlier,

@@ -216,7 +216,8 @@ def test_cli_tiny_run_checkpoints_and_resume(tmp_path):
     assert ad.meta["trained"] and ad.meta["system_prompt"] == D.SYSTEM_PROMPT
     assert all(str(t.dtype) == "torch.float32"
                for t in load_file(str(out / "adapter.safetensors")).values())
-    assert "state-only exact match" in (out / "TRAINING_CARD.md").read_text()
+    card = (out / "TRAINING_CARD.md").read_text()
+    assert "state-only exact match" in card and "TSW (rank 8, Q/O, 4 of 30 layers)" in card
     # A spent time budget ends the run before its steps, and it still writes its adapter.
     budget = tmp_path / "budget"
     p = argparse.ArgumentParser()
