@@ -207,8 +207,11 @@ def test_cli_tiny_run_checkpoints_and_resume(tmp_path):
     assert st["step"] == 3
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 3] and all("state_margin" in r for r in evals)
     # Step 3 is in stage 1: its loss includes a general-ability episode.
-    assert rows[-1]["stage"] == 1 and rows[-1]["general_ce"] > 0
+    last_step = [r for r in rows if r["kind"] == "train"][-1]
+    assert last_step["stage"] == 1 and last_step["general_ce"] > 0
     out = tmp_path / "adapter"
     for name in ("adapter.safetensors", "adapter_config.json", "TRAINING_CARD.md", "loss.png"):
         assert (out / name).is_file(), name
