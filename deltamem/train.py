@@ -554,7 +554,8 @@ def write_card(path: Path, info: dict) -> None:
         f"{100 * info.get('context_prob', 0):.0f}%; open-class values replaced by random "
         f"single-token vocabulary words: {100 * info.get('p_copy', 0):.0f}%; general-ability "
         "episodes (a sessionless question, target = the backbone's own greedy answer): "
-        f"{info.get('general_per_step', 0)} per step; none of them in state-only stages. "
+        f"{info.get('general_per_step', 0)} per step. State-only stages (the probe setting) "
+        "re-send no window, write no question and add no general-ability episodes. "
         "Initial b_β: " + ("DESIGN's" if info.get("beta_bias_init") is None
                             else str(info["beta_bias_init"])) + "."
         + ("" if info.get("probe_values") is None else
