@@ -799,7 +799,10 @@ def run(args) -> int:
             contexts.append(rng.randint(1, n_hist)
                             if served and rng.random() < args.context_prob else 0)
         batch = make_batch(enc, eps, write_read, contexts)
-        lr = lr_at(step, args.steps, args.lr, args.warmup, args.min_lr_frac, frac)
+        # This step's own progress counts (by steps, as lr_at does), so the first step of a
+        # run is not taken at lr 0.
+        lr = lr_at(step, args.steps, args.lr, args.warmup, args.min_lr_frac,
+                   max(frac, (step + 1) / max(1, args.steps)))
         for g in opt.param_groups:
             g["lr"] = lr
         rt.adapter.module.train()
