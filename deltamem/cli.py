@@ -67,10 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:
-            if not e.name or not module.startswith(e.name):
-                raise
-            p = sub.add_parser(name, help=f"{help_} (not built yet)")
-            p.set_defaults(_missing=module)
+            # A machine with only part of the dependencies (a training box without the
+            # server's packages) still runs the other subcommands.
+            missing = e.name or str(e)
+            p = sub.add_parser(name, help=f"{help_} (unavailable: needs {missing})")
+            p.set_defaults(_missing=f"{module} needs the package {missing}, not installed here")
             continue
         p = sub.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".")
         mod.configure_parser(p)
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "model":
         return _run_model(args)
     if getattr(args, "_missing", None):
-        print(f"deltamem {args.command}: not built yet ({args._missing})", file=sys.stderr)
+        print(f"deltamem {args.command}: unavailable: {args._missing}", file=sys.stderr)
         return 2
     return int(args._run(args) or 0)
 

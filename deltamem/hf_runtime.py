@@ -97,7 +97,7 @@ class DeltaMemHF:
             mem = adapter.module.layer(i)
             attn.q_proj = _QProjWithMemory(attn.q_proj, mem, slot, self.ctx)
             attn.o_proj = _OProjWithMemory(attn.o_proj, mem, slot, self.ctx)
-        adapter.module.to(next(model.parameters()).device)
+        adapter.module.to(self.device)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, adapter: Adapter | None = None,
@@ -154,7 +154,7 @@ class DeltaMemHF:
         back (and written)."""
         from transformers import DynamicCache
 
-        dev = next(self.model.parameters()).device
+        dev = self.device
         ids = torch.tensor([prompt_ids], device=dev)
         state = None if initial_state is None else initial_state.unsqueeze(0).to(dev)
         T = len(prompt_ids)

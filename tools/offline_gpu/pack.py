@@ -64,9 +64,9 @@ def main(out: Path) -> None:
         n = struct.unpack("<Q", f.read(8))[0]
         (out / "header.bin").write_bytes(struct.pack("<Q", n) + f.read(n))
     (out / "index.json").write_text(json.dumps(index))
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                 "generation_config.json", "deltamem_model.json"):
-        shutil.copy(model_dir / name, out / name)
+    for f in model_dir.iterdir():  # config, tokenizer, template, manifest: all but the weights
+        if f.suffix != ".safetensors":
+            shutil.copy(f, out / f.name)
     half = len(blob) // 2
     for i, part in enumerate((blob[:half], blob[half:])):
         (out.parent / f"{out.name}-part{i}").mkdir(exist_ok=True)

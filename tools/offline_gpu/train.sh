@@ -10,14 +10,8 @@ shift 3
 export PYTHONUNBUFFERED=1 PYTHONPATH=. DELTAMEM_CACHE_DIR=${DELTAMEM_CACHE_DIR:-/tmp/deltamem-cache}
 python3 tools/offline_gpu/unpack.py "$meta" "$blobs" "$DELTAMEM_CACHE_DIR/models/SmolLM2-135M-Instruct"
 mkdir -p "$out"
-# The trainer's module, not the CLI: the CLI also wires the server, whose packages are absent.
-python3 - "$@" --out-dir "$out" <<'PY'
-import argparse, sys
-from deltamem import train
-p = argparse.ArgumentParser(prog="deltamem train")
-train.configure_parser(p)
-sys.exit(train.run(p.parse_args(sys.argv[1:])))
-PY
+# Not installed there, so the CLI runs from the checkout; `serve` shows as unavailable.
+python3 -m deltamem.cli train "$@" --out-dir "$out"
 if [ -n "${OUT:-}" ]; then
     tar czf "$OUT/run.tgz" --exclude=optimizer.pt -C "$(dirname "$out")" "$(basename "$out")"
 fi

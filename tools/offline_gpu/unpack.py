@@ -17,6 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# What pack.py adds beside the model's own small files.
+PACKING_FILES = {"header.bin", "index.json"}
+
 
 def dequantize(raw: np.ndarray, kind: str) -> np.ndarray:
     """The float32 values transformers' GGUF reader produces (same operations, same order)."""
@@ -60,9 +63,9 @@ def main(meta: Path, blobs: list[Path], model_dir: Path) -> int:
         for _, name in sorted((v["data_offsets"][0], k) for k, v in header.items()
                               if k != "__metadata__"):
             f.write(tensors[name].view(torch.int16).numpy().tobytes())
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                 "generation_config.json", "deltamem_model.json"):
-        shutil.copy(meta / name, model_dir / name)
+    for f in meta.iterdir():  # the model's small files, as pack.py copied them
+        if f.name not in PACKING_FILES:
+            shutil.copy(f, model_dir / f.name)
     want = json.loads((meta / "deltamem_model.json").read_text())["safetensors_sha256"]
     got = hashlib.sha256(out.read_bytes()).hexdigest()
     print(f"{out}: sha256 {got} ({'matches' if got == want else 'MISMATCH, expected ' + want})")
