@@ -54,6 +54,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu",
                    help="torch device of the backbone and the adapter: cpu, cuda, cuda:N "
                         "(default cpu)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of the frozen backbone; the adapter and the state stay float32 "
+                        "(default float32; bfloat16 is what the engine serves and is faster "
+                        "where the CPU has bf16 instructions)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="wall-clock budget of the training loop: the learning-rate schedule "
                         "and the curriculum follow max(step/steps, elapsed/budget), and "
@@ -373,11 +377,12 @@ def general_loss(rt, rows: list[tuple[list[int], int]], pad_id: int):
 # --- evaluation ------------------------------------------------------------------------------
 
 
-def heldout_episodes(n_per_stage: int, seed: int, stages, split: str = "heldout"):
+def heldout_episodes(n_per_stage: int, seed: int, stages: dict, split: str = "heldout"):
+    """n episodes of each stage ({index: Difficulty}), from a seed stream of their own."""
     from .data import make_episode
 
-    return {s: [make_episode(split, 10_000 + seed, s * 100_000 + i, s)
-                for i in range(n_per_stage)] for s in stages}
+    return {s: [make_episode(split, 10_000 + seed, s * 100_000 + i, diff)
+                for i in range(n_per_stage)] for s, diff in stages.items()}
 
 
 def evaluate(rt, enc: Encoder, sets: dict, batch: int = 8, memory: bool = True,
@@ -523,8 +528,9 @@ def _describe(cfg, model_name: str) -> str:
     return f"{model_name}, {kind} (rank {cfg.rank}, {heads}, {where})"
 
 
-def write_card(path: Path, info: dict) -> None:
-    from .data import CATEGORY_NAMES, STAGES, SYSTEM_PROMPT
+def write_card(path: Path, info: dict, stages: list) -> None:
+    """The training card; `stages` is the run's curriculum (its Difficulty per stage)."""
+    from .data import CATEGORY_NAMES, SYSTEM_PROMPT
 
     def row(name, d):
         cells = " | ".join(f"{100 * d.get(str(s), float('nan')):.1f}" for s in info["stages"])
@@ -575,7 +581,7 @@ def write_card(path: Path, info: dict) -> None:
         "| stage | facts | chatter turns | p(update) | p(distractor) | sessions |",
         "|---|---|---|---|---|---|",
     ]
-    for i, d in enumerate(STAGES):
+    for i, d in enumerate(stages):
         lines.append(f"| {i} | {d.n_facts[0]}–{d.n_facts[1]} | {d.n_chatter[0]}–"
                      f"{d.n_chatter[1]} | {d.p_update} | {d.p_distractor} | {d.n_sessions} |")
     lines += [
@@ -625,7 +631,8 @@ def write_card(path: Path, info: dict) -> None:
         f"margin {info.get('best_margin', float('nan')):.3f} nats.",
         "",
         "## Run",
-        f"- Machine: {info['machine']}; torch threads {info['threads']}.",
+        f"- Machine: {info['machine']}; torch threads {info['threads']}; backbone "
+        f"{info.get('dtype', 'float32')}.",
         f"- Wall time: {info['wall_s'] / 60:.1f} min, {info['s_per_step']:.2f} s per step on "
         "average.",
         "- Loss curve: `loss.png`.",
@@ -671,6 +678,7 @@ def run(args) -> int:
     if init is None:
         n_layers = json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"]
         rt = DeltaMemHF.from_pretrained(model_dir, seed=args.seed, device=args.device,
+                                        dtype=getattr(torch, args.dtype),
                                         target_layers=parse_layers(args.layers, n_layers),
                                         num_state_heads=args.state_heads)
         if args.beta_bias_init is not None:
@@ -678,7 +686,8 @@ def run(args) -> int:
                 for layer in rt.adapter.module.layers.values():
                     layer.w_beta.bias.fill_(args.beta_bias_init)
     else:
-        rt = DeltaMemHF.from_pretrained(model_dir, adapter=init, device=args.device)
+        rt = DeltaMemHF.from_pretrained(model_dir, adapter=init, device=args.device,
+                                        dtype=getattr(torch, args.dtype))
     if init is not None:
         from .adapter import backbone_fingerprint
 
@@ -690,16 +699,19 @@ def run(args) -> int:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     probe = BetaProbe(rt.adapter.module)
 
-    stages_all = list(range(len(D.STAGES)))
-    max_stage = stages_all[-1] if args.max_stage is None else min(args.max_stage, stages_all[-1])
-    stages_all = stages_all[:max_stage + 1]
     import dataclasses
 
+    # The run's own copy of the curriculum, with the command line's overrides.
+    stages = list(D.STAGES)
+    if args.max_stage is not None:
+        stages = stages[:max(0, args.max_stage) + 1]
     if args.facts:
         lo, hi = (int(x) for x in args.facts.split(","))
-        D.STAGES[:] = [dataclasses.replace(d, n_facts=(lo, hi)) for d in D.STAGES]
+        stages = [dataclasses.replace(d, n_facts=(lo, hi)) for d in stages]
     if args.probe_values is not None:
-        D.STAGES[0] = dataclasses.replace(D.STAGES[0], value_subset=args.probe_values)
+        stages[0] = dataclasses.replace(stages[0], value_subset=args.probe_values)
+    stages_all = dict(enumerate(stages))
+    max_stage = len(stages) - 1
     curriculum = parse_curriculum(args.curriculum)
     periodic_sets = heldout_episodes(args.eval_periodic_episodes // len(stages_all) or 1,
                                      args.eval_seed + 1, stages_all)
@@ -783,10 +795,10 @@ def run(args) -> int:
         eps, write_read, contexts = [], [], []
         for i in range(args.batch):
             s = stage if stage == 0 or rng.random() >= args.p_earlier else rng.randrange(stage)
-            ep = D.make_episode("train", args.seed, step * args.batch + i, s, copy_words,
+            ep = D.make_episode("train", args.seed, step * args.batch + i, stages[s], copy_words,
                                 args.p_copy)
             eps.append(ep)
-            served = not D.STAGES[s].state_only  # else: the probe setting, the state only
+            served = not stages[s].state_only  # else: the probe setting, the state only
             write_read.append(served and rng.random() < args.read_write_prob)
             n_hist = sum(m["role"] != "system" for m in ep.history)
             contexts.append(rng.randint(1, n_hist)
@@ -798,7 +810,7 @@ def run(args) -> int:
         rt.adapter.module.train()
         t0 = time.time()
         loss, m = episode_loss(rt, batch, probe)
-        if general and not D.STAGES[stage].state_only:  # first learn to hold a fact at all
+        if general and not stages[stage].state_only:  # first learn to hold a fact at all
             g = general_loss(rt, rng.sample(general, min(args.general_per_step, len(general))),
                              enc.pad_id)
             loss = loss + args.general_weight * g
@@ -863,7 +875,7 @@ def run(args) -> int:
         "clip": args.clip, "batch": args.batch, "steps": args.steps,
         "steps_done": state["step"], "seed": args.seed, "curriculum": args.curriculum,
         "advance_at": args.advance_at, "p_earlier": args.p_earlier,
-        "read_write_prob": args.read_write_prob, "stages": stages_all,
+        "read_write_prob": args.read_write_prob, "stages": list(stages_all),
         "context_prob": args.context_prob, "p_copy": args.p_copy,
         "probe_values": args.probe_values, "max_minutes": args.max_minutes,
         "general_per_step": args.general_per_step, "beta_bias_init": args.beta_bias_init,
@@ -874,6 +886,7 @@ def run(args) -> int:
         "best_score": state["best_score"] if state["best_score"] >= 0 else float("nan"),
         "best_margin": state.get("best_margin", float("nan")),
         "machine": _machine(args.device), "device": args.device, "threads": args.threads,
+        "dtype": args.dtype,
         "wall_s": state["wall_s"],
         "s_per_step": state["wall_s"] / max(1, state["step"]),
     }
@@ -895,7 +908,7 @@ def run(args) -> int:
                   "heldout_exact_state_only": info["after"]["all"]})
     plot_curves(metrics_path, out / "loss.png")
     shutil.copy(out / "loss.png", out / "adapter" / "loss.png")
-    write_card(out / "adapter" / "TRAINING_CARD.md", info)
+    write_card(out / "adapter" / "TRAINING_CARD.md", info, stages)
     log.close()
     print(json.dumps({"before": info["before"], "after": info["after"],
                       "adapter": str(out / "adapter")}))

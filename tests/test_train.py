@@ -220,13 +220,19 @@ def test_cli_tiny_run_checkpoints_and_resume(tmp_path):
                for t in load_file(str(out / "adapter.safetensors")).values())
     card = (out / "TRAINING_CARD.md").read_text()
     assert "state-only exact match" in card and "TSW (rank 8, Q/O, 4 of 30 layers)" in card
-    # A spent time budget ends the run before its steps, and it still writes its adapter.
+    # A spent time budget ends the run before its steps, and it still writes its adapter;
+    # a bf16 backbone trains too, and the run's curriculum overrides stay its own.
     budget = tmp_path / "budget"
     p = argparse.ArgumentParser()
     configure_parser(p)
+    curriculum = list(D.STAGES)
     assert run(p.parse_args(["--tiny", "--no-progress", "--threads", "1", "--steps", "4",
-                             "--max-minutes", "1e-6", "--out-dir", str(budget)])) == 0
+                             "--max-minutes", "1e-6", "--dtype", "bfloat16",
+                             "--probe-values", "0", "--facts", "1,2",
+                             "--out-dir", str(budget)])) == 0
+    assert D.STAGES == curriculum
     rows = [json.loads(x) for x in (budget / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in rows if r["kind"] == "train"]) < 4
-    assert (budget / "adapter" / "TRAINING_CARD.md").is_file()
+    card = (budget / "adapter" / "TRAINING_CARD.md").read_text()
+    assert "backbone bfloat16" in card and "| 1 | 1–2 |" in card
     torch.set_num_threads(threads)
