@@ -409,32 +409,40 @@ def state_gain(rt, enc: Encoder, eps, batch: int = 8) -> dict:
     """Does the state carry the episode's fact? Answer cross-entropy and first-answer-token
     accuracy with the episode's own state against the state of another episode of the same
     batch (rolled by one): same kind of input, wrong fact. A memory that carries the value
-    makes the first lower and the second higher; a generic bias moves both alike."""
+    makes the first lower and the second higher; a generic bias moves both alike. Also the
+    state-only exact match of `evaluate` (from the own state), so that one write pass serves
+    both."""
     import torch
     import torch.nn.functional as F
 
-    sums = {"ce_own": 0.0, "ce_other": 0.0, "first_own": 0.0, "first_other": 0.0}
-    n = 0
+    sums = {"ce_own": 0.0, "ce_other": 0.0, "first_own": 0.0, "first_other": 0.0,
+            "exact": 0.0}
+    n = n_other = 0
     with torch.no_grad():
-        for i in range(0, len(eps) - 1, batch):
+        for i in range(0, len(eps), batch):
             chunk = eps[i:i + batch]
-            if len(chunk) < 2:
-                break
             b = make_batch(enc, chunk, device=rt.device)
             with _no_lm_head(rt):
                 _, st, _ = rt.forward(b["h_ids"], None, b["h_mask"])
             labels = b["labels"]
             sel = labels != -100
             first = sel & (sel.cumsum(1) == 1)
-            for key, state in (("own", st), ("other", st.roll(1, dims=0))):
+            # A lone episode has no other state to compare with: it counts for "own" only.
+            pairs = [("own", st)] + ([("other", st.roll(1, dims=0))] if len(chunk) > 1 else [])
+            for key, state in pairs:
                 logits, _, _ = rt.forward(b["r_ids"], state, b["r_mask"])
                 ce = F.cross_entropy(logits[sel].float(), labels[sel], reduction="none")
                 per_row = torch.zeros(len(chunk), device=ce.device).index_add_(
                     0, sel.nonzero()[:, 0], ce)
                 sums[f"ce_{key}"] += float((per_row / sel.sum(1)).sum())
-                sums[f"first_{key}"] += float((logits.argmax(-1) == labels)[first].sum())
+                pred = logits.argmax(-1)
+                sums[f"first_{key}"] += float((pred == labels)[first].sum())
+                if key == "own":
+                    sums["exact"] += float(((pred == labels) | ~sel).all(dim=1).sum())
             n += len(chunk)
-    return {k: v / max(1, n) for k, v in sums.items()} | {"n": n}
+            n_other += len(chunk) if len(chunk) > 1 else 0
+    return {k: v / max(1, n_other if k.endswith("_other") else n) for k, v in sums.items()
+            } | {"n": n}
 
 
 # --- checkpoints, plots, card ----------------------------------------------------------------
@@ -837,11 +845,12 @@ def run(args) -> int:
         done = progress() >= 1.0
         if args.eval_every and (state["step"] % args.eval_every == 0 or done):
             rt.adapter.module.eval()
-            ev = evaluate(rt, enc, periodic_sets)
-            gains = [state_gain(rt, enc, eps) for eps in periodic_sets.values()]
+            gains = {str(st): state_gain(rt, enc, eps) for st, eps in periodic_sets.items()}
+            ev = {st: g["exact"] for st, g in gains.items()}
+            ev["all"] = sum(ev.values()) / len(ev)
             # Long before a held-out answer is exactly right, the state shows in its answer
             # cross-entropy: how much worse another episode's state does than the episode's own.
-            margin = sum(g["ce_other"] - g["ce_own"] for g in gains) / len(gains)
+            margin = sum(g["ce_other"] - g["ce_own"] for g in gains.values()) / len(gains)
             emit({"kind": "eval", "step": state["step"], "heldout": ev, "state_margin": margin})
             say(f"step {state['step']}: periodic held-out exact {ev}, state margin "
                 f"{margin:.3f} nats")
@@ -891,14 +900,15 @@ def run(args) -> int:
         "s_per_step": state["wall_s"] / max(1, state["step"]),
     }
     t0 = time.time()
-    info["after"] = evaluate(rt, enc, final_sets)
+    info["gain"] = {str(st): state_gain(rt, enc, eps) for st, eps in final_sets.items()}
+    info["after"] = {st: g["exact"] for st, g in info["gain"].items()}
+    info["after"]["all"] = sum(info["after"].values()) / len(info["after"])
     info["after_write"] = evaluate(rt, enc, final_sets, write_read=True)
     info["after_train_split"] = evaluate(
         rt, enc, heldout_episodes(args.eval_episodes, args.eval_seed, stages_all, "train"))
     say(f"final (best = step {info['best_step']}): held-out exact {info['after']}; question "
         f"written {info['after_write']}; train split {info['after_train_split']} "
         f"({time.time() - t0:.0f} s)")
-    info["gain"] = {str(st): state_gain(rt, enc, eps) for st, eps in final_sets.items()}
     say(f"state gain: {info['gain']}")
     (out / "final_eval.json").write_text(json.dumps(info, indent=1))
     from .adapter import save_adapter

@@ -181,6 +181,13 @@ def test_a_few_steps_lower_the_loss(runtime):
         after, _ = episode_loss(rt, batch, None)
     first = float(first.detach())
     assert float(after) < first - 0.5, (first, float(after))
+    # The one-pass exact match of state_gain (periodic evaluations) is evaluate's; batch 2
+    # over 3 episodes leaves a lone last episode, which has no other state to compare with.
+    from deltamem.train import evaluate, state_gain
+
+    eps3 = [*eps, D.make_episode("train", 0, 2, 0)]
+    g = state_gain(rt, enc, eps3, batch=2)
+    assert g["n"] == 3 and g["exact"] == evaluate(rt, enc, {0: eps3}, batch=2)["0"]
 
 
 def test_cli_tiny_run_checkpoints_and_resume(tmp_path):
