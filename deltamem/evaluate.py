@@ -52,6 +52,42 @@ GENERAL_SET = [
     ("How many continents are there?", "seven|7"),
     ("What language is mainly spoken in Brazil?", "Portuguese"),
     ("What is the chemical symbol for gold?", "Au"),
+    # Added for resolution (20 questions moved the score 5 points a question): candidates
+    # the backbone answers right with its greedy 24 tokens (bf16, memory off), kept as found.
+    ("What is the capital of Austria?", "Vienna"),
+    ("What is the capital of Sweden?", "Stockholm"),
+    ("What is the capital of Norway?", "Oslo"),
+    ("What is the capital of Ireland?", "Dublin"),
+    ("What is the capital of Australia?", "Canberra"),
+    ("What is the capital of India?", "Delhi"),
+    ("What is the capital of Argentina?", "Buenos Aires"),
+    ("What is the capital of Poland?", "Warsaw"),
+    ("How many seconds are in a minute?", "sixty|60"),
+    ("How many sides does a square have?", "four|4"),
+    ("What is half of 10?", "five|5"),
+    ("What is the name of our galaxy?", "Milky Way"),
+    ("What is the hottest planet in the solar system?", "Venus"),
+    ("Who wrote Hamlet?", "Shakespeare"),
+    ("Who developed the theory of relativity?", "Einstein"),
+    ("Who discovered penicillin?", "Fleming"),
+    ("Who painted the Starry Night?", "Van Gogh"),
+    ("What is the largest desert in the world?", "Sahara|Antarctic"),
+    ("What is the longest river in South America?", "Amazon"),
+    ("What is the opposite of day?", "night"),
+    ("What is the opposite of fast?", "slow"),
+    ("What is the opposite of old?", "young|new"),
+    ("What is the plural of mouse?", "mice"),
+    ("What is the chemical symbol for sodium?", "Na"),
+    ("What is H2O commonly called?", "water"),
+    ("What organ pumps blood through the body?", "heart"),
+    ("What language is spoken in Italy?", "Italian"),
+    ("What language is spoken in Japan?", "Japanese"),
+    ("What currency is used in Japan?", "yen"),
+    ("In which city is the Eiffel Tower?", "Paris"),
+    ("In which country is the Great Wall?", "China"),
+    ("What is the first month of the year?", "January"),
+    ("What gas do humans need to breathe?", "oxygen"),
+    ("What is the largest bone in the human body?", "femur"),
 ]
 
 CATEGORY_NAMES = {1: "single fact", 2: "updated fact", 3: "multi-session", 4: "other",
@@ -197,11 +233,13 @@ def run_mode(client: Client, conversations, mode: str, window: int, max_tokens: 
     return results
 
 
-def general_ability(client: Client) -> float:
-    score = 0.0
+def general_ability(client: Client) -> list[dict]:
+    """Each general question, sessionless, with the reply and whether it holds the answer."""
+    rows = []
     for q, a in GENERAL_SET:
-        score += contains(client.chat([{"role": "user", "content": q}], max_tokens=24), a)
-    return score / len(GENERAL_SET)
+        pred = client.chat([{"role": "user", "content": q}], max_tokens=24)
+        rows.append({"question": q, "answer": a, "prediction": pred, "ok": contains(pred, a)})
+    return rows
 
 
 def summarize(results: list[dict], window: int) -> dict:
@@ -240,14 +278,14 @@ def category_names(conversations: list[dict]) -> dict:
 
 def markdown_table(summary: dict, general: dict, window: int,
                    names: dict | None = None) -> str:
-    lines = [f"| mode | F1 all | EM all | contains all | EM outside W={window} | n | "
-             "general ability |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| mode | F1 all | EM all | contains all | EM outside W={window} (n) | n | "
+             f"general ability ({len(GENERAL_SET)} q.) |", "|---|---|---|---|---|---|---|"]
     for mode, s in summary.items():
         a, o = s["all"], s["outside_window"]
         g = general.get(mode.split("@")[0])
         lines.append(f"| {mode} | {a['f1']:.3f} | {a['em']:.3f} | {a['contains']:.3f} | "
-                     f"{o['em'] if o else float('nan'):.3f} | {a['n']} | "
-                     f"{'' if g is None else f'{g:.2f}'} |")
+                     f"{o['em'] if o else float('nan'):.3f} ({o['n'] if o else 0}) | {a['n']} | "
+                     f"{'' if g is None else f'{g:.3f}'} |")
     cats = sorted({c for s in summary.values() for c in s["categories"]})
     if cats:
         lines += ["", "| mode | " + " | ".join(
@@ -342,12 +380,14 @@ def run(args) -> int:
             kind, w = mode.split("@")
             results += run_mode(clients[kind], convs, mode, windows[w], args.max_tokens, tok,
                                 bar, args.system_prompt or None)
-    general = {} if args.no_general else {k: general_ability(c) for k, c in clients.items()}
+    general_rows = {} if args.no_general else {k: general_ability(c)
+                                               for k, c in clients.items()}
+    general = {k: sum(r["ok"] for r in rows) / len(rows) for k, rows in general_rows.items()}
     summary = summarize(results, args.window)
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {"window": args.window, "conversations": len(convs), "questions": n_q,
            "seconds": time.time() - t0, "summary": summary, "general_ability": general,
-           "results": results}
+           "general_answers": general_rows, "results": results}
     (args.out / "results.json").write_text(json.dumps(doc, indent=1))
     table = markdown_table(summary, general, args.window, category_names(convs))
     (args.out / "table.md").write_text(table)

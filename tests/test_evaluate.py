@@ -46,7 +46,9 @@ def test_evaluator_on_a_tiny_file_through_a_live_server(engine_host, redis_serve
     for mode in ("deltamem@W", "deltamem@0", "deltamem@full"):
         s = doc["summary"][mode]["all"]
         assert s["n"] == n_q and 0.0 <= s["f1"] <= 1.0 and 0.0 <= s["em"] <= 1.0
-    assert 0.0 <= doc["general_ability"]["deltamem"] <= 1.0
+    rows = doc["general_answers"]["deltamem"]
+    assert len(rows) == len(evaluate.GENERAL_SET)
+    assert doc["general_ability"]["deltamem"] == sum(r["ok"] for r in rows) / len(rows)
     assert all(r["evidence_distance"] and r["evidence_distance"] > 0 for r in doc["results"])
     assert (out / "table.md").read_text().startswith("| mode |")
     assert (out / "chart.png").stat().st_size > 1000
