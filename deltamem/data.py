@@ -14,6 +14,7 @@ Everything here is pure Python (no torch), deterministic given (split, seed, ind
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from dataclasses import dataclass, field
@@ -330,14 +331,34 @@ def _date(rng: random.Random) -> str:
 
 
 # Slots whose values are open-class words; copy_words (see make_episode) replaces their values
-# with words of this case.
+# with words of this case ("phrase": "a <word> <word>", the shape of an event).
 COPY_CASE = {"pet": "cap", "city": "cap", "trip": "cap", "sibling": "cap",
-             "job": "low", "food": "low", "hobby": "low", "instrument": "low"}
+             "job": "low", "food": "low", "hobby": "low", "instrument": "low",
+             "event": "phrase"}
+
+
+@functools.cache
+def _heldout_values() -> frozenset[str]:
+    return frozenset(v for vals in pools("heldout").values.values() for v in vals)
+
+
+def copy_value(rng: random.Random, words: dict[str, list[str]], case: str,
+               p_multi: float) -> str:
+    """A random value of a copy slot: a vocabulary word, with chance p_multi made a
+    multi-token pseudo-word by one or two word pieces ("Pelican" + "ora"), since most
+    held-out values (names, foods, events) are several tokens and the state must learn to
+    carry more than one."""
+    if case == "phrase":
+        return f"a {copy_value(rng, words, 'low', p_multi)} {rng.choice(words['low'])}"
+    w = rng.choice(words[case])
+    if rng.random() < p_multi:
+        w += "".join(rng.choice(words["piece"]) for _ in range(rng.randint(1, 2)))
+    return w
 
 
 def generate_conversation(rng: random.Random, pool: Pools, diff: Difficulty,
                           copy_words: dict[str, list[str]] | None = None,
-                          p_copy: float = 0.0) -> Conversation:
+                          p_copy: float = 0.0, p_multi: float = 0.0) -> Conversation:
     a, b = rng.sample(pool.names, 2)
     n_facts = rng.randint(*diff.n_facts)
     # (person, slot) pairs with distinct slots per person; a distractor adds the same slot
@@ -353,11 +374,11 @@ def generate_conversation(rng: random.Random, pool: Pools, diff: Difficulty,
 
     def fresh(slot: str, exclude: set[str]) -> str:
         pool_v = pool.values[slot][:diff.value_subset or None]
-        if not diff.value_subset and copy_words and p_copy > 0 and slot in COPY_CASE and rng.random() < p_copy:
-            pool_v = copy_words[COPY_CASE[slot]]
-            v = rng.choice(pool_v)
-            while v in used[slot] or v in exclude:
-                v = rng.choice(pool_v)
+        if (not diff.value_subset and copy_words and p_copy > 0 and slot in COPY_CASE
+                and (slot != "event" or p_multi > 0) and rng.random() < p_copy):
+            v = copy_value(rng, copy_words, COPY_CASE[slot], p_multi)
+            while v in used[slot] or v in exclude or v in _heldout_values():
+                v = copy_value(rng, copy_words, COPY_CASE[slot], p_multi)
             used[slot].add(v)
             return v
         choices = [v for v in pool_v if v not in used[slot] and v not in exclude]
@@ -463,18 +484,20 @@ STAGES: list[Difficulty] = [
 
 
 def make_episode(split: str, seed: int, index: int, stage: int | Difficulty = 0,
-                 copy_words: dict[str, list[str]] | None = None, p_copy: float = 0.0
-                 ) -> Episode:
+                 copy_words: dict[str, list[str]] | None = None, p_copy: float = 0.0,
+                 p_multi: float = 0.0) -> Episode:
     """Episode `index` of a (split, seed) stream: deterministic, independent of other indices.
 
     copy_words ({"cap": [...], "low": [...]}) with p_copy: the chance that a value of an
     open-class slot is a random word of that list instead of the pool's. With thousands of
     such words, no value repeats often enough to be memorised: the state has to carry the
-    value itself, which is what held-out values (never seen in training) need."""
+    value itself, which is what held-out values (never seen in training) need. p_multi: the
+    chance that such a value is a multi-token pseudo-word (see copy_value); with p_multi > 0
+    events become copy phrases too."""
     diff = stage if isinstance(stage, Difficulty) else STAGES[stage]
     rng = random.Random(f"deltamem-episode:{split}:{seed}:{index}")
     pool = pools(split)
-    conv = generate_conversation(rng, pool, diff, copy_words, p_copy)
+    conv = generate_conversation(rng, pool, diff, copy_words, p_copy, p_multi)
     fact = rng.choice(conv.facts)
     return Episode(conversation_messages(conv), question_for(fact, pool, rng), fact.value,
                    fact.category, fact.slot)
@@ -501,7 +524,8 @@ def copy_word_lists(vocab: list[str], space_marker: str = "Ġ") -> dict[str, lis
     """Single-token words of a tokenizer's vocabulary (pass its token strings), for
     make_episode's copy_words: "cap" (Capitalised) and "low" (lower case), 5 to 10 letters,
     with every value, name and template word of the held-out split left out, so held-out
-    values stay unseen in training."""
+    values stay unseen in training; and "piece", word-inner tokens of 2 to 4 lower-case
+    letters, which copy_value appends to make multi-token pseudo-words."""
     held = pools("heldout")
     banned: set[str] = set(held.names)
     for vals in held.values.values():
@@ -511,9 +535,11 @@ def copy_word_lists(vocab: list[str], space_marker: str = "Ġ") -> dict[str, lis
         for temps in group.values():
             for t in temps:
                 banned.update(w.strip(".,?!'") for w in t.split())
-    out: dict[str, list[str]] = {"cap": [], "low": []}
+    out: dict[str, list[str]] = {"cap": [], "low": [], "piece": []}
     for t in vocab:
         if not t.startswith(space_marker):
+            if 2 <= len(t) <= 4 and t.isascii() and t.isalpha() and t.islower():
+                out["piece"].append(t)
             continue
         w = t[len(space_marker):]
         if not (5 <= len(w) <= 10 and w.isascii() and w.isalpha()) or w in banned:

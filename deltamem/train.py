@@ -91,6 +91,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="chance that an open-class value (pet, city, job ...) is a random "
                         "single-token word of the vocabulary instead of a pool value, so the "
                         "state learns to carry values rather than memorise a pool (default 0.5)")
+    p.add_argument("--p-multi", type=float, default=0.0,
+                   help="chance that a copy value (--p-copy) is a multi-token pseudo-word "
+                        "(a vocabulary word plus one or two word pieces), as most held-out "
+                        "values are several tokens; above 0, events get copy phrases too "
+                        "(default 0)")
     p.add_argument("--general-per-step", type=int, default=2,
                    help="general-ability episodes per step: a sessionless question whose "
                         "target is the backbone's own answer, so δ-mem leaves such answers "
@@ -561,7 +566,8 @@ def write_card(path: Path, info: dict, stages: list) -> None:
         f"+ {BETA_WEIGHT}·mean((mean β − {BETA_TARGET})²).",
         f"- Read passes that re-send a window of the history first (read, not written): "
         f"{100 * info.get('context_prob', 0):.0f}%; open-class values replaced by random "
-        f"single-token vocabulary words: {100 * info.get('p_copy', 0):.0f}%; general-ability "
+        f"vocabulary words: {100 * info.get('p_copy', 0):.0f}%, of those multi-token "
+        f"pseudo-words: {100 * info.get('p_multi', 0):.0f}%; general-ability "
         "episodes (a sessionless question, target = the backbone's own greedy answer): "
         f"{info.get('general_per_step', 0)} per step. State-only stages (the probe setting) "
         "re-send no window, write no question and add no general-ability episodes. "
@@ -804,7 +810,7 @@ def run(args) -> int:
         for i in range(args.batch):
             s = stage if stage == 0 or rng.random() >= args.p_earlier else rng.randrange(stage)
             ep = D.make_episode("train", args.seed, step * args.batch + i, stages[s], copy_words,
-                                args.p_copy)
+                                args.p_copy, args.p_multi)
             eps.append(ep)
             served = not stages[s].state_only  # else: the probe setting, the state only
             write_read.append(served and rng.random() < args.read_write_prob)
@@ -885,7 +891,7 @@ def run(args) -> int:
         "steps_done": state["step"], "seed": args.seed, "curriculum": args.curriculum,
         "advance_at": args.advance_at, "p_earlier": args.p_earlier,
         "read_write_prob": args.read_write_prob, "stages": list(stages_all),
-        "context_prob": args.context_prob, "p_copy": args.p_copy,
+        "context_prob": args.context_prob, "p_copy": args.p_copy, "p_multi": args.p_multi,
         "probe_values": args.probe_values, "max_minutes": args.max_minutes,
         "general_per_step": args.general_per_step, "beta_bias_init": args.beta_bias_init,
         "stage_log": ", ".join(f"stage {s} from step {t}" for t, s in state["stage_log"]),
