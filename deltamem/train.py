@@ -738,6 +738,11 @@ def run(args) -> int:
         state.update(st["trainer"])
         ck = torch.load(last / "optimizer.pt", weights_only=True)
         opt.load_state_dict(ck["optimizer"])
+        # Steps a killed run took after its last checkpoint are taken again: drop their records.
+        if metrics_path.is_file():
+            kept = [x for x in metrics_path.read_text().splitlines()
+                    if x.strip() and json.loads(x).get("step", 0) <= state["step"]]
+            metrics_path.write_text("".join(x + "\n" for x in kept))
         print(f"[train] resumed from {last} at step {state['step']}", file=sys.stderr)
     else:
         metrics_path.write_text("")

@@ -225,6 +225,9 @@ def test_cli_tiny_run_checkpoints_and_resume(tmp_path):
     assert run(parse("--steps", "2")) == 0
     st = json.loads((tmp_path / "last" / "trainer_state.json").read_text())
     assert st["step"] == 2
+    # A step the killed run took after its checkpoint is taken again, and recorded once.
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"kind": "train", "step": 3, "ce": 9.9}) + "\n")
     assert run(parse("--steps", "3", "--resume")) == 0
     st = json.loads((tmp_path / "last" / "trainer_state.json").read_text())
     assert st["step"] == 3
