@@ -89,7 +89,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "with a window does (default 0.5; otherwise the state only)")
     p.add_argument("--p-copy", type=float, default=0.5,
                    help="chance that an open-class value (pet, city, job ...) is a random "
-                        "single-token word of the vocabulary instead of a pool value, so the "
+                        "word of the vocabulary (one token, unless --p-multi) instead of a "
+                        "pool value, so the "
                         "state learns to carry values rather than memorise a pool (default 0.5)")
     p.add_argument("--p-multi", type=float, default=0.0,
                    help="chance that a copy value (--p-copy) is a multi-token pseudo-word "
