@@ -582,6 +582,46 @@ GENERAL_TRAIN = [
 ]
 
 
+_GENERAL_TEMPLATES = {
+    "country": ["What is the capital of {x}?", "Tell me one fact about {x}.",
+                "What language do people speak in {x}?", "On which continent is {x}?"],
+    "food": ["What is {x}?", "Which country is {x} from?", "How do you make {x}?"],
+    "hobby": ["Describe {x} in one sentence.", "What do you need to start {x}?"],
+    "job": ["What does a {x} do?", "What skills does a {x} need?"],
+    "instrument": ["What kind of instrument is the {x}?", "How do you play the {x}?"],
+    "city": ["Where is {x}?", "What is {x} known for?"],
+}
+
+
+def general_prompts(n: int, seed: int = 0) -> list[str]:
+    """GENERAL_TRAIN plus `n` templated prompts (questions about countries, foods, jobs ...,
+    and arithmetic), for the general-ability episodes. Their targets are the backbone's own
+    answers, so any prompt serves; what matters is variety: with only GENERAL_TRAIN, a long run
+    fits those 48 and drifts on every other question. Topics come from the train split's
+    pools, so held-out values stay unseen (the trainer also leaves out the evaluator's
+    general questions)."""
+    rng = random.Random(f"deltamem-general:{seed}")
+    train = pools("train").values
+    topics = {"country": train["trip"], "food": train["food"], "hobby": train["hobby"],
+              "job": train["job"], "instrument": train["instrument"], "city": train["city"]}
+    seen = set(GENERAL_TRAIN)
+    out = list(GENERAL_TRAIN)
+    for _ in range(50 * n):
+        if len(out) >= len(GENERAL_TRAIN) + n:
+            break
+        if rng.random() < 0.15:
+            a, b = rng.randint(2, 20), rng.randint(2, 20)
+            q = rng.choice([f"What is {a} plus {b}?", f"What is {a} times {b}?",
+                            f"Is {a} bigger than {b}?"])
+        else:
+            kind = rng.choice(sorted(topics))
+            q = rng.choice(_GENERAL_TEMPLATES[kind]).format(x=rng.choice(topics[kind]))
+        if q not in seen:
+            seen.add(q)
+            out.append(q)
+    return out
+
+
 # --- LoCoMo export ---------------------------------------------------------------------------
 
 HELDOUT_LOCOMO = Difficulty(n_facts=(4, 6), n_chatter=(10, 16), p_update=0.35,

@@ -101,6 +101,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="general-ability episodes per step: a sessionless question whose "
                         "target is the backbone's own answer, so δ-mem leaves such answers "
                         "alone (default 2; 0 = none)")
+    p.add_argument("--general-prompts", type=int, default=0,
+                   help="templated prompts added to the 48 fixed general-ability questions "
+                        "(deltamem.data.general_prompts; the evaluator's are left out); a long "
+                        "run fits a small set and drifts elsewhere (default 0)")
     p.add_argument("--general-weight", type=float, default=1.0,
                    help="weight of the general-ability loss (default 1)")
     p.add_argument("--beta-bias-init", type=float, default=None,
@@ -766,7 +770,11 @@ def run(args) -> int:
     general = []
     if args.general_per_step > 0:
         t0 = time.time()
-        general = general_targets(rt, tok, D.GENERAL_TRAIN[:4] if args.tiny else D.GENERAL_TRAIN,
+        from .evaluate import GENERAL_SET
+
+        held = {q for q, _ in GENERAL_SET}  # the evaluator's questions stay unseen
+        prompts = [q for q in D.general_prompts(args.general_prompts) if q not in held]
+        general = general_targets(rt, tok, prompts[:4] if args.tiny else prompts,
                                   out / "general_targets.json")
         say(f"general-ability targets: {len(general)} ({time.time() - t0:.0f} s)")
     if state["before"] is None:

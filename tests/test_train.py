@@ -263,3 +263,16 @@ def test_cli_tiny_run_checkpoints_and_resume(tmp_path):
     card = (budget / "adapter" / "TRAINING_CARD.md").read_text()
     assert "backbone bfloat16" in card and "| 1 | 1–2 |" in card
     torch.set_num_threads(threads)
+
+
+def test_general_prompts_are_varied_and_leave_heldout_values_unseen():
+    from deltamem.evaluate import GENERAL_SET
+
+    p = D.general_prompts(300)
+    assert p[:len(D.GENERAL_TRAIN)] == D.GENERAL_TRAIN and len(p) == len(D.GENERAL_TRAIN) + 300
+    assert len(set(p)) == len(p) and p == D.general_prompts(300)
+    held = {v for vals in D.pools("heldout").values.values() for v in vals}
+    made = p[len(D.GENERAL_TRAIN):]  # (GENERAL_TRAIN itself names Canada and Egypt)
+    assert not any(v in q.rstrip("?.").split() for q in made for v in held if " " not in v)
+    # The trainer drops the evaluator's questions; the generator alone may form a few.
+    assert len(set(p) & {q for q, _ in GENERAL_SET}) < 5
