@@ -455,6 +455,12 @@ def state_gain(rt, enc: Encoder, eps, batch: int = 8) -> dict:
             } | {"n": n}
 
 
+def exact_by_stage(gains: dict) -> dict:
+    """{stage: exact, "all": mean} from state_gain's results per stage."""
+    ev = {st: g["exact"] for st, g in gains.items()}
+    return ev | {"all": sum(ev.values()) / max(1, len(ev))}
+
+
 # --- checkpoints, plots, card ----------------------------------------------------------------
 
 
@@ -866,8 +872,7 @@ def run(args) -> int:
         if args.eval_every and (state["step"] % args.eval_every == 0 or done):
             rt.adapter.module.eval()
             gains = {str(st): state_gain(rt, enc, eps) for st, eps in periodic_sets.items()}
-            ev = {st: g["exact"] for st, g in gains.items()}
-            ev["all"] = sum(ev.values()) / len(ev)
+            ev = exact_by_stage(gains)
             # Long before a held-out answer is exactly right, the state shows in its answer
             # cross-entropy: how much worse another episode's state does than the episode's own.
             margin = sum(g["ce_other"] - g["ce_own"] for g in gains.values()) / len(gains)
@@ -921,8 +926,7 @@ def run(args) -> int:
     }
     t0 = time.time()
     info["gain"] = {str(st): state_gain(rt, enc, eps) for st, eps in final_sets.items()}
-    info["after"] = {st: g["exact"] for st, g in info["gain"].items()}
-    info["after"]["all"] = sum(info["after"].values()) / len(info["after"])
+    info["after"] = exact_by_stage(info["gain"])
     info["after_write"] = evaluate(rt, enc, final_sets, write_read=True)
     info["after_train_split"] = evaluate(
         rt, enc, heldout_episodes(args.eval_episodes, args.eval_seed, stages_all, "train"))
