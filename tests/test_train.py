@@ -276,3 +276,24 @@ def test_general_prompts_are_varied_and_leave_heldout_values_unseen():
     assert not any(v in q.rstrip("?.").split() for q in made for v in held if " " not in v)
     # The trainer drops the evaluator's questions; the generator alone may form a few.
     assert len(set(p) & {q for q, _ in GENERAL_SET}) < 5
+
+
+def test_batched_general_targets_match_one_prompt_greedy(runtime, tmp_path):
+    """The batched (left-padded) targets against the reference: rt.run, one prompt at a time,
+    memory off. Float32, short answers: no near-tie, so every token must agree."""
+    from deltamem.train import general_targets
+
+    rt, enc = runtime
+    tok = enc.tok
+    qs = ["What is 2 plus 3?", "Name a colour.", "What is the capital of France?",
+          "What is the opposite of hot? Answer with one word."]
+    cache = tmp_path / "targets.json"
+    rows = general_targets(rt, tok, qs, cache, max_new=8, batch=3)  # a full and a partial batch
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    for q, (ids, start) in zip(qs, rows):
+        prompt = ids[:start]
+        ref = rt.run(prompt, None, 0, 8, (end,), memory=False).tokens
+        assert ids[start:] == ref, q
+    assert set(json.loads(cache.read_text())) == set(qs)
+    # A second call reads the cache: the same rows without decoding (the runtime is not used).
+    assert general_targets(None, tok, qs, cache, max_new=8) == rows
