@@ -373,9 +373,10 @@ def general_targets(rt, tok, questions: list[str], cache: Path, max_new: int = 2
         prompts[q] = tok(text, add_special_tokens=False).input_ids
     todo = [q for q in questions if q not in done]
     pad = tok.pad_token_id if tok.pad_token_id is not None else end
-    for i in range(0, len(todo), batch):
+    if todo:  # with everything cached, the runtime is not needed
         dev = rt.device
         rt.ctx.active = False  # the wrappers pass through: the plain backbone
+    for i in range(0, len(todo), batch):
         chunk = todo[i:i + batch]
         width = max(len(prompts[q]) for q in chunk)
         ids = torch.tensor([[pad] * (width - len(prompts[q])) + prompts[q] for q in chunk],
@@ -386,7 +387,7 @@ def general_targets(rt, tok, questions: list[str], cache: Path, max_new: int = 2
             gen = rt.model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
                                     max_new_tokens=max_new, eos_token_id=end, pad_token_id=pad,
                                     temperature=None, top_p=None, top_k=None)
-        for q, row in zip(chunk, gen[:, width:].tolist()):
+        for q, row in zip(chunk, gen[:, width:].tolist(), strict=True):
             done[q] = row[:row.index(end) + 1] if end in row else row
     cache.write_text(json.dumps(done))
     return [(prompts[q] + done[q], len(prompts[q])) for q in questions]

@@ -290,7 +290,7 @@ def test_batched_general_targets_match_one_prompt_greedy(runtime, tmp_path):
     cache = tmp_path / "targets.json"
     rows = general_targets(rt, tok, qs, cache, max_new=8, batch=3)  # a full and a partial batch
     end = tok.convert_tokens_to_ids("<|im_end|>")
-    for q, (ids, start) in zip(qs, rows):
+    for q, (ids, start) in zip(qs, rows, strict=True):
         prompt = ids[:start]
         ref = rt.run(prompt, None, 0, 8, (end,), memory=False).tokens
         assert ids[start:] == ref, q
