@@ -372,20 +372,14 @@ def general_targets(rt, tok, questions: list[str], cache: Path, max_new: int = 2
                                        add_generation_prompt=True)
         prompts[q] = tok(text, add_special_tokens=False).input_ids
     todo = [q for q in questions if q not in done]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else end
-    if todo:  # with everything cached, the runtime is not needed
-        dev = rt.device
-        rt.ctx.active = False  # the wrappers pass through: the plain backbone
     for i in range(0, len(todo), batch):
         chunk = todo[i:i + batch]
-        width = max(len(prompts[q]) for q in chunk)
-        ids = torch.tensor([[pad] * (width - len(prompts[q])) + prompts[q] for q in chunk],
-                           device=dev)
-        mask = torch.tensor([[0] * (width - len(prompts[q])) + [1] * len(prompts[q])
-                             for q in chunk], device=dev)
-        with torch.no_grad():
-            gen = rt.model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                                    max_new_tokens=max_new, eos_token_id=end, pad_token_id=pad,
+        padded = tok.pad({"input_ids": [prompts[q] for q in chunk]}, padding_side="left",
+                         return_tensors="pt").to(rt.device)
+        width = padded["input_ids"].shape[1]
+        with torch.no_grad():  # outside rt.forward the δ-mem wrappers pass through
+            gen = rt.model.generate(**padded, do_sample=False, max_new_tokens=max_new,
+                                    eos_token_id=end, pad_token_id=tok.pad_token_id,
                                     temperature=None, top_p=None, top_k=None)
         for q, row in zip(chunk, gen[:, width:].tolist(), strict=True):
             done[q] = row[:row.index(end) + 1] if end in row else row
