@@ -152,6 +152,41 @@ def new_adapter_from_checkpoint(model_dir: str | Path, seed: int | None = 0,
     return _init_adapter(cfg, weights, backbone_fingerprint(model_dir), seed)
 
 
+def widen_state_heads(adapter: Adapter, heads: int, seed: int | None = 0) -> Adapter:
+    """The same adapter with `heads` state heads per layer instead of its own, computing the
+    same function: the old heads keep their weights, the new ones get a fresh write side and
+    zero read-out columns (B_q, B_o), so they start silent and learn from the first step on.
+    Lets a trained TSW adapter grow into MSW without starting over."""
+    old = adapter.config
+    if heads < old.num_state_heads:
+        raise AdapterError(f"cannot narrow an adapter from {old.num_state_heads} state heads "
+                           f"to {heads}")
+    if old.write_granularity != "token":
+        raise AdapterError("widening is only defined for token writes (TSW)")
+    if heads == old.num_state_heads:
+        return adapter
+    if seed is not None:
+        torch.manual_seed(seed)
+    cfg = DeltaMemConfig.from_dict({**old.to_dict(), "num_state_heads": heads})
+    mod = DeltaMem(cfg)
+    m_old = old.mem_dim
+    with torch.no_grad():
+        for i in cfg.layers:
+            new, src = mod.layer(i), adapter.module.layer(i)
+            new.reset_parameters()  # fresh write side for the new heads
+            for name in ("w_q", "w_k", "w_v", "w_beta"):
+                getattr(new, name).weight[:m_old] = getattr(src, name).weight
+            new.w_beta.bias[:m_old] = src.w_beta.bias
+            for name in ("b_q", "b_o"):
+                b_new, b_src = getattr(new, name), getattr(src, name)
+                if b_new is not None:
+                    b_new.weight.zero_()
+                    b_new.weight[:, :m_old] = b_src.weight
+    meta = {**adapter.meta, "widened_from": {"state_heads": old.num_state_heads,
+                                             "fingerprint": adapter.fingerprint()}}
+    return Adapter(mod, adapter.backbone, meta)
+
+
 def save_adapter(adapter: Adapter, path: str | Path, meta: dict | None = None) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

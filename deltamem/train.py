@@ -37,9 +37,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", default="all",
                    help="layers a fresh adapter wraps: 'all', 'last:N' or 'i,j,...' "
                         "(default all; --tiny uses last:4, whose backward stays shallow)")
-    p.add_argument("--state-heads", type=int, default=1,
-                   help="state heads per layer of a new adapter: 1 = TSW, 4 = DESIGN's MSW "
-                        "(four 8×8 states, reads of rank 32); ignored with --init-adapter")
+    p.add_argument("--state-heads", type=int, default=None,
+                   help="state heads per layer: 1 = TSW, 4 = DESIGN's MSW (four 8×8 states, "
+                        "reads of rank 32). A new adapter gets this many (default 1); with "
+                        "--init-adapter, more heads than the adapter has widens it: the new "
+                        "heads start silent (zero read-out), so training starts from the same "
+                        "function")
     p.add_argument("--resume", action="store_true",
                    help="continue from <out-dir>/last (weights, optimizer, step, metrics)")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
@@ -107,6 +110,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "run fits a small set and drifts elsewhere (default 0)")
     p.add_argument("--general-weight", type=float, default=1.0,
                    help="weight of the general-ability loss (default 1)")
+    p.add_argument("--general-loss", choices=("ce", "kl"), default="ce",
+                   help="general-ability loss on the answer tokens: 'ce', cross-entropy of "
+                        "the backbone's greedy answer; 'kl', KL(backbone || δ-mem) over the "
+                        "whole next-token distribution, which pins more than the top token "
+                        "(default ce)")
     p.add_argument("--beta-bias-init", type=float, default=None,
                    help="initial b_beta of a fresh adapter (default: DESIGN's -1.5); lower "
                         "values forget less over long histories at the start")
@@ -387,15 +395,23 @@ def general_targets(rt, tok, questions: list[str], cache: Path, max_new: int = 2
     return [(prompts[q] + done[q], len(prompts[q])) for q in questions]
 
 
-def general_loss(rt, rows: list[tuple[list[int], int]], pad_id: int):
-    """Cross-entropy of the backbone's own answers under δ-mem, every token written from a
-    fresh state (a sessionless request)."""
+def general_loss(rt, rows: list[tuple[list[int], int]], pad_id: int, kind: str = "ce"):
+    """How far δ-mem moves the backbone's own answers, every token written from a fresh state
+    (a sessionless request). 'ce': cross-entropy of the greedy answer; 'kl': KL(backbone ||
+    δ-mem) of the next-token distributions at the same positions (a forward with memory off
+    gives the backbone's), which also holds the runner-up tokens in place."""
+    import torch
     import torch.nn.functional as F
 
     ids, real, labels = pad_rows([r for r, _ in rows], pad_id, [a for _, a in rows], rt.device)
     logits, _, _ = rt.forward(ids, None, real)
     sel = labels != -100
-    return F.cross_entropy(logits[sel].float(), labels[sel])
+    if kind == "ce":
+        return F.cross_entropy(logits[sel].float(), labels[sel])
+    with torch.no_grad():
+        ref, _, _ = rt.forward(ids, None, real, memory=False)
+    return F.kl_div(F.log_softmax(logits[sel].float(), -1), F.log_softmax(ref[sel].float(), -1),
+                    log_target=True, reduction="batchmean")
 
 
 # --- evaluation ------------------------------------------------------------------------------
@@ -593,7 +609,9 @@ def write_card(path: Path, info: dict, stages: list) -> None:
         f"{100 * info.get('context_prob', 0):.0f}%; open-class values replaced by random "
         f"vocabulary words: {100 * info.get('p_copy', 0):.0f}%, of those multi-token "
         f"pseudo-words: {100 * info.get('p_multi', 0):.0f}%; general-ability "
-        "episodes (a sessionless question, target = the backbone's own greedy answer): "
+        "episodes (a sessionless question, target = the backbone's own greedy answer"
+        + (", loss = KL(backbone ‖ δ-mem) over the vocabulary"
+           if info.get("general_loss") == "kl" else "") + "): "
         f"{info.get('general_per_step', 0)} per step. State-only stages (the probe setting) "
         "re-send no window, write no question and add no general-ability episodes. "
         "Initial b_β: " + ("DESIGN's" if info.get("beta_bias_init") is None
@@ -701,7 +719,7 @@ def run(args) -> int:
     from transformers import AutoTokenizer
 
     from . import data as D
-    from .adapter import load_adapter
+    from .adapter import load_adapter, widen_state_heads
     from .hf_runtime import DeltaMemHF
     from .model_fetch import resolve_model
 
@@ -718,6 +736,8 @@ def run(args) -> int:
         init = load_adapter(last)
     elif args.init_adapter is not None:
         init = load_adapter(args.init_adapter)
+        if args.state_heads is not None and args.state_heads != init.config.num_state_heads:
+            init = widen_state_heads(init, args.state_heads, seed=args.seed)
     else:
         init = None
     if init is None:
@@ -725,7 +745,7 @@ def run(args) -> int:
         rt = DeltaMemHF.from_pretrained(model_dir, seed=args.seed, device=args.device,
                                         dtype=getattr(torch, args.dtype),
                                         target_layers=parse_layers(args.layers, n_layers),
-                                        num_state_heads=args.state_heads)
+                                        num_state_heads=args.state_heads or 1)
         if args.beta_bias_init is not None:
             with torch.no_grad():
                 for layer in rt.adapter.module.layers.values():
@@ -866,9 +886,9 @@ def run(args) -> int:
         loss, m = episode_loss(rt, batch, probe)
         if general and not stages[stage].state_only:  # first learn to hold a fact at all
             g = general_loss(rt, rng.sample(general, min(args.general_per_step, len(general))),
-                             enc.pad_id)
+                             enc.pad_id, args.general_loss)
             loss = loss + args.general_weight * g
-            m["general_ce"] = float(g.detach())
+            m["general"] = float(g.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
@@ -880,7 +900,7 @@ def run(args) -> int:
         rec = {"kind": "train", "step": step + 1, "stage": stage, "lr": lr, "ce": m["ce"],
                "beta_reg": m["beta_reg"], "mean_beta": m["mean_beta"], "tok_acc": m["tok_acc"],
                "exact": m["exact"], "gnorm": gnorm, "s": dt,
-               "general_ce": m.get("general_ce"),
+               f"general_{args.general_loss}": m.get("general"),
                "hist_tokens": batch["n_hist_tokens"]}
         emit(rec)
         say(json.dumps(rec))
@@ -932,7 +952,8 @@ def run(args) -> int:
         "read_write_prob": args.read_write_prob, "stages": list(stages_all),
         "context_prob": args.context_prob, "p_copy": args.p_copy, "p_multi": args.p_multi,
         "probe_values": args.probe_values, "max_minutes": args.max_minutes,
-        "general_per_step": args.general_per_step, "beta_bias_init": args.beta_bias_init,
+        "general_per_step": args.general_per_step, "general_loss": args.general_loss,
+        "beta_bias_init": args.beta_bias_init,
         "stage_log": ", ".join(f"stage {s} from step {t}" for t, s in state["stage_log"]),
         "eval_n": args.eval_episodes, "before": state["before"], "nomem": state["nomem"],
         "started_from": state.get("started_from"),

@@ -200,6 +200,38 @@ def test_reference_format_import_and_project_format_round_trip(tmp_path, hf_runt
         load_adapter(ref_dir, model.config)
 
 
+def test_widened_adapter_computes_the_same_function(hf_runtime, model_dir):
+    """TSW → MSW: the widened adapter's old head carries the same state and the model the
+    same logits (float32; the zero read-out columns only change the summation order), while
+    the new heads write and get gradients through their read-out."""
+    from deltamem.adapter import widen_state_heads
+    from deltamem.hf_runtime import DeltaMemHF
+
+    with pytest.raises(AdapterError, match="narrow"):
+        widen_state_heads(widen_state_heads(hf_runtime.adapter, 2), 1)
+    wide = widen_state_heads(hf_runtime.adapter, 4, seed=3)
+    assert wide.config.num_state_heads == 4 and wide.config.mem_dim == 32
+    assert wide.meta["widened_from"]["fingerprint"] == hf_runtime.adapter.fingerprint()
+    assert widen_state_heads(hf_runtime.adapter, 1) is hf_runtime.adapter
+    rt4 = DeltaMemHF.from_pretrained(model_dir, adapter=wide)
+    ids = torch.tensor([[1, 42, 314, 2718, 28, 99, 1000, 7, 5000, 12]])
+    gen = torch.Generator().manual_seed(0)
+    s1 = 0.3 * torch.randn(1, *hf_runtime.state_shape, generator=gen)
+    s4 = 0.3 * torch.randn(1, *rt4.state_shape, generator=gen)
+    s4[:, :, :1] = s1
+    with torch.no_grad():
+        l1, f1, _ = hf_runtime.forward(ids, s1)
+        l4, f4, _ = rt4.forward(ids, s4)
+    torch.testing.assert_close(l4, l1, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(f4[:, :, :1], f1, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(f4[:, :, 1:], s4[:, :, 1:])  # the new heads wrote
+    # The new heads' read-out columns get a gradient: they start silent, not dead.
+    l4, _, _ = rt4.forward(ids, s4)
+    l4.float().logsumexp(-1).sum().backward()
+    b_q = rt4.adapter.module.layer(0).b_q.weight
+    assert b_q.grad[:, 8:].abs().sum() > 0
+
+
 def test_adapter_for_another_backbone_is_refused(hf_runtime, model_dir):
     from deltamem.adapter import backbone_fingerprint
 

@@ -333,13 +333,13 @@ def test_zero_b_equals_plain_vllm_and_recompute_resets_state(host, tokenizer, sh
 
 # --- the worker runtime's bookkeeping, without vLLM ----------------------------------------------
 
-def _runtime(layers: int = 2, d: int = 32, seed: int = 0):
+def _runtime(layers: int = 2, d: int = 32, seed: int = 0, heads: int = 1):
     """A worker runtime on a small random adapter (no backbone)."""
     from deltamem.layer import DeltaMem, DeltaMemConfig
     from server.engine.model import DeltaMemRuntime
 
     torch.manual_seed(seed)
-    cfg = DeltaMemConfig(hidden_size=d, q_out_size=d, num_layers=layers)
+    cfg = DeltaMemConfig(hidden_size=d, q_out_size=d, num_layers=layers, num_state_heads=heads)
     mod = DeltaMem(cfg)
     for i in cfg.layers:
         mod.layer(i).reset_parameters()
@@ -418,6 +418,29 @@ def test_runtime_chunks_recompute_and_gaps():
     got = rt.take_states(["A", "B", "nobody"])
     assert set(got) == {"A"} and not rt.outbox
     assert rel_err(decode_state(got["A"]["state"], rt.state_shape), want_a) < 1e-5
+
+
+@pytest.mark.parametrize("heads", [1, 4], ids=["tsw", "msw"])
+def test_runtime_corrections_match_the_layer_math(heads):
+    """The worker's fused projections and read-out (one matmul each) against DeltaMemLayer's
+    project / scan / delta_q / delta_o, for one head and for MSW's four (float32)."""
+    rt = _runtime(heads=heads)
+    d = rt.module.cfg.hidden_size
+    g = torch.Generator().manual_seed(2)
+    x, s0 = torch.randn(9, d, generator=g), torch.randn(rt.state_shape, generator=g)
+    rt.plan_step(["a"], [9], [0], {"a": _request(s0, 3, "A")})
+    rt.begin_forward(9)
+    try:
+        got = [(rt.delta_q(layer, x), rt.delta_o(layer)) for layer in rt.layer_ids]
+    finally:
+        rt.end_forward()
+    mask = (torch.arange(9) >= 3).unsqueeze(0)
+    for slot, layer in enumerate(rt.layer_ids):
+        mem = rt.module.layer(layer)
+        reads, fin = mem.scan_tokens(mem.project(x.unsqueeze(0)), s0[slot].unsqueeze(0), mask)
+        assert rel_err(got[slot][0], mem.delta_q(reads)[0]) < 1e-5
+        assert rel_err(got[slot][1], mem.delta_o(reads)[0]) < 1e-5
+        assert rel_err(rt.requests["a"].state[slot], fin[0]) < 1e-5
 
 
 def test_runtime_state_math_is_float32_under_a_bf16_default_dtype():
