@@ -719,7 +719,7 @@ def run(args) -> int:
     from transformers import AutoTokenizer
 
     from . import data as D
-    from .adapter import load_adapter, widen_state_heads
+    from .adapter import AdapterError, load_adapter, widen_state_heads
     from .hf_runtime import DeltaMemHF
     from .model_fetch import resolve_model
 
@@ -735,9 +735,13 @@ def run(args) -> int:
     if resume:
         init = load_adapter(last)
     elif args.init_adapter is not None:
-        init = load_adapter(args.init_adapter)
-        if args.state_heads is not None and args.state_heads != init.config.num_state_heads:
-            init = widen_state_heads(init, args.state_heads, seed=args.seed)
+        try:
+            init = load_adapter(args.init_adapter)
+            if args.state_heads is not None and args.state_heads != init.config.num_state_heads:
+                init = widen_state_heads(init, args.state_heads, seed=args.seed)
+        except AdapterError as e:
+            print(f"deltamem train: --init-adapter {args.init_adapter}: {e}", file=sys.stderr)
+            return 2
     else:
         init = None
     if init is None:

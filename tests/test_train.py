@@ -279,20 +279,29 @@ def test_cli_tiny_run_checkpoints_and_resume(tmp_path):
     card = (out / "TRAINING_CARD.md").read_text()
     assert "state-only exact match" in card and "TSW (rank 8, Q/O, 4 of 30 layers)" in card
     # A spent time budget ends the run before its steps, and it still writes its adapter;
-    # a bf16 backbone trains too, and the run's curriculum overrides stay its own.
+    # a bf16 backbone trains too, and the run's curriculum overrides stay its own. It starts
+    # from the adapter above, widened to four state heads.
     budget = tmp_path / "budget"
     p = argparse.ArgumentParser()
     configure_parser(p)
     curriculum = list(D.STAGES)
-    assert run(p.parse_args(["--tiny", "--no-progress", "--threads", "1", "--steps", "4",
-                             "--max-minutes", "1e-6", "--dtype", "bfloat16",
-                             "--probe-values", "0", "--facts", "1,2",
+    common = ["--tiny", "--no-progress", "--threads", "1", "--steps", "4"]
+    assert run(p.parse_args([*common, "--max-minutes", "1e-6", "--dtype", "bfloat16",
+                             "--probe-values", "0", "--facts", "1,2", "--init-adapter", str(out),
+                             "--state-heads", "4", "--general-loss", "kl",
                              "--out-dir", str(budget)])) == 0
     assert D.STAGES == curriculum
     rows = [json.loads(x) for x in (budget / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in rows if r["kind"] == "train"]) < 4
     card = (budget / "adapter" / "TRAINING_CARD.md").read_text()
     assert "backbone bfloat16" in card and "| 1 | 1–2 |" in card
+    assert "MSW (4 state heads" in card and "KL(backbone" in card
+    wide = load_adapter(budget / "adapter")
+    assert wide.config.num_state_heads == 4
+    assert wide.meta["widened_from"]["fingerprint"] == ad.fingerprint()
+    # Fewer heads than the adapter has is refused with a message, not a traceback.
+    assert run(p.parse_args([*common, "--init-adapter", str(budget / "adapter"),
+                             "--state-heads", "1", "--out-dir", str(tmp_path / "narrow")])) == 2
     torch.set_num_threads(threads)
 
 
