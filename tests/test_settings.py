@@ -48,12 +48,24 @@ def test_every_setting_is_documented_in_help_and_readme():
         assert f"`{flag}`" in readme and f"DELTAMEM_{name.upper()}" in readme, flag
 
 
-def test_default_adapter_resolution(tmp_path, model_dir, caplog):
-    from deltamem.adapter import load_adapter, new_adapter_from_checkpoint
+def test_default_adapter_resolution(tmp_path, model_dir, caplog, monkeypatch):
+    from deltamem.adapter import backbone_fingerprint, load_adapter, new_adapter_from_checkpoint
+    from server import cli
     from server.cli import resolve_adapter
 
     assert resolve_adapter(Settings(no_memory=True, data_dir=tmp_path), model_dir) is None
     assert resolve_adapter(Settings(adapter="/x/y", data_dir=tmp_path), model_dir) == Path("/x/y")
+    # The default model has a trained adapter in the package, made for this very backbone.
+    with caplog.at_level("INFO"):
+        shipped = resolve_adapter(Settings(data_dir=tmp_path), model_dir)
+    assert shipped.parent == cli.SHIPPED_ADAPTERS and "using the shipped adapter" in caplog.text
+    ad = load_adapter(shipped)
+    assert ad.meta["trained"] and ad.backbone == backbone_fingerprint(model_dir)
+    assert (shipped / "TRAINING_CARD.md").is_file()
+    assert (shipped / "adapter.safetensors").stat().st_size < 20 * 2**20
+    # A backbone without one gets an untrained adapter, made once, with a loud warning.
+    monkeypatch.setattr(cli, "SHIPPED_ADAPTERS", tmp_path / "no-shipped-adapters")
+    caplog.clear()
     with caplog.at_level("WARNING"):
         path = resolve_adapter(Settings(data_dir=tmp_path), model_dir)
     assert "UNTRAINED" in caplog.text
