@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -56,6 +57,30 @@ def hf_runtime(model_dir):
 
 
 # --- the shared δ-mem engine (tests/engine_host.py) ---------------------------------------------
+
+
+@pytest.fixture
+def zero_readout():
+    """`with zero_readout(rt):` zeroes the read-out (B_q, B_o) of a runtime's adapter, so δ-mem
+    writes but changes nothing, and restores every δ-mem weight (and drops gradients) after."""
+
+    @contextmanager
+    def zeroed(rt):
+        import torch
+
+        mod = rt.adapter.module
+        saved = {k: v.clone() for k, v in mod.state_dict().items()}
+        try:
+            with torch.no_grad():
+                for layer in mod.layers.values():
+                    layer.b_q.weight.zero_()
+                    layer.b_o.weight.zero_()
+            yield mod
+        finally:
+            mod.load_state_dict(saved)
+            mod.zero_grad(set_to_none=True)
+
+    return zeroed
 
 
 @pytest.fixture(scope="session")

@@ -251,22 +251,14 @@ def test_default_model_answers_paris(hf_runtime, tokenizer):
     assert "Paris" in tokenizer.decode(res.tokens)
 
 
-def test_zero_corrections_leave_the_backbone_unchanged(hf_runtime):
+def test_zero_corrections_leave_the_backbone_unchanged(hf_runtime, zero_readout):
     ids = torch.tensor([[1, 42, 314, 2718, 28, 99, 1000]])
     base, _, _ = hf_runtime.forward(ids, memory=False)
-    mod = hf_runtime.adapter.module
-    saved = {k: v.clone() for k, v in mod.state_dict().items()}
-    try:
-        with torch.no_grad():
-            for layer in mod.layers.values():
-                layer.b_q.weight.zero_()
-                layer.b_o.weight.zero_()
+    with zero_readout(hf_runtime):
         state = torch.randn(1, *hf_runtime.state_shape)
         with_mem, final, _ = hf_runtime.forward(ids, state)
         torch.testing.assert_close(with_mem, base, rtol=0, atol=0)
         assert not torch.equal(final, state)  # the memory still wrote
-    finally:
-        mod.load_state_dict(saved)
 
 
 def test_write_start_and_generation_writes(hf_runtime):

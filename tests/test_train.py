@@ -207,7 +207,7 @@ def test_a_few_steps_lower_the_loss(runtime):
     assert g["n"] == 3 and g["exact"] == evaluate(rt, enc, {0: eps3}, batch=2)["0"]
 
 
-def test_general_kl_is_zero_without_corrections_and_pulls_back(runtime):
+def test_general_kl_is_zero_without_corrections_and_pulls_back(runtime, zero_readout):
     """The KL general-ability loss against its definition: zero when δ-mem changes nothing
     (zero read-out), positive and differentiable when it does; CE stays the greedy answer's."""
     import torch
@@ -216,13 +216,8 @@ def test_general_kl_is_zero_without_corrections_and_pulls_back(runtime):
 
     rt, enc = runtime
     rows = [([1, 42, 314, 2718, 28, 99, 1000, 7], 5), ([1, 5000, 12, 77, 80], 2)]
-    mod = rt.adapter.module
-    saved = {k: v.clone() for k, v in mod.state_dict().items()}
-    try:
+    with zero_readout(rt) as mod:
         with torch.no_grad():
-            for layer in mod.layers.values():
-                layer.b_q.weight.zero_()
-                layer.b_o.weight.zero_()
             assert float(general_loss(rt, rows, enc.pad_id, "kl")) == pytest.approx(0, abs=1e-6)
             for layer in mod.layers.values():
                 layer.b_o.weight.normal_(std=5.0)  # a large correction moves the answers
@@ -230,12 +225,8 @@ def test_general_kl_is_zero_without_corrections_and_pulls_back(runtime):
         assert float(kl.detach()) > 1e-3
         kl.backward()
         assert mod.layers["29"].b_o.weight.grad.abs().sum() > 0
-        ce = general_loss(rt, rows, enc.pad_id, "ce")
-        ce = float(ce.detach())
+        ce = float(general_loss(rt, rows, enc.pad_id, "ce").detach())
         assert ce > 0 and ce != pytest.approx(float(kl.detach()))
-    finally:
-        mod.load_state_dict(saved)
-        mod.zero_grad(set_to_none=True)
 
 
 def test_cli_tiny_run_checkpoints_and_resume(tmp_path):
