@@ -45,6 +45,9 @@ class DeltaMemConfig:
         if self.state_update_mode != "standard":
             raise ValueError(f"only the 'standard' state update is supported, "
                              f"got {self.state_update_mode!r}")
+        if self.num_state_heads < 1 or self.rank < 1:
+            raise ValueError(f"num_state_heads and rank must be positive, got "
+                             f"{self.num_state_heads} and {self.rank}")
         unknown = set(self.delta_heads) - {"q", "o"}
         if unknown:
             raise ValueError(f"unknown delta heads {sorted(unknown)}: only 'q' and 'o'")

@@ -749,7 +749,8 @@ def run(args) -> int:
         rt = DeltaMemHF.from_pretrained(model_dir, seed=args.seed, device=args.device,
                                         dtype=getattr(torch, args.dtype),
                                         target_layers=parse_layers(args.layers, n_layers),
-                                        num_state_heads=args.state_heads or 1)
+                                        num_state_heads=1 if args.state_heads is None
+                                        else args.state_heads)
         if args.beta_bias_init is not None:
             with torch.no_grad():
                 for layer in rt.adapter.module.layers.values():

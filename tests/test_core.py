@@ -137,6 +137,8 @@ def test_msw_state_heads_read_rank_32():
     assert state.shape == (2, 4, 8, 8)
     assert layer.delta_q(reads).shape == (2, 9, 64) and layer.delta_o(reads).shape == (2, 9, 64)
     torch.testing.assert_close(layer.w_beta.bias, torch.full((32,), -1.5))
+    with pytest.raises(ValueError, match="positive"):
+        DeltaMemConfig(num_state_heads=0)
 
 
 def test_message_mean_writes_once_per_message():
