@@ -3,15 +3,26 @@
 # project: rebuild the default model from pack.py's output, then run the trainer from the
 # checkout. Usage (from the repository root):
 #   tools/offline_gpu/train.sh META_DIR BLOB,BLOB OUT_DIR [deltamem train options...]
-# OUT_DIR gets the run; a tarball of it without optimizer states lands in $OUT if that is set.
-set -euo pipefail
+# OUT_DIR gets the run. If $OUT is set, $OUT/run.tgz brings back the trained adapter folder and
+# the run's logs, or the last checkpoint when the run was stopped before its end; one adapter
+# only, since a four-head adapter is 13 MB and the machine returns files of at most 16 MiB.
+# TRAIN_TIMEOUT_S=N stops the trainer after N seconds and still writes the tarball.
+set -uo pipefail
 meta=$1 blobs=$2 out=$3
 shift 3
 export PYTHONUNBUFFERED=1 PYTHONPATH=. DELTAMEM_CACHE_DIR=${DELTAMEM_CACHE_DIR:-/tmp/deltamem-cache}
-python3 tools/offline_gpu/unpack.py "$meta" "$blobs" "$DELTAMEM_CACHE_DIR/models/SmolLM2-135M-Instruct"
+python3 tools/offline_gpu/unpack.py "$meta" "$blobs" "$DELTAMEM_CACHE_DIR/models/SmolLM2-135M-Instruct" \
+    || exit 1
 mkdir -p "$out"
 # Not installed there, so the CLI runs from the checkout; `serve` shows as unavailable.
-python3 -m deltamem.cli train "$@" --out-dir "$out"
+${TRAIN_TIMEOUT_S:+timeout "$TRAIN_TIMEOUT_S"} python3 -m deltamem.cli train "$@" --out-dir "$out"
+rc=$?
 if [ -n "${OUT:-}" ]; then
-    tar czf "$OUT/run.tgz" --exclude=optimizer.pt -C "$(dirname "$out")" "$(basename "$out")"
+    logs=$(cd "$out" && ls -d metrics.jsonl log.txt loss.png final_eval.json 2>/dev/null)
+    if [ -f "$out/adapter/adapter.safetensors" ]; then
+        tar czf "$OUT/run.tgz" -C "$out" adapter $logs
+    elif [ -d "$out/last" ]; then
+        tar czf "$OUT/run.tgz" -C "$out" --exclude=optimizer.pt last $logs
+    fi
 fi
+exit $rc
