@@ -28,6 +28,19 @@ BETA_WEIGHT = 0.01
 DEFAULT_OUT = Path("results/train")
 
 
+def _span(least: int):
+    """An argparse type for 'min,max' of a count, least <= min <= max."""
+    def parse(text: str) -> tuple[int, int]:
+        try:
+            lo, hi = (int(x) for x in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected 'min,max', got {text!r}") from None
+        if not least <= lo <= hi:
+            raise argparse.ArgumentTypeError(f"expected {least} <= min <= max, got {text!r}")
+        return lo, hi
+    return parse
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="backbone folder (default: the default model)")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT,
@@ -76,8 +89,14 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="chance an episode comes from an earlier stage (default 0.3)")
     p.add_argument("--max-stage", type=int, default=None,
                    help="never go beyond this stage (default: the last)")
-    p.add_argument("--facts", default=None,
+    p.add_argument("--facts", type=_span(1), default=None,
                    help="override facts per episode for every stage, 'min,max' (e.g. 1,1)")
+    p.add_argument("--chatter", type=_span(0), default=None,
+                   help="override chatter turns per episode for every stage but the probe "
+                        "(stage 0), 'min,max': longer histories ask the state to carry a fact "
+                        "across more text than a window holds (e.g. 20,40)")
+    p.add_argument("--sessions", type=int, choices=range(1, 11), metavar="N", default=None,
+                   help="override sessions per episode (1-10) for every stage but the probe")
     p.add_argument("--probe-values", type=int, default=None,
                    help="values per kind in stage 0, the probe setting (default: the stage's "
                         "own, 6); 0 = the whole pools plus copy words (--p-copy), which asks "
@@ -776,8 +795,13 @@ def run(args) -> int:
     if args.max_stage is not None:
         stages = stages[:max(0, args.max_stage) + 1]
     if args.facts:
-        lo, hi = (int(x) for x in args.facts.split(","))
-        stages = [dataclasses.replace(d, n_facts=(lo, hi)) for d in stages]
+        stages = [dataclasses.replace(d, n_facts=args.facts) for d in stages]
+    if args.chatter:
+        stages = [d if d.state_only else dataclasses.replace(d, n_chatter=args.chatter)
+                  for d in stages]
+    if args.sessions is not None:
+        stages = [d if d.state_only else dataclasses.replace(d, n_sessions=args.sessions)
+                  for d in stages]
     if args.probe_values is not None:
         stages[0] = dataclasses.replace(stages[0], value_subset=args.probe_values)
     stages_all = dict(enumerate(stages))

@@ -278,18 +278,24 @@ def test_cli_tiny_run_checkpoints_and_resume(tmp_path):
     curriculum = list(D.STAGES)
     common = ["--tiny", "--no-progress", "--threads", "1", "--steps", "4"]
     assert run(p.parse_args([*common, "--max-minutes", "1e-6", "--dtype", "bfloat16",
-                             "--probe-values", "0", "--facts", "1,2", "--init-adapter", str(out),
+                             "--probe-values", "0", "--facts", "1,2", "--chatter", "2,3",
+                             "--sessions", "2", "--init-adapter", str(out),
                              "--state-heads", "4", "--general-loss", "kl",
                              "--out-dir", str(budget)])) == 0
     assert D.STAGES == curriculum
     rows = [json.loads(x) for x in (budget / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in rows if r["kind"] == "train"]) < 4
     card = (budget / "adapter" / "TRAINING_CARD.md").read_text()
-    assert "backbone bfloat16" in card and "| 1 | 1–2 |" in card
+    assert "backbone bfloat16" in card
+    # The overrides reach the episodes' stages; the probe (stage 0) keeps its own chatter.
+    assert "| 0 | 1–2 | 0–0 | 0.0 | 0.0 | 1 |" in card and "| 1 | 1–2 | 2–3 | 0.0 | 0.0 | 2 |" in card
     assert "MSW (4 state heads" in card and "KL(backbone" in card
     wide = load_adapter(budget / "adapter")
     assert wide.config.num_state_heads == 4
     assert wide.meta["widened_from"]["fingerprint"] == ad.fingerprint()
+    for bad in (["--chatter", "5"], ["--facts", "0,1"], ["--facts", "3,2"], ["--sessions", "0"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)
     # Fewer heads than the adapter has is refused with a message, not a traceback.
     assert run(p.parse_args([*common, "--init-adapter", str(budget / "adapter"),
                              "--state-heads", "1", "--out-dir", str(tmp_path / "narrow")])) == 2
