@@ -794,14 +794,13 @@ def run(args) -> int:
     stages = list(D.STAGES)
     if args.max_stage is not None:
         stages = stages[:max(0, args.max_stage) + 1]
-    if args.facts:
-        stages = [dataclasses.replace(d, n_facts=args.facts) for d in stages]
+    every = {"n_facts": args.facts} if args.facts else {}
+    served = dict(every)  # the probe (state-only) stage keeps its own history size
     if args.chatter:
-        stages = [d if d.state_only else dataclasses.replace(d, n_chatter=args.chatter)
-                  for d in stages]
-    if args.sessions is not None:
-        stages = [d if d.state_only else dataclasses.replace(d, n_sessions=args.sessions)
-                  for d in stages]
+        served["n_chatter"] = args.chatter
+    if args.sessions:
+        served["n_sessions"] = args.sessions
+    stages = [dataclasses.replace(d, **(every if d.state_only else served)) for d in stages]
     if args.probe_values is not None:
         stages[0] = dataclasses.replace(stages[0], value_subset=args.probe_values)
     stages_all = dict(enumerate(stages))

@@ -4,7 +4,7 @@
 # checkout. Usage (from the repository root):
 #   tools/offline_gpu/train.sh META_DIR BLOB,BLOB OUT_DIR [deltamem train options...]
 # OUT_DIR gets the run. If $OUT is set, $OUT/run.tgz brings back the trained adapter folder and
-# the run's logs, or the last checkpoint when the run was stopped before its end; one adapter
+# the run's logs, or the last checkpoint when the trainer did not end well; one adapter
 # only, since a four-head adapter is 13 MB and the machine returns files of at most 16 MiB.
 # TRAIN_TIMEOUT_S=N stops the trainer after N seconds and still writes the tarball.
 set -uo pipefail
@@ -19,7 +19,8 @@ ${TRAIN_TIMEOUT_S:+timeout "$TRAIN_TIMEOUT_S"} python3 -m deltamem.cli train "$@
 rc=$?
 if [ -n "${OUT:-}" ]; then
     logs=$(cd "$out" && ls -d metrics.jsonl log.txt loss.png final_eval.json 2>/dev/null)
-    if [ -f "$out/adapter/adapter.safetensors" ]; then
+    # adapter/ is written at the run's end: after a stop it may be an earlier run's.
+    if [ $rc -eq 0 ] && [ -f "$out/adapter/adapter.safetensors" ]; then
         tar czf "$OUT/run.tgz" -C "$out" adapter $logs
     elif [ -d "$out/last" ]; then
         tar czf "$OUT/run.tgz" -C "$out" --exclude=optimizer.pt last $logs
