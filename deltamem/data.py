@@ -509,6 +509,17 @@ def make_episode(split: str, seed: int, index: int, stage: int | Difficulty = 0,
 ANSWER_PREFIX = " "
 
 
+def messages_after_fact(ep: Episode) -> int:
+    """How many history messages (system message aside) follow the last one that states the
+    answer: the largest window that leaves the asked fact out, so that only the state can
+    answer, as with a served question whose fact lies before the window."""
+    hist = [m for m in ep.history if m["role"] != "system"]
+    stated = [i for i, m in enumerate(hist) if ep.answer in m["content"]]
+    if not stated:
+        raise ValueError(f"the answer {ep.answer!r} is stated nowhere in the history")
+    return len(hist) - 1 - stated[-1]
+
+
 def read_messages(ep: Episode, system_prompt: str = SYSTEM_PROMPT, context: int = 0
                   ) -> list[dict]:
     """The read pass: the system message, the last `context` messages of the history (the

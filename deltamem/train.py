@@ -109,6 +109,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="chance that the read pass re-sends a window of the history (the last "
                         "1..all messages, not written) before the question, as a served turn "
                         "with a window does (default 0.5; otherwise the state only)")
+    p.add_argument("--outside-window", type=float, default=0.0,
+                   help="chance that a served episode's read pass re-sends every history "
+                        "message after the asked fact and none before it, so the answer is "
+                        "in the state only, behind a window of text, as the evaluation's "
+                        "questions outside W are (default 0; it takes precedence over "
+                        "--context-prob)")
     p.add_argument("--p-copy", type=float, default=0.5,
                    help="chance that an open-class value (pet, city, job ...) is a random "
                         "word of the vocabulary (one token, unless --p-multi) instead of a "
@@ -624,7 +630,10 @@ def write_card(path: Path, info: dict, stages: list) -> None:
                                "as a served question turn is)" if info["read_write_prob"] else "")
         + "; loss = cross-entropy on the answer tokens and the closing `<|im_end|>`, "
         f"+ {BETA_WEIGHT}·mean((mean β − {BETA_TARGET})²).",
-        f"- Read passes that re-send a window of the history first (read, not written): "
+        (f"- Read passes that re-send every history message after the asked fact and none "
+         f"before it (the answer is in the state only): {100 * info['outside_window']:.0f}%; "
+         "of the rest, read passes" if info.get("outside_window") else "- Read passes")
+        + " that re-send a window of the history first (read, not written): "
         f"{100 * info.get('context_prob', 0):.0f}%; open-class values replaced by random "
         f"vocabulary words: {100 * info.get('p_copy', 0):.0f}%, of those multi-token "
         f"pseudo-words: {100 * info.get('p_multi', 0):.0f}%; general-ability "
@@ -903,8 +912,11 @@ def run(args) -> int:
             served = not stages[s].state_only  # else: the probe setting, the state only
             write_read.append(served and rng.random() < args.read_write_prob)
             n_hist = sum(m["role"] != "system" for m in ep.history)
-            contexts.append(rng.randint(1, n_hist)
-                            if served and rng.random() < args.context_prob else 0)
+            if served and rng.random() < args.outside_window:
+                contexts.append(D.messages_after_fact(ep))
+            else:
+                contexts.append(rng.randint(1, n_hist)
+                                if served and rng.random() < args.context_prob else 0)
         batch = make_batch(enc, eps, write_read, contexts, rt.device)
         lr = lr_at(step, args.steps, args.lr, args.warmup, args.min_lr_frac, frac)
         for g in opt.param_groups:
@@ -978,7 +990,8 @@ def run(args) -> int:
         "steps_done": state["step"], "seed": args.seed, "curriculum": args.curriculum,
         "advance_at": args.advance_at, "p_earlier": args.p_earlier,
         "read_write_prob": args.read_write_prob, "stages": list(stages_all),
-        "context_prob": args.context_prob, "p_copy": args.p_copy, "p_multi": args.p_multi,
+        "context_prob": args.context_prob, "outside_window": args.outside_window,
+        "p_copy": args.p_copy, "p_multi": args.p_multi,
         "probe_values": args.probe_values, "max_minutes": args.max_minutes,
         "general_per_step": args.general_per_step, "general_loss": args.general_loss,
         "beta_bias_init": args.beta_bias_init,

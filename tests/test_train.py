@@ -129,6 +129,21 @@ def test_read_pass_window_is_context_not_written(tokenizer):
     assert (b2["labels"] != -100).sum() == (b0["labels"] != -100).sum()
 
 
+def test_outside_window_read_pass_leaves_the_fact_out():
+    # --outside-window: the read pass re-sends everything after the asked fact, nothing before.
+    seen_far = 0
+    for i in range(40):
+        ep = D.make_episode("train", 3, i, 5)
+        hist = [m for m in ep.history if m["role"] != "system"]
+        n = D.messages_after_fact(ep)
+        window = D.read_messages(ep, context=n)[1:-2]
+        assert window == hist[len(hist) - n:]
+        assert not any(ep.answer in m["content"] for m in window)
+        assert ep.answer in hist[len(hist) - n - 1]["content"]  # the fact is just before it
+        seen_far += n >= 5
+    assert seen_far >= 10  # most facts have a window of text between them and the question
+
+
 @pytest.fixture(scope="module")
 def runtime():
     import torch
