@@ -141,7 +141,7 @@ def test_outside_window_read_pass_leaves_the_fact_out():
         assert not any(ep.answer in m["content"] for m in window)
         assert ep.answer in hist[len(hist) - n - 1]["content"]  # the fact is just before it
         seen_far += n >= 5
-    assert seen_far >= 10  # most facts have a window of text between them and the question
+    assert seen_far >= 20  # most asked facts have five or more messages after them (31 of 40)
 
 
 @pytest.fixture(scope="module")
