@@ -466,6 +466,11 @@ class Episode:
     category: int
     slot: str
 
+    @property
+    def dialogue(self) -> list[dict]:
+        """The history's messages without the system message: what a window is cut from."""
+        return [m for m in self.history if m["role"] != "system"]
+
 
 # Curriculum: stage -> difficulty. Stage 0 is DESIGN.md's probe setting (one fact, a few
 # values per kind: the state learns to hold anything at all); stage 1 opens the value pools;
@@ -513,7 +518,7 @@ def messages_after_fact(ep: Episode) -> int:
     """How many history messages (system message aside) follow the last one that states the
     answer: the largest window that leaves the asked fact out, so that only the state can
     answer, as with a served question whose fact lies before the window."""
-    hist = [m for m in ep.history if m["role"] != "system"]
+    hist = ep.dialogue
     stated = [i for i, m in enumerate(hist) if ep.answer in m["content"]]
     if not stated:
         raise ValueError(f"the answer {ep.answer!r} is stated nowhere in the history")
@@ -524,7 +529,7 @@ def read_messages(ep: Episode, system_prompt: str = SYSTEM_PROMPT, context: int 
                   ) -> list[dict]:
     """The read pass: the system message, the last `context` messages of the history (the
     re-sent window of a served turn; 0: none, the state only), the question and the answer."""
-    hist = [m for m in ep.history if m["role"] != "system"]
+    hist = ep.dialogue
     window = hist[len(hist) - min(context, len(hist)):]
     return [{"role": "system", "content": system_prompt}, *window,
             {"role": "user", "content": ep.question},

@@ -911,11 +911,12 @@ def run(args) -> int:
             eps.append(ep)
             served = not stages[s].state_only  # else: the probe setting, the state only
             write_read.append(served and rng.random() < args.read_write_prob)
-            n_hist = sum(m["role"] != "system" for m in ep.history)
-            if served and rng.random() < args.outside_window:
+            # No draw for --outside-window when it is 0: runs without it keep the data
+            # stream of earlier versions (the same seed gives the same episodes and windows).
+            if served and args.outside_window > 0 and rng.random() < args.outside_window:
                 contexts.append(D.messages_after_fact(ep))
             else:
-                contexts.append(rng.randint(1, n_hist)
+                contexts.append(rng.randint(1, len(ep.dialogue))
                                 if served and rng.random() < args.context_prob else 0)
         batch = make_batch(enc, eps, write_read, contexts, rt.device)
         lr = lr_at(step, args.steps, args.lr, args.warmup, args.min_lr_frac, frac)

@@ -114,7 +114,7 @@ def test_read_pass_window_is_context_not_written(tokenizer):
 
     enc = Encoder(tokenizer)
     ep = D.make_episode("train", 0, 7, 2)
-    hist = [m for m in ep.history if m["role"] != "system"]
+    hist = ep.dialogue
     msgs = D.read_messages(ep, context=2)
     assert msgs[1:3] == hist[-2:] and msgs[-2]["content"] == ep.question
     assert D.read_messages(ep, context=0)[1]["content"] == ep.question
@@ -134,7 +134,7 @@ def test_outside_window_read_pass_leaves_the_fact_out():
     seen_far = 0
     for i in range(40):
         ep = D.make_episode("train", 3, i, 5)
-        hist = [m for m in ep.history if m["role"] != "system"]
+        hist = ep.dialogue
         n = D.messages_after_fact(ep)
         window = D.read_messages(ep, context=n)[1:-2]
         assert window == hist[len(hist) - n:]
