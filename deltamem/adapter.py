@@ -152,11 +152,14 @@ def new_adapter_from_checkpoint(model_dir: str | Path, seed: int | None = 0,
     return _init_adapter(cfg, weights, backbone_fingerprint(model_dir), seed)
 
 
-def widen_state_heads(adapter: Adapter, heads: int, seed: int | None = 0) -> Adapter:
+def widen_state_heads(adapter: Adapter, heads: int, seed: int | None = 0,
+                      beta_bias: float | None = None) -> Adapter:
     """The same adapter with `heads` state heads per layer instead of its own, computing the
     same function: the old heads keep their weights, the new ones get a fresh write side and
     zero read-out columns (B_q, B_o), so they start silent and learn from the first step on.
-    Lets a trained TSW adapter grow into MSW without starting over."""
+    Lets a trained TSW adapter grow into MSW without starting over. `beta_bias` sets the new
+    heads' b_β (default DESIGN's −1.5): a low one gives slow heads, whose rows keep a write
+    across hundreds of tokens where the trained heads keep it for tens."""
     old = adapter.config
     if heads < old.num_state_heads:
         raise AdapterError(f"cannot narrow an adapter from {old.num_state_heads} state heads "
@@ -177,6 +180,8 @@ def widen_state_heads(adapter: Adapter, heads: int, seed: int | None = 0) -> Ada
             for name in ("w_q", "w_k", "w_v", "w_beta"):
                 getattr(new, name).weight[:m_old] = getattr(src, name).weight
             new.w_beta.bias[:m_old] = src.w_beta.bias
+            if beta_bias is not None:
+                new.w_beta.bias[m_old:] = beta_bias
             for name in ("b_q", "b_o"):
                 b_new, b_src = getattr(new, name), getattr(src, name)
                 if b_new is not None:

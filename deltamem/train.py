@@ -141,7 +141,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "whole next-token distribution, which pins more than the top token "
                         "(default ce)")
     p.add_argument("--beta-bias-init", type=float, default=None,
-                   help="initial b_beta of a fresh adapter (default: DESIGN's -1.5); lower "
+                   help="initial b_beta of a fresh adapter, or of the new state heads when "
+                        "--state-heads widens --init-adapter (default: DESIGN's -1.5); lower "
                         "values forget less over long histories at the start")
     p.add_argument("--eval-episodes", type=int, default=64,
                    help="held-out episodes of the final evaluation, per stage (default 64)")
@@ -642,8 +643,9 @@ def write_card(path: Path, info: dict, stages: list) -> None:
            if info.get("general_loss") == "kl" else "") + "): "
         f"{info.get('general_per_step', 0)} per step. State-only stages (the probe setting) "
         "re-send no window, write no question and add no general-ability episodes. "
-        "Initial b_β: " + ("DESIGN's" if info.get("beta_bias_init") is None
-                            else str(info["beta_bias_init"])) + "."
+        "Initial b_β (of a fresh adapter, or of the heads a widening adds): "
+        + ("DESIGN's" if info.get("beta_bias_init") is None
+           else str(info["beta_bias_init"])) + "."
         + ("" if info.get("probe_values") is None else
            f" Stage 0 values per kind: {info['probe_values'] or 'all, with copy words'}."),
         f"- AdamW (weight decay 0), peak lr {info['lr']}, cosine with {info['warmup']:.0%} "
@@ -766,7 +768,8 @@ def run(args) -> int:
         try:
             init = load_adapter(args.init_adapter)
             if args.state_heads is not None and args.state_heads != init.config.num_state_heads:
-                init = widen_state_heads(init, args.state_heads, seed=args.seed)
+                init = widen_state_heads(init, args.state_heads, seed=args.seed,
+                                         beta_bias=args.beta_bias_init)
         except AdapterError as e:
             print(f"deltamem train: --init-adapter {args.init_adapter}: {e}", file=sys.stderr)
             return 2

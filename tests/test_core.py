@@ -211,8 +211,12 @@ def test_widened_adapter_computes_the_same_function(hf_runtime, model_dir):
 
     with pytest.raises(AdapterError, match="narrow"):
         widen_state_heads(widen_state_heads(hf_runtime.adapter, 2), 1)
-    wide = widen_state_heads(hf_runtime.adapter, 4, seed=3)
+    wide = widen_state_heads(hf_runtime.adapter, 4, seed=3, beta_bias=-5.0)
     assert wide.config.num_state_heads == 4 and wide.config.mem_dim == 32
+    # Slow new heads; the old head's gate is the trained one.
+    bias = wide.module.layer(0).w_beta.bias
+    assert torch.equal(bias[8:], torch.full((24,), -5.0))
+    assert torch.equal(bias[:8], hf_runtime.adapter.module.layer(0).w_beta.bias)
     assert wide.meta["widened_from"]["fingerprint"] == hf_runtime.adapter.fingerprint()
     assert widen_state_heads(hf_runtime.adapter, 1) is hf_runtime.adapter
     rt4 = DeltaMemHF.from_pretrained(model_dir, adapter=wide)

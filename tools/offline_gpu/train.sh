@@ -6,13 +6,18 @@
 # OUT_DIR gets the run. If $OUT is set, $OUT/run.tgz brings back the trained adapter folder and
 # the run's logs, or the last checkpoint when the trainer did not end well; one adapter
 # only, since a four-head adapter is 13 MB and the machine returns files of at most 16 MiB.
+# A tarball over 15 MiB (an adapter with five or more state heads) comes back in pieces,
+# run.tgz.part00, part01, ...: `cat run.tgz.part* > run.tgz`.
 # TRAIN_TIMEOUT_S=N stops the trainer after N seconds and still writes the tarball.
+# SKIP_UNPACK=1 uses the model already rebuilt in $DELTAMEM_CACHE_DIR (sweep.sh's runs).
 set -uo pipefail
 meta=$1 blobs=$2 out=$3
 shift 3
 export PYTHONUNBUFFERED=1 PYTHONPATH=. DELTAMEM_CACHE_DIR=${DELTAMEM_CACHE_DIR:-/tmp/deltamem-cache}
-python3 tools/offline_gpu/unpack.py "$meta" "$blobs" "$DELTAMEM_CACHE_DIR/models/SmolLM2-135M-Instruct" \
-    || exit 1
+if [ -z "${SKIP_UNPACK:-}" ]; then
+    python3 tools/offline_gpu/unpack.py "$meta" "$blobs" \
+        "$DELTAMEM_CACHE_DIR/models/SmolLM2-135M-Instruct" || exit 1
+fi
 mkdir -p "$out"
 # Not installed there, so the CLI runs from the checkout; `serve` shows as unavailable.
 ${TRAIN_TIMEOUT_S:+timeout "$TRAIN_TIMEOUT_S"} python3 -m deltamem.cli train "$@" --out-dir "$out"
@@ -24,6 +29,9 @@ if [ -n "${OUT:-}" ]; then
         tar czf "$OUT/run.tgz" -C "$out" adapter $logs
     elif [ -d "$out/last" ]; then
         tar czf "$OUT/run.tgz" -C "$out" --exclude=optimizer.pt last $logs
+    fi
+    if [ -f "$OUT/run.tgz" ] && [ "$(stat -c %s "$OUT/run.tgz")" -gt $((15 * 1024 * 1024)) ]; then
+        split -b 15M -d "$OUT/run.tgz" "$OUT/run.tgz.part" && rm "$OUT/run.tgz"
     fi
 fi
 exit $rc
