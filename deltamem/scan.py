@@ -28,6 +28,7 @@ formed as exp(log γ_a - log γ_b) with a ≥ b only, so nothing overflows.
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 # Chunk length: on the CPU the chunked path is memory-bound in its C×C blocks (16 is best);
 # on a GPU it is launch-bound in the loop over chunks (64 is best: 2.3 ms for T = 2,048 ×
@@ -213,10 +214,17 @@ def delta_rule_scan(q, k, v, beta, initial_state, write_mask=None):
     """δ-mem scan; see the module docstring for the contract.
 
     Dispatch: CPU tensors that need no gradient go to the compiled kernel; anything that
-    needs autograd, or lives on an accelerator, goes to the chunked path.
+    needs autograd, or lives on an accelerator, goes to the chunked path. With autograd the
+    chunked path is checkpointed: it keeps only its inputs and runs again in the backward
+    pass. Its C×C blocks carry a row axis (~10 KB a token and layer at C = 64 with five heads),
+    and kept for backward over 30 layers they held most of an H100's 80 GB at 16 episodes of
+    ~1,000 tokens; recomputing them costs one more scan per layer, a small part of a step.
     """
     needs_grad = torch.is_grad_enabled() and any(
         x.requires_grad for x in (q, k, v, beta, initial_state))
     if q.device.type == "cpu" and not needs_grad:
         return delta_rule_scan_cpu_kernel(q, k, v, beta, initial_state, write_mask)
+    if needs_grad:
+        return checkpoint(delta_rule_scan_chunked, q, k, v, beta, initial_state, write_mask,
+                          use_reentrant=False)
     return delta_rule_scan_chunked(q, k, v, beta, initial_state, write_mask)
