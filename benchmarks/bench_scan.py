@@ -1,7 +1,9 @@
 """Scan benchmark: the reference per-token loop against the fast paths, one run.
 
 Shape of the default model's prefill: T tokens, one row per layer (batch = 30), H = 1, r = 8.
-Prints a table and writes JSON; ratios are against the loop measured in the same run.
+Then training (forward and backward): the chunked path with its blocks kept for backward
+against the checkpointed one the dispatcher uses under autograd, in time and in memory kept.
+Prints tables and writes JSON; ratios are against a baseline measured in the same run.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 
 from deltamem.scan import (
+    DEFAULT_CHUNK,
     delta_rule_scan,
     delta_rule_scan_chunked,
     delta_rule_scan_reference,
@@ -32,11 +35,46 @@ def _time(fn, args, repeats):
     return best
 
 
+def _train_step(fn, leaves, mask):
+    """Seconds of one forward and backward, and the bytes kept for the backward pass."""
+    kept = 0
+
+    def pack(t):
+        nonlocal kept
+        kept += t.numel() * t.element_size()
+        return t
+
+    for x in leaves:
+        x.grad = None
+    t = time.perf_counter()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        reads, state = fn(*leaves, mask)
+    (reads.sum() + state.sum()).backward()
+    return time.perf_counter() - t, kept
+
+
+def _bench_training(batch, tokens, heads, repeats):
+    args = random_inputs(batch, tokens, heads, 8, dtype=torch.float32, seed=1)
+    leaves = [x.requires_grad_(True) for x in args[:5]]
+    out = {}
+    for name, fn in (("kept", delta_rule_scan_chunked), ("checkpointed", delta_rule_scan)):
+        _train_step(fn, leaves, args[5])  # warm-up
+        runs = [_train_step(fn, leaves, args[5]) for _ in range(repeats)]
+        out[name] = (min(r[0] for r in runs), runs[0][1])
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--train-batch", type=int, default=4,
+                    help="episodes of the training comparison (default 4)")
+    ap.add_argument("--train-tokens", type=int, default=1000,
+                    help="history tokens an episode in the training comparison (default 1000)")
+    ap.add_argument("--train-heads", type=int, default=5,
+                    help="state heads in the training comparison (default 5)")
     ap.add_argument("--json", type=Path, default=Path("results/bench_scan.json"))
     a = ap.parse_args(argv)
     args = random_inputs(a.batch, a.tokens, 1, 8, dtype=torch.float32)
@@ -50,11 +88,22 @@ def main(argv=None) -> int:
     print(f"{'path':34s} {'ms':>10s} {'speed-up vs loop':>18s}")
     for name, t in rows:
         print(f"{name:34s} {t * 1e3:10.2f} {t_loop / t:17.1f}x")
+    tr = _bench_training(a.train_batch, a.train_tokens, a.train_heads, max(1, a.repeats // 2))
+    (t_kept, m_kept), (t_ckpt, m_ckpt) = tr["kept"], tr["checkpointed"]
+    print(f"\ntraining, one layer: forward + backward, B={a.train_batch} T={a.train_tokens} "
+          f"H={a.train_heads} r=8 float32, chunk {DEFAULT_CHUNK.get('cpu')}")
+    print(f"{'chunked path':34s} {'ms':>10s} {'MB kept':>10s} {'time vs kept':>14s}")
+    for name, t, m in (("blocks kept for backward", t_kept, m_kept),
+                       ("checkpointed (default)", t_ckpt, m_ckpt)):
+        print(f"{name:34s} {t * 1e3:10.1f} {m / 1e6:10.1f} {t / t_kept:13.2f}x")
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps({
         "tokens": a.tokens, "batch": a.batch, "threads": torch.get_num_threads(),
         "machine": platform.node(), "loop_s": t_loop, "fast_s": t_fast, "chunked_s": t_chunk,
-        "fast_speedup": t_loop / t_fast, "chunked_speedup": t_loop / t_chunk}, indent=2))
+        "fast_speedup": t_loop / t_fast, "chunked_speedup": t_loop / t_chunk,
+        "train": {"batch": a.train_batch, "tokens": a.train_tokens, "heads": a.train_heads,
+                  "kept_s": t_kept, "kept_bytes": m_kept, "checkpointed_s": t_ckpt,
+                  "checkpointed_bytes": m_ckpt}}, indent=2))
     return 0
 
 
