@@ -767,7 +767,12 @@ def run(args) -> int:
     elif args.init_adapter is not None:
         try:
             init = load_adapter(args.init_adapter)
-            if args.state_heads is not None and args.state_heads != init.config.num_state_heads:
+            widen = (args.state_heads is not None
+                     and args.state_heads != init.config.num_state_heads)
+            if args.beta_bias_init is not None and not widen:
+                raise AdapterError("--beta-bias-init sets the gates of a fresh adapter or of "
+                                   "the heads --state-heads adds; this run adds none")
+            if widen:
                 init = widen_state_heads(init, args.state_heads, seed=args.seed,
                                          beta_bias=args.beta_bias_init)
         except AdapterError as e:

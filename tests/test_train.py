@@ -295,8 +295,8 @@ def test_cli_tiny_run_checkpoints_and_resume(tmp_path):
     assert run(p.parse_args([*common, "--max-minutes", "1e-6", "--dtype", "bfloat16",
                              "--probe-values", "0", "--facts", "1,2", "--chatter", "2,3",
                              "--sessions", "2", "--init-adapter", str(out),
-                             "--state-heads", "4", "--general-loss", "kl",
-                             "--out-dir", str(budget)])) == 0
+                             "--state-heads", "4", "--beta-bias-init", "-5",
+                             "--general-loss", "kl", "--out-dir", str(budget)])) == 0
     assert D.STAGES == curriculum
     rows = [json.loads(x) for x in (budget / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in rows if r["kind"] == "train"]) < 4
@@ -308,12 +308,21 @@ def test_cli_tiny_run_checkpoints_and_resume(tmp_path):
     wide = load_adapter(budget / "adapter")
     assert wide.config.num_state_heads == 4
     assert wide.meta["widened_from"]["fingerprint"] == ad.fingerprint()
+    # --beta-bias-init made the added heads slow (a step or so of training moves them little)
+    # and left the trained head's gates alone.
+    for i, layer in wide.module.layers.items():
+        bias, old_bias = layer.w_beta.bias, ad.module.layers[i].w_beta.bias
+        assert (bias[8:] + 5).abs().max() < 0.1 and (bias[:8] - old_bias).abs().max() < 0.1
+    assert "the heads a widening adds): -5.0" in card
     for bad in (["--chatter", "5"], ["--facts", "0,1"], ["--facts", "3,2"], ["--sessions", "0"]):
         with pytest.raises(SystemExit):
             p.parse_args(bad)
     # Fewer heads than the adapter has is refused with a message, not a traceback.
     assert run(p.parse_args([*common, "--init-adapter", str(budget / "adapter"),
                              "--state-heads", "1", "--out-dir", str(tmp_path / "narrow")])) == 2
+    # So is a gate bias for heads that nobody adds.
+    assert run(p.parse_args([*common, "--init-adapter", str(out), "--beta-bias-init", "-5",
+                             "--out-dir", str(tmp_path / "no-new-heads")])) == 2
     torch.set_num_threads(threads)
 
 
