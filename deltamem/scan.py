@@ -225,6 +225,7 @@ def delta_rule_scan(q, k, v, beta, initial_state, write_mask=None):
     if q.device.type == "cpu" and not needs_grad:
         return delta_rule_scan_cpu_kernel(q, k, v, beta, initial_state, write_mask)
     if needs_grad:
+        # Nothing in the scan is random: no RNG state to stash and restore.
         return checkpoint(delta_rule_scan_chunked, q, k, v, beta, initial_state, write_mask,
-                          use_reentrant=False)
+                          use_reentrant=False, preserve_rng_state=False)
     return delta_rule_scan_chunked(q, k, v, beta, initial_state, write_mask)
