@@ -4,10 +4,10 @@
 # checkout. Usage (from the repository root):
 #   tools/offline_gpu/train.sh META_DIR BLOB,BLOB OUT_DIR [deltamem train options...]
 # OUT_DIR gets the run. If $OUT is set, $OUT/run.tgz brings back the trained adapter folder and
-# the run's logs, or the last checkpoint when the trainer did not end well; one adapter
-# only, since a four-head adapter is 13 MB and the machine returns files of at most 16 MiB.
-# A tarball over 15 MiB (an adapter with five or more state heads) comes back in pieces,
-# run.tgz.part00, part01, ...: `cat run.tgz.part* > run.tgz`.
+# the run's logs, or the last checkpoint when the trainer did not end well (one adapter, not
+# both: the machine returns at most 8 files of 16 MiB). A tarball over 15 MiB (an adapter with
+# five or more state heads) comes back in pieces, run.tgz.part00, part01, ...:
+# `cat run.tgz.part* > run.tgz`.
 # TRAIN_TIMEOUT_S=N stops the trainer after N seconds and still writes the tarball.
 # SKIP_UNPACK=1 uses the model already rebuilt in $DELTAMEM_CACHE_DIR (sweep.sh's runs).
 set -uo pipefail
