@@ -216,9 +216,10 @@ def delta_rule_scan(q, k, v, beta, initial_state, write_mask=None):
     Dispatch: CPU tensors that need no gradient go to the compiled kernel; anything that
     needs autograd, or lives on an accelerator, goes to the chunked path. With autograd the
     chunked path is checkpointed: it keeps only its inputs and runs again in the backward
-    pass. Its C×C blocks carry a row axis (~10 KB a token and layer at C = 64 with five heads),
-    and kept for backward over 30 layers they held most of an H100's 80 GB at 16 episodes of
-    ~1,000 tokens; recomputing them costs one more scan per layer, a small part of a step.
+    pass. Its C×C blocks carry a row axis: kept for backward they are ~80 KB a token and layer
+    at C = 64 with five heads (315 MB for 4 × 1,000 tokens), and over 30 layers they took 46 GB
+    of an H100 at 16 stage-5 episodes (~7,000 history tokens). Recomputing them costs one more
+    scan per layer, a small part of a step.
     """
     needs_grad = torch.is_grad_enabled() and any(
         x.requires_grad for x in (q, k, v, beta, initial_state))

@@ -19,15 +19,11 @@ mkdir -p "$root"
 pids=() names=()
 while read -r name opts; do
     [ -z "$name" ] || [ "${name:0:1}" = "#" ] && continue
+    run_out=${OUT:+$OUT/$name}  # empty without $OUT: train.sh then packs nothing
+    [ -z "$run_out" ] || mkdir -p "$run_out"
     # shellcheck disable=SC2086  # the options are words on purpose
-    if [ -n "${OUT:-}" ]; then
-        mkdir -p "$OUT/$name"
-        OUT="$OUT/$name" SKIP_UNPACK=1 tools/offline_gpu/train.sh "$meta" "$blobs" \
-            "$root/$name" "$@" $opts > "$root/$name.log" 2>&1 &
-    else
-        SKIP_UNPACK=1 tools/offline_gpu/train.sh "$meta" "$blobs" "$root/$name" "$@" \
-            $opts > "$root/$name.log" 2>&1 &
-    fi
+    OUT=$run_out SKIP_UNPACK=1 tools/offline_gpu/train.sh "$meta" "$blobs" "$root/$name" \
+        "$@" $opts > "$root/$name.log" 2>&1 &
     pids+=($!) names+=("$name")
 done < "$spec"
 rc=0
