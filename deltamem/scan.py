@@ -210,6 +210,13 @@ def delta_rule_scan_cpu_kernel(q, k, v, beta, initial_state, write_mask=None):
     return reads.view(B, T, H, r), state
 
 
+# Whether the dispatcher may use the compiled CPU kernel. The trainer turns it off: on this
+# project's 2-core machine, once the numba kernel has run in a process, torch's own bf16
+# forward and backward there run 3-4x slower (one training batch: 10 + 15 s before, 31 + 71 s
+# after; thread counts, affinity and denormal flushing unchanged). Not diagnosed further.
+USE_CPU_KERNEL = True
+
+
 def delta_rule_scan(q, k, v, beta, initial_state, write_mask=None):
     """δ-mem scan; see the module docstring for the contract.
 
@@ -223,7 +230,7 @@ def delta_rule_scan(q, k, v, beta, initial_state, write_mask=None):
     """
     needs_grad = torch.is_grad_enabled() and any(
         x.requires_grad for x in (q, k, v, beta, initial_state))
-    if q.device.type == "cpu" and not needs_grad:
+    if q.device.type == "cpu" and not needs_grad and USE_CPU_KERNEL:
         return delta_rule_scan_cpu_kernel(q, k, v, beta, initial_state, write_mask)
     if needs_grad:
         # Nothing in the scan is random: no RNG state to stash and restore.

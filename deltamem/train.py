@@ -746,6 +746,9 @@ def run(args) -> int:
         _tiny(args)
     torch.set_num_threads(max(1, args.threads))
     torch.manual_seed(args.seed)
+    from . import scan
+
+    scan.USE_CPU_KERNEL = False  # it slows training in the same process (see scan.py)
     from transformers import AutoTokenizer
 
     from . import data as D
