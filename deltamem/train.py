@@ -740,15 +740,25 @@ def write_card(path: Path, info: dict, stages: list) -> None:
 
 
 def run(args) -> int:
+    """`deltamem train`. The compiled CPU scan kernel is off while it runs: once it has run in
+    a process, torch's own forward and backward there are 3-4x slower (see scan.py)."""
+    from . import scan
+
+    kernel = scan.USE_CPU_KERNEL
+    scan.USE_CPU_KERNEL = False
+    try:
+        return _run(args)
+    finally:
+        scan.USE_CPU_KERNEL = kernel
+
+
+def _run(args) -> int:
     import torch
 
     if args.tiny:
         _tiny(args)
     torch.set_num_threads(max(1, args.threads))
     torch.manual_seed(args.seed)
-    from . import scan
-
-    scan.USE_CPU_KERNEL = False  # it slows training in the same process (see scan.py)
     from transformers import AutoTokenizer
 
     from . import data as D

@@ -259,7 +259,11 @@ def test_cli_tiny_run_checkpoints_and_resume(tmp_path):
         return p.parse_args(["--tiny", "--no-progress", "--threads", "1",
                              "--out-dir", str(tmp_path), *extra])
 
+    from deltamem import scan
+
     assert run(parse("--steps", "2")) == 0
+    # The trainer keeps the compiled CPU kernel off only while it runs (it slows torch).
+    assert scan.USE_CPU_KERNEL
     st = json.loads((tmp_path / "last" / "trainer_state.json").read_text())
     assert st["step"] == 2
     # A step the killed run took after its checkpoint is taken again, and recorded once.
