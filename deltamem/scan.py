@@ -220,9 +220,9 @@ USE_CPU_KERNEL = True
 def delta_rule_scan(q, k, v, beta, initial_state, write_mask=None):
     """δ-mem scan; see the module docstring for the contract.
 
-    Dispatch: CPU tensors that need no gradient go to the compiled kernel; anything that
-    needs autograd, or lives on an accelerator, goes to the chunked path. With autograd the
-    chunked path is checkpointed: it keeps only its inputs and runs again in the backward
+    Dispatch: CPU tensors that need no gradient go to the compiled kernel (while
+    USE_CPU_KERNEL is on; the trainer turns it off); anything that needs autograd, or lives
+    on an accelerator, goes to the chunked path. With autograd the chunked path is checkpointed: it keeps only its inputs and runs again in the backward
     pass. Its C×C blocks carry a row axis: kept for backward they are ~80 KB a token and layer
     at C = 64 with five heads (315 MB for 4 × 1,000 tokens), and over 30 layers they took 46 GB
     of an H100 at 16 stage-5 episodes (~7,000 history tokens). Recomputing them costs one more

@@ -43,6 +43,7 @@ def main(out: str) -> None:
         conv = D.generate_conversation(rng, pool, P.DIFF, None, 0.0, 0.0)
         fact = rng.choice(conv.facts)
         ep = D.make_episode("heldout", 77, i, P.DIFF)
+        assert ep.answer == fact.value, "make_episode's stream changed: the replay is stale"
         ids = enc.history(ep)
         inp.xs.clear()
         with torch.no_grad():

@@ -34,16 +34,14 @@ def main(mode: str, k: int, cs: list[float], n: int = 48) -> None:
     words = D.copy_word_lists(list(tok.get_vocab()))
     rt = DeltaMemHF.from_pretrained(
         md, adapter=load_adapter("deltamem/adapters/smollm2-135m-instruct"))
-    u = rt.model.model.embed_tokens.weight.detach().float() * rt.model.model.norm.weight.float()
+    u = P.unembedding(rt, torch.float32)
     if mode.startswith("class"):
         basis = P.value_basis(tok, u)
     elif mode == "random":
         basis = torch.linalg.qr(torch.randn(u.shape[1], u.shape[1],
                                             generator=torch.Generator().manual_seed(0)))[0].T
     else:
-        wid = tok.convert_tokens_to_ids(["Ġ" + w for w in words["cap"] + words["low"]])
-        uw = u[wid] - u[wid].mean(0)
-        basis = torch.linalg.svd(uw, full_matrices=False)[2]
+        basis = P.word_basis(tok, u, words)
     n_layers = len(rt.model.model.layers)
     cur: dict = {}
 

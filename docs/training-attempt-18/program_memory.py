@@ -98,6 +98,19 @@ def ridge(x: torch.Tensor, y: torch.Tensor, lam: float = RIDGE) -> torch.Tensor:
     return w.T
 
 
+def unembedding(rt, dtype) -> torch.Tensor:
+    """u (vocab, d): the logit of token y is u_y · h / rms(h), u = final-norm weight ⊙ E."""
+    m = rt.model.model
+    return m.embed_tokens.weight.detach().to(dtype) * m.norm.weight.detach().to(dtype)
+
+
+def word_basis(tok, u: torch.Tensor, words) -> torch.Tensor:
+    """Principal directions (rows) of u over the copy words (single-token words)."""
+    ids = [i for i in tok.convert_tokens_to_ids(["Ġ" + w for w in words["cap"] + words["low"]])
+           if i is not None]
+    return torch.linalg.svd(u[ids] - u[ids].mean(0), full_matrices=False)[2]
+
+
 def value_basis(tok, u: torch.Tensor) -> torch.Tensor:
     """Principal directions (rows) of the unembedding directions u of the train split's value
     tokens (every token of every value, with a leading space as stated), centred within each
@@ -227,16 +240,8 @@ def program(ad, rt, tok, enc, words, paraphrases=False, basis_kind="pca"):
     print(f"{len(hslot)} history tokens ({int((hslot >= 0).sum())} value tokens), "
           f"{len(rslot)} read positions")
     target = torch.atanh(0.9 * codes / codes.abs().max(1, keepdim=True).values)
-    # Unembedding directions: the logit of token y is (g ⊙ E_y) · h / rms(h).
-    emb = rt.model.model.embed_tokens.weight.detach().double()
-    g = rt.model.model.norm.weight.detach().double()
-    u = emb * g
-    vocab = words["cap"] + words["low"]
-    word_ids = [i for i in tok.convert_tokens_to_ids(["Ġ" + w for w in vocab]) if i is not None]
-    uw = u[word_ids] - u[word_ids].mean(0)
-    _, _, vt = torch.linalg.svd(uw, full_matrices=False)  # principal directions (rows)
-    if basis_kind == "class":
-        vt = value_basis(tok, u)
+    u = unembedding(rt, torch.float64)
+    vt = value_basis(tok, u) if basis_kind == "class" else word_basis(tok, u, words)
     val = hslot >= 0
     perm = torch.randperm(len(rslot), generator=torch.Generator().manual_seed(1))
     tr, te = perm[:int(0.8 * len(perm))], perm[int(0.8 * len(perm)):]
