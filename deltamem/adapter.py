@@ -3,7 +3,8 @@
 Project format (a folder):
     adapter_config.json    {"format": "deltamem-adapter", "version": 1, "config": {...},
                             "backbone": {"name": ..., "fingerprint": ...}, "meta": {...}}
-    adapter.safetensors    the δ-mem parameters, keys "layers.<i>.<w_q|w_k|w_v|w_beta|b_q|b_o>.*"
+    adapter.safetensors    the δ-mem parameters, keys "layers.<i>.<w_q|w_k|w_v|w_beta|b_q|b_o>.*",
+                           stored as float32 (or float16 / bfloat16); always loaded as float32
 
 Reference format (the public release):
     delta_mem_config.json  rank, alpha, num_state_heads, memory_write_granularity, delta_heads,
@@ -192,10 +193,16 @@ def widen_state_heads(adapter: Adapter, heads: int, seed: int | None = 0,
     return Adapter(mod, adapter.backbone, meta)
 
 
-def save_adapter(adapter: Adapter, path: str | Path, meta: dict | None = None) -> Path:
+def save_adapter(adapter: Adapter, path: str | Path, meta: dict | None = None,
+                 dtype: torch.dtype = torch.float32) -> Path:
+    """Write the adapter folder. `dtype` is only how the weights are stored (float16 halves
+    the file, for shipping within a size limit); loading always gives float32 weights."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise AdapterError(f"adapter weights are stored as float32, float16 or bfloat16, "
+                           f"not {dtype}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous().float()
+    tensors = {k: v.detach().cpu().contiguous().to(dtype)
                for k, v in adapter.module.state_dict().items()}
     save_file(tensors, str(path / WEIGHTS_FILE))
     doc = {

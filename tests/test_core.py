@@ -221,6 +221,17 @@ def test_reference_format_import_and_project_format_round_trip(tmp_path, hf_runt
     assert again.backbone is None
     save_adapter(ad, tmp_path / "ours2")
     assert load_adapter(tmp_path / "ours2").backbone == BackboneIdentity("m", "sha256:x")
+    # Stored as float16 (a shipped adapter within its size limit): half the bytes, loads as
+    # float32 equal to the weights rounded to float16, no closer and no further.
+    half = load_adapter(save_adapter(ad, tmp_path / "half", dtype=torch.float16))
+    full_sd, half_sd = ad.module.state_dict(), half.module.state_dict()
+    for k, v in half_sd.items():
+        assert v.dtype == torch.float32
+        assert torch.equal(v, full_sd[k].half().float()), k
+    assert (tmp_path / "half" / "adapter.safetensors").stat().st_size < \
+        0.6 * (tmp_path / "ours2" / "adapter.safetensors").stat().st_size
+    with pytest.raises(AdapterError, match="float16"):
+        save_adapter(ad, tmp_path / "bad", dtype=torch.int8)
     # A key the importer does not know is an error, not a silent drop.
     sd["model.layers.0.self_attn.surprise.weight"] = torch.zeros(1)
     torch.save(sd, ref_dir / "delta_mem_adapter.pt")
