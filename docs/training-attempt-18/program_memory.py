@@ -146,6 +146,27 @@ class Inputs:
             h.remove()
 
 
+def fit_chat(rt, tok, enc, inp, pool, words, seed: str, copy: bool):
+    """A train-split chat for a fit and its history pass: (rng, conversation, messages, ids,
+    each token's slot label (-1: not a fact's value), final state); `inp` then holds each
+    layer's x. copy: open-class values are random words, as in training; else pool values."""
+    slots = list(D.SLOTS)
+    rng = random.Random(seed)
+    conv = D.generate_conversation(rng, pool, DIFF, words if copy else None,
+                                   1.0 if copy else 0.0, 0.5)
+    hist = D.conversation_messages(conv)
+    ids = enc.ids(hist)
+    label = torch.full((len(ids),), -1)
+    for fact in conv.facts:
+        for a, b in value_spans(tok, ids, [fact.value, *fact.history]):
+            label[a:b] = slots.index(fact.slot)
+    inp.xs.clear()
+    with torch.no_grad():
+        _, state, _ = rt.forward(torch.tensor([ids]), None,
+                                 torch.ones(1, len(ids), dtype=torch.bool))
+    return rng, conv, hist, ids, label, state
+
+
 def collect(rt, tok, enc, layers, words, paraphrases: bool = False):
     """Per layer: x at value tokens (slot label), at other tokens (sampled), and at the read
     positions of questions (asked slot); plus the token ids of the value/other samples.
@@ -160,21 +181,9 @@ def collect(rt, tok, enc, layers, words, paraphrases: bool = False):
     pool = D.pools("train")
     t0 = time.time()
     for c in range(FIT_CHATS):
-        rng = random.Random(f"program-memory:{c}")
-        copy = c % 2 == 0
-        conv = D.generate_conversation(rng, pool, DIFF, words if copy else None,
-                                       1.0 if copy else 0.0, 0.5)
-        hist = D.conversation_messages(conv)
-        ids = enc.ids(hist)
-        label = torch.full((len(ids),), -1)
-        for fact in conv.facts:
-            for a, b in value_spans(tok, ids, [fact.value, *fact.history]):
-                label[a:b] = slots.index(fact.slot)
+        rng, conv, hist, ids, label, state = fit_chat(rt, tok, enc, inp, pool, words,
+                                                      f"program-memory:{c}", c % 2 == 0)
         keep = (label >= 0) | (torch.rand(len(ids)) < 0.12)
-        inp.xs.clear()
-        with torch.no_grad():
-            _, state, _ = rt.forward(torch.tensor([ids]), None,
-                                     torch.ones(1, len(ids), dtype=torch.bool))
         for li, x in enumerate(inp.xs):
             hist_x[li].append(x[keep])
         hist_slot.append(label[keep])

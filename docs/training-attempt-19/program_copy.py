@@ -21,7 +21,6 @@ A one-off (not project code).
 """
 
 import argparse
-import random
 import time
 
 import program_memory as P
@@ -52,21 +51,9 @@ def collect(rt, tok, enc, layers, words, n_chats):
     pool = D.pools("train")
     t0 = time.time()
     for c in range(n_chats):
-        rng = random.Random(f"program-copy:{c}")
-        copy = c % 2 == 0
-        conv = D.generate_conversation(rng, pool, P.DIFF, words if copy else None,
-                                       1.0 if copy else 0.0, 0.5)
-        hist = D.conversation_messages(conv)
-        ids = enc.ids(hist)
-        label = torch.full((len(ids),), -1)
-        for fact in conv.facts:
-            for a, b in P.value_spans(tok, ids, [fact.value, *fact.history]):
-                label[a:b] = slots.index(fact.slot)
+        rng, conv, hist, ids, label, state = P.fit_chat(rt, tok, enc, inp, pool, words,
+                                                        f"program-copy:{c}", c % 2 == 0)
         keep = (label >= 0) | (torch.rand(len(ids)) < 0.12)
-        inp.xs.clear()
-        with torch.no_grad():
-            _, state, _ = rt.forward(torch.tensor([ids]), None,
-                                     torch.ones(1, len(ids), dtype=torch.bool))
         for li in COPY_LAYERS:
             hx[li].append(inp.xs[li][keep])
         hslot.append(label[keep])
