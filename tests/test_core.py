@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -232,6 +233,13 @@ def test_reference_format_import_and_project_format_round_trip(tmp_path, hf_runt
         0.6 * (tmp_path / "ours2" / "adapter.safetensors").stat().st_size
     with pytest.raises(AdapterError, match="float16"):
         save_adapter(ad, tmp_path / "bad", dtype=torch.int8)
+    # A weight beyond float16's range would be stored as inf: refused, not written.
+    big = copy.deepcopy(ad)
+    with torch.no_grad():
+        next(big.module.parameters()).view(-1)[0] = 1e6
+    with pytest.raises(AdapterError, match="out of torch.float16's range"):
+        save_adapter(big, tmp_path / "big", dtype=torch.float16)
+    assert not (tmp_path / "big" / "adapter.safetensors").exists()
     # A key the importer does not know is an error, not a silent drop.
     sd["model.layers.0.self_attn.surprise.weight"] = torch.zeros(1)
     torch.save(sd, ref_dir / "delta_mem_adapter.pt")

@@ -46,6 +46,7 @@ def collect(rt, tok, enc, layers, words, n_chats):
     slots = list(D.SLOTS)
     hx = {li: [] for li in COPY_LAYERS}
     rx = {li: [] for li in COPY_LAYERS}
+    qx = {li: [] for li in COPY_LAYERS}  # the question's own tokens (a served turn writes them)
     hslot, rslot = [], []
     inp = P.Inputs(layers)
     pool = D.pools("train")
@@ -62,7 +63,7 @@ def collect(rt, tok, enc, layers, words, n_chats):
             ep = D.Episode(hist, question.format(p=fact.person), fact.value, fact.category,
                            fact.slot)
             context = rng.choice([0, min(D.messages_after_fact(ep), 6)])
-            r_ids, _, a_start = enc.read(ep, context)
+            r_ids, q_start, a_start = enc.read(ep, context)
             lo, hi = a_start - 4, len(r_ids) - 1
             lab = torch.full((len(r_ids),), -1)
             lab[lo:hi] = slots.index(fact.slot)
@@ -73,12 +74,14 @@ def collect(rt, tok, enc, layers, words, n_chats):
                            torch.zeros(1, len(r_ids), dtype=torch.bool))
             for li in COPY_LAYERS:
                 rx[li].append(inp.xs[li][sel])
+                qx[li].append(inp.xs[li][q_start:a_start - 4])
             rslot.append(lab[sel])
         if c % 20 == 19:
             print(f"  {c + 1} chats, {time.time() - t0:.0f} s", flush=True)
     inp.remove()
     return ({li: torch.cat(v).double() for li, v in hx.items()}, torch.cat(hslot),
-            {li: torch.cat(v).double() for li, v in rx.items()}, torch.cat(rslot))
+            {li: torch.cat(v).double() for li, v in rx.items()}, torch.cat(rslot),
+            {li: torch.cat(v).double() for li, v in qx.items()})
 
 
 def collect_general(rt, enc, layers, n: int):
@@ -100,7 +103,7 @@ def collect_general(rt, enc, layers, n: int):
     return {li: torch.cat(v).double() for li, v in xs.items()}
 
 
-def program(rt, tok, enc, words, n_chats, n_general):
+def program(rt, tok, enc, words, n_chats, n_general, quiet_questions=False):
     cfg = rt.adapter.config
     r = cfg.rank
     layers = list(rt.adapter.module.layers.values())
@@ -111,12 +114,12 @@ def program(rt, tok, enc, words, n_chats, n_general):
     null = torch.zeros(r, dtype=codes.dtype)
     null[-1] = 1
     print("slot codes: max |cos|", float((codes @ codes.T - torch.eye(len(codes))).abs().max()))
-    cache = f"/tmp/program_copy_{n_chats}.pt"  # the inputs do not depend on the copy heads
+    cache = f"/tmp/program_copy_{n_chats}_q.pt"  # the inputs do not depend on the copy heads
     try:
-        hx, hslot, rx, rslot = torch.load(cache)
+        hx, hslot, rx, rslot, qx = torch.load(cache)
     except FileNotFoundError:
-        hx, hslot, rx, rslot = collect(rt, tok, enc, layers, words, n_chats)
-        torch.save((hx, hslot, rx, rslot), cache)
+        hx, hslot, rx, rslot, qx = collect(rt, tok, enc, layers, words, n_chats)
+        torch.save((hx, hslot, rx, rslot, qx), cache)
     gx = collect_general(rt, enc, layers, n_general) if n_general else None
     val = hslot >= 0
     print(f"{len(hslot)} history tokens ({int(val.sum())} value tokens), {len(rslot)} read "
@@ -148,7 +151,11 @@ def program(rt, tok, enc, words, n_chats, n_general):
             ask = rslot[te] >= 0
             q_acc = float(((qte[ask] @ codes.T).argmax(1) == rslot[te][ask]).float().mean())
             leak = float((qte[~ask] @ codes.T).abs().max(1).values.mean())
-            wb, bb, g_acc = P.fit_gate(x, val)
+            if quiet_questions:  # a question's words (its person's name) are not facts
+                wb, bb, g_acc = P.fit_gate(torch.cat([x, qx[li]]), torch.cat(
+                    [val, torch.zeros(len(qx[li]), dtype=torch.bool)]))
+            else:
+                wb, bb, g_acc = P.fit_gate(x, val)
             ov = ov_matrix(blocks[li].self_attn, mc.num_attention_heads,
                            mc.num_key_value_heads).double()
             basis = torch.linalg.svd(x[val] @ ov.T, full_matrices=False)[2][:COPY_HEADS * r]
@@ -180,6 +187,8 @@ def main(argv=None) -> None:
     ap.add_argument("--general", type=int, default=0,
                     help="general questions whose answer start the queries must not ask from")
     ap.add_argument("--beta-pos", type=float, default=P.BETA_POS)
+    ap.add_argument("--quiet-questions", action="store_true",
+                    help="fit the gates to write nothing at a question's own tokens")
     args = ap.parse_args(argv)
     scan.USE_CPU_KERNEL = False  # numba slows later torch work (attempt 18)
     torch.manual_seed(0)
@@ -191,7 +200,7 @@ def main(argv=None) -> None:
     rt = DeltaMemHF.from_pretrained(md, adapter=ad)
     t0 = time.time()
     P.BETA_POS = args.beta_pos
-    program(rt, tok, enc, words, args.chats, args.general)
+    program(rt, tok, enc, words, args.chats, args.general, args.quiet_questions)
     r = ad.config.rank
     cols = slice(BASE_HEADS * r, (BASE_HEADS + COPY_HEADS) * r)
     units = {li: rt.adapter.module.layers[str(li)].b_o.weight[:, cols].clone()
