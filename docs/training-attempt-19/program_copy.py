@@ -17,7 +17,12 @@ set in closed form in layers 16-23 and silent elsewhere:
 A one-off (not project code).
 
     PYTHONPATH=.:docs/training-attempt-18:docs/training-attempt-19 .venv/bin/python \
-        docs/training-attempt-19/program_copy.py IN OUT [--gains G ...] [--chats N]
+        docs/training-attempt-19/program_copy.py IN OUT [--gains G ...] [--chats N] \
+        [--general N] [--beta-pos B] [--quiet-questions]
+
+The runs of the record: defaults (att19copy.log); --general 300 --gains 1.5 2 3
+(att19g12.log); --general 300 --beta-pos 0.3 --gains 0.6 0.8 1.2 (att19g30.log);
+--general 300 --quiet-questions --gains 2 (att19q.log). The adapter keeps the best gain.
 """
 
 import argparse
