@@ -202,9 +202,9 @@ def save_adapter(adapter: Adapter, path: str | Path, meta: dict | None = None,
                            f"not {dtype}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous().to(dtype)
-               for k, v in adapter.module.state_dict().items()}
-    for k, v in adapter.module.state_dict().items():
+    weights = adapter.module.state_dict()
+    tensors = {k: v.detach().cpu().contiguous().to(dtype) for k, v in weights.items()}
+    for k, v in weights.items():
         if torch.isfinite(v).all() and not torch.isfinite(tensors[k]).all():
             raise AdapterError(f"adapter weight {k} is out of {dtype}'s range "
                                f"(|w| up to {float(v.abs().max()):.3g}): store it as float32")

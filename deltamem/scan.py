@@ -213,7 +213,8 @@ def delta_rule_scan_cpu_kernel(q, k, v, beta, initial_state, write_mask=None):
 # Whether the dispatcher may use the compiled CPU kernel. The trainer turns it off: on this
 # project's 2-core machine, once the numba kernel has run in a process, torch's own bf16
 # forward and backward there run 3-4x slower (one training batch: 10 + 15 s before, 31 + 71 s
-# after; thread counts, affinity and denormal flushing unchanged). Not diagnosed further.
+# after; thread counts, affinity and denormal flushing unchanged). Not diagnosed further. The
+# vLLM engine, which calls the kernel directly, does not show it: δ-mem/plain decode 0.93×.
 USE_CPU_KERNEL = True
 
 
@@ -222,11 +223,12 @@ def delta_rule_scan(q, k, v, beta, initial_state, write_mask=None):
 
     Dispatch: CPU tensors that need no gradient go to the compiled kernel (while
     USE_CPU_KERNEL is on; the trainer turns it off); anything that needs autograd, or lives
-    on an accelerator, goes to the chunked path. With autograd the chunked path is checkpointed: it keeps only its inputs and runs again in the backward
-    pass. Its C×C blocks carry a row axis: kept for backward they are ~80 KB a token and layer
-    at C = 64 with five heads (315 MB for 4 × 1,000 tokens), and over 30 layers they took 46 GB
-    of an H100 at 16 stage-5 episodes (~7,000 history tokens). Recomputing them costs one more
-    scan per layer, a small part of a step.
+    on an accelerator, goes to the chunked path. With autograd the chunked path is
+    checkpointed: it keeps only its inputs and runs again in the backward pass. Its C×C
+    blocks carry a row axis: kept for backward they are ~80 KB a token and layer at C = 64
+    with five heads (315 MB for 4 × 1,000 tokens), and over 30 layers they took 46 GB of an
+    H100 at 16 stage-5 episodes (~7,000 history tokens). Recomputing them costs one more scan
+    per layer, a small part of a step.
     """
     needs_grad = torch.is_grad_enabled() and any(
         x.requires_grad for x in (q, k, v, beta, initial_state))

@@ -8,6 +8,7 @@ wrong), with the window (deltamem@W) and from the state alone (deltamem@0). A on
 
 import json
 import sys
+from pathlib import Path
 
 from deltamem.evaluate import load_conversations
 
@@ -16,7 +17,7 @@ def main(paths: list[str], n: int = 12, seed: int = 1234) -> None:
     values = {c["sample_id"]: {str(q["answer"]).strip().lower() for q in c["qa"]}
               for c in load_conversations(None, n, seed)}
     for path in paths:
-        res = json.load(open(path))
+        res = json.loads(Path(path).read_text())
         for mode in ("deltamem@W", "deltamem@0"):
             rs = [x for x in res["results"] if x["mode"] == mode
                   and x["evidence_distance"] and x["evidence_distance"] > res["window"]]

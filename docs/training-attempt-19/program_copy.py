@@ -45,6 +45,11 @@ COPY_HEADS = 8
 BASE_HEADS = 4  # attempt 12's
 
 
+def copy_columns(r: int) -> slice:
+    """The copy heads' rows of W_q/W_k/W_v/W_β and columns of B_q/B_o."""
+    return slice(BASE_HEADS * r, (BASE_HEADS + COPY_HEADS) * r)
+
+
 def collect(rt, tok, enc, layers, words, n_chats):
     """Per copy layer: x at history value tokens (slot), at other history tokens (sampled),
     at the read's generation prompt and answer (asked slot), at the read's other tokens."""
@@ -108,7 +113,8 @@ def collect_general(rt, enc, layers, n: int):
     return {li: torch.cat(v).double() for li, v in xs.items()}
 
 
-def program(rt, tok, enc, words, n_chats, n_general, quiet_questions=False):
+def program(rt, tok, enc, words, source_fingerprint, n_chats, n_general,
+            quiet_questions=False):
     cfg = rt.adapter.config
     r = cfg.rank
     layers = list(rt.adapter.module.layers.values())
@@ -119,7 +125,9 @@ def program(rt, tok, enc, words, n_chats, n_general, quiet_questions=False):
     null = torch.zeros(r, dtype=codes.dtype)
     null[-1] = 1
     print("slot codes: max |cos|", float((codes @ codes.T - torch.eye(len(codes))).abs().max()))
-    cache = f"/tmp/program_copy_{n_chats}_q.pt"  # the inputs do not depend on the copy heads
+    # The inputs depend on the source adapter's heads (on while collecting), not on the copy
+    # heads (silent then): cached per source adapter and chat count.
+    cache = f"/tmp/program_copy_{source_fingerprint[7:]}_{n_chats}.pt"
     try:
         hx, hslot, rx, rslot, qx = torch.load(cache)
     except FileNotFoundError:
@@ -127,6 +135,9 @@ def program(rt, tok, enc, words, n_chats, n_general, quiet_questions=False):
         torch.save((hx, hslot, rx, rslot, qx), cache)
     gx = collect_general(rt, enc, layers, n_general) if n_general else None
     val = hslot >= 0
+    if int(val.sum()) < COPY_HEADS * r:
+        raise SystemExit(f"{int(val.sum())} value tokens cannot span {COPY_HEADS * r} value "
+                         f"directions: fit on more chats (--chats)")
     print(f"{len(hslot)} history tokens ({int(val.sum())} value tokens), {len(rslot)} read "
           f"positions ({int((rslot >= 0).sum())} asking)", flush=True)
 
@@ -136,7 +147,7 @@ def program(rt, tok, enc, words, n_chats, n_general, quiet_questions=False):
 
     perm = torch.randperm(len(rslot), generator=torch.Generator().manual_seed(1))
     tr, te = perm[:int(0.8 * len(perm))], perm[int(0.8 * len(perm)):]
-    cols = slice(BASE_HEADS * r, (BASE_HEADS + COPY_HEADS) * r)
+    cols = copy_columns(r)
     with torch.no_grad():
         for li, layer in enumerate(layers):
             layer.b_o.weight[:, BASE_HEADS * r:] = 0
@@ -175,8 +186,7 @@ def program(rt, tok, enc, words, n_chats, n_general, quiet_questions=False):
 
 def set_gain(rt, units: dict, gain: float):
     """Copy heads' read-out = gain × the unit columns `program` set (kept in `units`)."""
-    r = rt.adapter.config.rank
-    cols = slice(BASE_HEADS * r, (BASE_HEADS + COPY_HEADS) * r)
+    cols = copy_columns(rt.adapter.config.rank)
     with torch.no_grad():
         for li, w in units.items():
             rt.adapter.module.layers[str(li)].b_o.weight[:, cols] = w * gain
@@ -201,13 +211,14 @@ def main(argv=None) -> None:
     tok = AutoTokenizer.from_pretrained(md)
     enc = Encoder(tok)
     words = D.copy_word_lists(list(tok.get_vocab()))
-    ad = widen_state_heads(load_adapter(args.src), BASE_HEADS + COPY_HEADS)
+    source = load_adapter(args.src)
+    ad = widen_state_heads(source, BASE_HEADS + COPY_HEADS)
     rt = DeltaMemHF.from_pretrained(md, adapter=ad)
     t0 = time.time()
     P.BETA_POS = args.beta_pos
-    program(rt, tok, enc, words, args.chats, args.general, args.quiet_questions)
-    r = ad.config.rank
-    cols = slice(BASE_HEADS * r, (BASE_HEADS + COPY_HEADS) * r)
+    program(rt, tok, enc, words, source.fingerprint(), args.chats, args.general,
+            args.quiet_questions)
+    cols = copy_columns(ad.config.rank)
     units = {li: rt.adapter.module.layers[str(li)].b_o.weight[:, cols].clone()
              for li in COPY_LAYERS}
     best = (-1.0, -1.0, 0.0)
