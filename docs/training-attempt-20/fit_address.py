@@ -1,0 +1,377 @@
+"""Attempt 20: the copy heads' addressing and gates fitted through the delta rule itself.
+
+Attempt 19's copy heads say a value of the conversation, mostly the wrong one. Their keys and
+queries were ridge probes of the fact's slot, fitted token by token, and their gate wrote at
+β 0.12. The state update decays a row by (1 - β) at every write, so with ~15 value tokens
+after it an early fact keeps 0.88^15 ≈ 15% of its weight against the latest fact's 100%:
+the read is dominated by recent facts, whatever the address. Here the write side is fitted
+on the quantity that matters, the read at the answer after the whole conversation has been
+written by the real update rule:
+
+- per layer 16-23, cache the δ-mem input x over LoCoMo-like train-split conversations (the
+  evaluator's difficulty, two speakers, updates, same-kind facts of the other speaker) and
+  over each fact's question read pass;
+- values and read-out as attempt 19 (the copy of OV_L x on 64 directions), kept fixed;
+- W_k (7 dims, the 8th is the queries' rest), W_q (8 dims) and the gate's scale and offset
+  learned by Adam on a contrastive loss: the read S q̂ at the position that starts the
+  answer must point at the stored value of the asked fact (its current value) rather than at
+  any other value of the conversation; off the answer, q̂ rests on the 8th dimension;
+- the scan is deltamem.scan's chunked path (the same recurrence the engine runs), so decay,
+  overwrites and interference are all in the loss.
+
+Retrieval accuracy (which candidate value the read points at) is measured on held-out-split
+conversations (disjoint names, places, templates). A one-off (not project code).
+
+    PYTHONPATH=.:docs/training-attempt-18:docs/training-attempt-19:docs/training-attempt-20 \
+        .venv/bin/python docs/training-attempt-20/fit_address.py IN OUT [--chats N] ...
+
+The runs of the record (IN = attempt 12's adapter): --chats 240 --held 32 --steps 1000
+--gains 0.25 0.5 1.0 (fit_att20a.log, saved OUT.fit.pt); the shipped adapter from that fit:
+--from-fit OUT.fit.pt --gains --save-gain 0.1; the same with --save-gain 0.15 and 0.25 for the
+other live runs; --first-only --steps 800 (fit_att20b_stopped.log) was stopped after 6 of 8
+layers for lack of time. Inputs are cached under --cache (~2.6 GB for 240 + 32 chats).
+"""
+
+import argparse
+import random
+import time
+
+import program_memory as P
+import torch
+import torch.nn.functional as F
+from oracle_copy import ov_matrix
+from shared_scan import shared_scan
+from transformers import AutoTokenizer
+
+from deltamem import data as D
+from deltamem import scan
+from deltamem.adapter import load_adapter, save_adapter, widen_state_heads
+from deltamem.hf_runtime import DeltaMemHF
+from deltamem.model_fetch import resolve_model
+from deltamem.train import Encoder
+
+ALL_COPY_LAYERS = list(range(16, 24))
+COPY_LAYERS = ALL_COPY_LAYERS  # --layers fits a subset
+COPY_HEADS = 8
+BASE_HEADS = 4
+R = 8
+
+
+def cols() -> slice:
+    return slice(BASE_HEADS * R, (BASE_HEADS + COPY_HEADS) * R)
+
+
+def first_positions(tok, ids, value):
+    vi = tok(" " + value, add_special_tokens=False).input_ids
+    return [j for j in range(len(ids) - len(vi) + 1) if ids[j:j + len(vi)] == vi], len(vi)
+
+
+def collect(rt, tok, enc, words, split: str, start: int, n: int, seed: str):
+    """Per chat: x (layers 16-23, float16) over the history and each question's read pass,
+    value-token mask, candidate values (first-token positions), and per question the
+    candidate it asks for."""
+    layers = list(rt.adapter.module.layers.values())
+    inp = P.Inputs(layers)
+    pool = D.pools(split)
+    chats = []
+    t0 = time.time()
+    for c in range(start, start + n):
+        rng = random.Random(f"{seed}:{split}:{c}")
+        copy = split == "train" and c % 2 == 0
+        conv = D.generate_conversation(rng, pool, D.HELDOUT_LOCOMO, words if copy else None,
+                                       1.0 if copy else 0.0, 0.5)
+        hist = D.conversation_messages(conv)
+        ids = enc.ids(hist)
+        val = torch.zeros(len(ids), dtype=torch.bool)
+        cand, cand_of = [], {}
+        for fi, fact in enumerate(conv.facts):
+            for v in [*fact.history, fact.value]:
+                pos, m = first_positions(tok, ids, v)
+                for p in pos:
+                    val[p:p + m] = True
+                if pos:
+                    cand_of[(fi, v)] = len(cand)
+                    cand.append(pos[0])
+        inp.xs.clear()
+        with torch.no_grad():
+            _, state, _ = rt.forward(torch.tensor([ids]), None,
+                                     torch.ones(1, len(ids), dtype=torch.bool))
+        hx = {li: inp.xs[li].half() for li in ALL_COPY_LAYERS}  # (T, d) each
+        reads = []
+        for fi, fact in enumerate(conv.facts):
+            if (fi, fact.value) not in cand_of:
+                continue
+            qs = pool.question[fact.slot] + (P.EXTRA_QUESTIONS[fact.slot]
+                                              if split == "train" else [])
+            ep = D.Episode(hist, rng.choice(qs).format(p=fact.person), fact.value,
+                           fact.category, fact.slot)
+            context = rng.choice([0, min(D.messages_after_fact(ep), 6)])
+            r_ids, q_start, a_start = enc.read(ep, context)
+            inp.xs.clear()
+            with torch.no_grad():
+                rt.forward(torch.tensor([r_ids]), state,
+                           torch.zeros(1, len(r_ids), dtype=torch.bool))
+            rx = {li: inp.xs[li].half() for li in ALL_COPY_LAYERS}
+            reads.append({"x": rx, "q_start": q_start, "a_start": a_start,
+                          "target": cand_of[(fi, fact.value)], "category": fact.category,
+                          "late": D.messages_after_fact(ep)})
+        chats.append({"x": hx, "val": val, "cand": torch.tensor(cand), "reads": reads})
+        if (c - start) % 20 == 19:
+            print(f"  {split}: {c - start + 1} chats, {time.time() - t0:.0f} s", flush=True)
+    inp.remove()
+    return chats
+
+
+def pad_stack(seqs, T=None):
+    T = T or max(len(s) for s in seqs)
+    out = seqs[0].new_zeros((len(seqs), T, *seqs[0].shape[1:]))
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = s
+    return out
+
+
+class Batch:
+    """One layer's inputs of a set of chats, padded: history (B, T, d) with its length mask,
+    reads (Q, Tr, d) with their chat index and answer position, candidate positions."""
+
+    def __init__(self, chats, li, first_only: bool = False):
+        self.hx = pad_stack([c["x"][li].float() for c in chats])
+        self.hmask = pad_stack([torch.ones(len(c["val"]), dtype=torch.bool) for c in chats])
+        self.val = pad_stack([c["val"] for c in chats])
+        reads = [(ci, r) for ci, c in enumerate(chats) for r in c["reads"]]
+        self.rx = pad_stack([r["x"][li].float() for _, r in reads])
+        self.rmask = pad_stack([torch.ones(len(r["x"][li]), dtype=torch.bool) for _, r in reads])
+        self.chat = torch.tensor([ci for ci, _ in reads])
+        self.ans = torch.tensor([r["a_start"] - 1 for _, r in reads])
+        # Where queries may read: the generation prompt and the answer, or (--first-only)
+        # only the position that predicts the answer's first token.
+        self.ans_span = [(r["a_start"] - 1, r["a_start"]) if first_only
+                         else (r["a_start"] - 4, len(r["x"][li]) - 1) for _, r in reads]
+        self.target = torch.tensor([r["target"] for _, r in reads])
+        self.category = torch.tensor([r["category"] for _, r in reads])
+        # candidates: (B, Kmax) positions, -1 padded
+        self.cand = pad_stack([c["cand"] + 1 for c in chats]) - 1
+
+
+class Addressing(torch.nn.Module):
+    """Keys and queries read x through a fixed projection U (d, D): the top-D principal
+    directions of x (fewer weights to overfit the train split's templates), or identity."""
+
+    def __init__(self, wk, wq, wb, bb, proj):
+        super().__init__()
+        self.proj = proj
+        self.wk = torch.nn.Parameter(wk[:R - 1].clone())
+        self.wq = torch.nn.Parameter(wq.clone())
+        self.wb = wb
+        self.bb = bb
+        self.gate_scale = torch.nn.Parameter(torch.zeros(()))  # log
+        self.gate_shift = torch.nn.Parameter(torch.zeros(()))
+
+    def full(self, w):
+        return w @ self.proj.T  # (., d)
+
+    def keys(self, x):
+        k = torch.tanh(x @ self.full(self.wk).T)
+        return F.normalize(torch.cat([k, k.new_zeros(*k.shape[:-1], 1)], -1), dim=-1)
+
+    def queries(self, x):
+        return F.normalize(torch.tanh(x @ self.full(self.wq).T), dim=-1)
+
+    def beta(self, x):
+        return torch.sigmoid(self.gate_scale.exp() * (x @ self.wb + self.bb) + self.gate_shift)
+
+
+def run(addr, wv, b: Batch):
+    """Reads at every read-pass position (Q, Tr, 64) and the history's queries."""
+    k, q = addr.keys(b.hx), addr.queries(b.hx)
+    beta = addr.beta(b.hx) * b.hmask
+    v = b.hx @ wv.T  # (B, T, 64)
+    s0 = b.hx.new_zeros(len(b.hx), v.shape[-1], R)
+    _, state = shared_scan(q, k, v, beta, s0)
+    kr, qr = addr.keys(b.rx), addr.queries(b.rx)
+    br = addr.beta(b.rx) * b.rmask
+    reads, _ = shared_scan(qr, kr, b.rx @ wv.T, br, state[b.chat])
+    return reads, q, qr, v
+
+
+def losses(addr, wv, b: Batch, tau: float):
+    reads, qh, qr, v = run(addr, wv, b)
+    Q = len(b.target)
+    m = reads[torch.arange(Q), b.ans]  # (Q, 64): the read that predicts the first token
+    cv = v[b.chat[:, None], b.cand[b.chat].clamp_min(0)]  # (Q, K, 64)
+    ok = b.cand[b.chat] >= 0
+    logits = (F.cosine_similarity(m[:, None], cv, dim=-1) / tau).masked_fill(~ok, -1e9)
+    ce = F.cross_entropy(logits, b.target)
+    acc = (logits.argmax(1) == b.target).float()
+    # Off the answer, queries rest on the 8th dimension (no key has it): no read.
+    ans_mask = torch.zeros(qr.shape[:2], dtype=torch.bool)
+    for i, (lo, hi) in enumerate(b.ans_span):
+        ans_mask[i, lo:hi] = True
+    rest_r = (1 - qr[..., -1] ** 2)[~ans_mask & b.rmask].mean()
+    rest_h = (1 - qh[..., -1] ** 2)[b.hmask].mean()
+    on = (qr[..., -1] ** 2)[ans_mask].mean()
+    rel = (m.norm(dim=1) / cv[torch.arange(Q), b.target].norm(dim=1)).mean()
+    return ce, rest_r + rest_h + on, acc, rel
+
+
+def fit(train, held, rt, args):
+    mc = rt.model.config
+    blocks = rt.model.model.layers
+    result = {}
+    for li in COPY_LAYERS:
+        t0 = time.time()
+        groups = [Batch(train[i:i + args.batch], li, args.first_only)
+                  for i in range(0, len(train), args.batch)]
+        bh = Batch(held, li, args.first_only)
+        x = torch.cat([b.hx[b.hmask] for b in groups]).double()
+        val = torch.cat([b.val[b.hmask] for b in groups])
+        ov = ov_matrix(blocks[li].self_attn, mc.num_attention_heads,
+                       mc.num_key_value_heads).double()
+        basis = torch.linalg.svd(x[val] @ ov.T, full_matrices=False)[2][:COPY_HEADS * R]
+        wv = (basis @ ov).float()
+        wb, bb, g_acc = P.fit_gate(x, val)
+        # Start: keys and queries at random small weights around the rest direction; the
+        # contrastive loss, not a slot probe, says what an address is.
+        if args.pca:
+            xa = torch.cat([x, *[b.rx[b.rmask].double() for b in groups]])
+            proj = torch.linalg.svd(xa[torch.randperm(len(xa))[:20000]],
+                                    full_matrices=False)[2][:args.pca].T.float()
+        else:
+            proj = torch.eye(x.shape[1])
+        g = torch.Generator().manual_seed(li)
+        scale = args.init_std * (x.shape[1] / proj.shape[1]) ** 0.5
+        wk = torch.randn(R, proj.shape[1], generator=g) * scale
+        wq = torch.randn(R, proj.shape[1], generator=g) * scale
+        addr = Addressing(wk, wq, wb.detach().float(), float(bb), proj)
+        opt = torch.optim.Adam(addr.parameters(), lr=args.lr)
+        with torch.no_grad():
+            _, _, acc0, _ = losses(addr, wv, bh, args.tau)
+        for step in range(args.steps):
+            ce, rest, acc, rel = losses(addr, wv, groups[step % len(groups)], args.tau)
+            loss = ce + args.rest * rest + args.l2 * (addr.wk.square().sum()
+                                                      + addr.wq.square().sum())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % 50 == 0 or step == args.steps - 1:
+                with torch.no_grad():
+                    _, rest_h, acc_h, rel_h = losses(addr, wv, bh, args.tau)
+                by_cat = {int(c): round(float(acc_h[bh.category == c].mean()), 3)
+                          for c in bh.category.unique()}
+                print(f"layer {li} step {step}: ce {float(ce):.3f} rest {float(rest):.3f} "
+                      f"train acc {float(acc.mean()):.3f} | held acc {float(acc_h.mean()):.3f}"
+                      f" {by_cat} rest {float(rest_h):.3f} |m|/|v| {float(rel_h):.4f} "
+                      f"gate x{float(addr.gate_scale.exp()):.2f}"
+                      f"{float(addr.gate_shift):+.2f} ({time.time() - t0:.0f} s)",
+                      flush=True)
+        result[li] = {"wk": addr.full(addr.wk).detach(), "wq": addr.full(addr.wq).detach(),
+                      "wb": (addr.gate_scale.exp() * addr.wb).detach(),
+                      "bb": float(addr.gate_scale.exp() * addr.bb + addr.gate_shift),
+                      "wv": wv, "basis": basis.float(), "held_acc0": float(acc0.mean()),
+                      "held_acc": float(acc_h.mean()), "rel": float(rel_h)}
+    return result
+
+
+def install(rt, result, gain):
+    c = cols()
+    scale = rt.adapter.config.scale
+    with torch.no_grad():
+        for li, layer in rt.adapter.module.layers.items():
+            layer.b_o.weight[:, c] = 0
+            layer.b_q.weight[:, c] = 0
+            if int(li) not in result:
+                continue
+            f = result[int(li)]
+            wk = torch.cat([f["wk"], torch.zeros(1, f["wk"].shape[1])])
+            layer.w_k.weight[c] = wk.repeat(COPY_HEADS, 1)
+            layer.w_q.weight[c] = f["wq"].repeat(COPY_HEADS, 1)
+            layer.w_beta.weight[c] = f["wb"].expand(R, -1).repeat(COPY_HEADS, 1)
+            layer.w_beta.bias[c] = f["bb"]
+            layer.w_v.weight[c] = f["wv"]
+            # The read is ~|m|/|v| of the value; the gain is relative to a full copy.
+            layer.b_o.weight[:, c] = gain * f["basis"].T / scale / max(f["rel"], 1e-3)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("src")
+    ap.add_argument("dst")
+    ap.add_argument("--chats", type=int, default=80)
+    ap.add_argument("--held", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=16, help="train chats a step")
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--tau", type=float, default=0.1)
+    ap.add_argument("--rest", type=float, default=1.0)
+    ap.add_argument("--l2", type=float, default=0.0)
+    ap.add_argument("--init-std", type=float, default=0.01)
+    ap.add_argument("--pca", type=int, default=0, help="keys and queries on the top-D "
+                    "principal directions of x (0: all of x)")
+    ap.add_argument("--gains", type=float, nargs="*", default=[0.25, 0.5, 1.0])
+    ap.add_argument("--episodes", type=int, default=48)
+    ap.add_argument("--layers", type=int, nargs="*", default=None)
+    ap.add_argument("--collect-only", action="store_true")
+    ap.add_argument("--first-only", action="store_true",
+                    help="queries rest everywhere but where the answer's first token is "
+                         "predicted")
+    ap.add_argument("--save-gain", type=float, default=None,
+                    help="the gain saved (default: the best of the sweep)")
+    ap.add_argument("--from-fit", default=None, help="a saved fit (DST.fit.pt): only the "
+                    "gain sweep and the adapter")
+    ap.add_argument("--cache", default="/tmp/att20L8", help="prefix of the cached inputs")
+    args = ap.parse_args(argv)
+    global COPY_LAYERS
+    if args.layers:
+        COPY_LAYERS = args.layers
+    scan.USE_CPU_KERNEL = False
+    torch.manual_seed(0)
+    md = resolve_model(None)
+    tok = AutoTokenizer.from_pretrained(md)
+    enc = Encoder(tok)
+    words = D.copy_word_lists(list(tok.get_vocab()))
+    source = load_adapter(args.src)
+    rt = DeltaMemHF.from_pretrained(md, adapter=widen_state_heads(source, BASE_HEADS
+                                                                  + COPY_HEADS))
+    install(rt, {}, 0.0)
+    def cached(split, start, n):
+        # Inputs depend on the source adapter's heads (on), not the copy heads (silent).
+        path = f"{args.cache}_{source.fingerprint()[7:]}_{split}_{start}_{n}.pt"
+        try:
+            return torch.load(path)
+        except FileNotFoundError:
+            chats = collect(rt, tok, enc, words, split, start, n, "att20")
+            torch.save(chats, path)
+            return chats
+
+    if args.from_fit:
+        result = torch.load(args.from_fit)
+    else:
+        # Blocks of 80 train chats, so that a larger run reuses the smaller one's.
+        train = [c for s in range(0, args.chats, 80)
+                 for c in cached("train", s, min(80, args.chats - s))]
+        held = cached("heldout", 0, args.held)
+        if args.collect_only:
+            return
+        nq = sum(len(c["reads"]) for c in held)
+        print(f"{len(train)} train chats, {len(held)} held-out chats ({nq} questions)",
+              flush=True)
+        result = fit(train, held, rt, args)
+        torch.save(result, args.dst + ".fit.pt")
+    best = (-1.0, -1.0, 0.0)
+    for gain in [0.0, *args.gains]:
+        install(rt, result, gain)
+        res = P.evaluate(rt, enc, args.episodes)
+        print(f"gain {gain}: {res}", flush=True)
+        if (res["exact"], res["first_token"], gain) > best:
+            best = (res["exact"], res["first_token"], gain)
+    if args.save_gain is not None:
+        best = (0, 0, args.save_gain)
+    install(rt, result, best[2])
+    save_adapter(rt.adapter, args.dst, {"programmed": "copy heads, addressing fitted through "
+                                                      "the delta rule (docs/training-attempt-20)"},
+                 dtype=torch.float16)
+    print("saved", args.dst, "gain", best[2])
+
+
+if __name__ == "__main__":
+    main()
