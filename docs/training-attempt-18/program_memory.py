@@ -321,6 +321,21 @@ def evaluate(rt, enc, n: int = EVAL_EPISODES):
     return {"exact": sum(exact) / n, "first_token": sum(first) / n, "n": n}
 
 
+def best_gain(rt, enc, set_gain, gains, episodes: int, t0: float | None = None) -> float:
+    """Evaluate (see `evaluate`) with the read-out silent (gain 0) and at each gain, set by
+    `set_gain(gain)`; the best gain by exact match, then first-token accuracy, then the larger
+    gain. Used by attempts 19 and 20."""
+    best = (-1.0, -1.0, 0.0)
+    for gain in [0.0, *gains]:
+        set_gain(gain)
+        res = evaluate(rt, enc, episodes)
+        took = f"  ({time.time() - t0:.0f} s)" if t0 is not None else ""
+        print(f"gain {gain}: {res}{took}", flush=True)
+        if (res["exact"], res["first_token"], gain) > best:
+            best = (res["exact"], res["first_token"], gain)
+    return best[2]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("src")

@@ -221,17 +221,11 @@ def main(argv=None) -> None:
     cols = copy_columns(ad.config.rank)
     units = {li: rt.adapter.module.layers[str(li)].b_o.weight[:, cols].clone()
              for li in COPY_LAYERS}
-    best = (-1.0, -1.0, 0.0)
-    for gain in [0.0, *args.gains]:
-        set_gain(rt, units, gain)
-        res = P.evaluate(rt, enc, args.episodes)
-        print(f"gain {gain}: {res}  ({time.time() - t0:.0f} s)", flush=True)
-        if (res["exact"], res["first_token"], gain) > best:
-            best = (res["exact"], res["first_token"], gain)
-    set_gain(rt, units, best[2])
+    gain = P.best_gain(rt, enc, lambda g: set_gain(rt, units, g), args.gains, args.episodes, t0)
+    set_gain(rt, units, gain)
     save_adapter(rt.adapter, args.dst, {"programmed": "copy heads in layers 16-23 "
                                                       "(docs/training-attempt-19)"})
-    print("saved", args.dst, "gain", best[2])
+    print("saved", args.dst, "gain", gain)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ conversations (disjoint names, places, templates). A one-off (not project code).
     PYTHONPATH=.:docs/training-attempt-18:docs/training-attempt-19:docs/training-attempt-20 \
         .venv/bin/python docs/training-attempt-20/fit_address.py IN OUT [--chats N] ...
 
-The runs of the record (IN = attempt 12's adapter): --chats 240 --held 32 --steps 1000
+The runs of the record (IN = attempt 12's adapter, the repository's until this attempt:
+`git show cadb589:deltamem/adapters/smollm2-135m-instruct/FILE`): --chats 240 --held 32 --steps 1000
 --gains 0.25 0.5 1.0 (fit_att20a.log, saved OUT.fit.pt); the shipped adapter from that fit:
 --from-fit OUT.fit.pt --gains --save-gain 0.1; the same with --save-gain 0.15 and 0.25 for the
 other live runs; --first-only --steps 800 (fit_att20b_stopped.log) was stopped after 6 of 8
@@ -40,6 +41,7 @@ import program_memory as P
 import torch
 import torch.nn.functional as F
 from oracle_copy import ov_matrix
+from program_copy import copy_columns
 from shared_scan import shared_scan
 from transformers import AutoTokenizer
 
@@ -55,10 +57,6 @@ COPY_LAYERS = ALL_COPY_LAYERS  # --layers fits a subset
 COPY_HEADS = 8
 BASE_HEADS = 4
 R = 8
-
-
-def cols() -> slice:
-    return slice(BASE_HEADS * R, (BASE_HEADS + COPY_HEADS) * R)
 
 
 def first_positions(tok, ids, value):
@@ -273,7 +271,7 @@ def fit(train, held, rt, args):
 
 
 def install(rt, result, gain):
-    c = cols()
+    c = copy_columns(R)
     scale = rt.adapter.config.scale
     with torch.no_grad():
         for li, layer in rt.adapter.module.layers.items():
@@ -357,20 +355,14 @@ def main(argv=None):
               flush=True)
         result = fit(train, held, rt, args)
         torch.save(result, args.dst + ".fit.pt")
-    best = (-1.0, -1.0, 0.0)
-    for gain in [0.0, *args.gains]:
-        install(rt, result, gain)
-        res = P.evaluate(rt, enc, args.episodes)
-        print(f"gain {gain}: {res}", flush=True)
-        if (res["exact"], res["first_token"], gain) > best:
-            best = (res["exact"], res["first_token"], gain)
+    gain = P.best_gain(rt, enc, lambda g: install(rt, result, g), args.gains, args.episodes)
     if args.save_gain is not None:
-        best = (0, 0, args.save_gain)
-    install(rt, result, best[2])
+        gain = args.save_gain
+    install(rt, result, gain)
     save_adapter(rt.adapter, args.dst, {"programmed": "copy heads, addressing fitted through "
                                                       "the delta rule (docs/training-attempt-20)"},
                  dtype=torch.float16)
-    print("saved", args.dst, "gain", best[2])
+    print("saved", args.dst, "gain", gain)
 
 
 if __name__ == "__main__":
