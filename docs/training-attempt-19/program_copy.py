@@ -192,6 +192,21 @@ def set_gain(rt, units: dict, gain: float):
             rt.adapter.module.layers[str(li)].b_o.weight[:, cols] = w * gain
 
 
+def copy_runtime(src: str):
+    """(tokenizer, encoder, copy words, source adapter, HF runtime of the source widened to
+    BASE_HEADS + COPY_HEADS heads): the common start of attempts 19's and 20's scripts."""
+    scan.USE_CPU_KERNEL = False  # numba slows later torch work (attempt 18)
+    torch.manual_seed(0)
+    md = resolve_model(None)
+    tok = AutoTokenizer.from_pretrained(md)
+    enc = Encoder(tok)
+    words = D.copy_word_lists(list(tok.get_vocab()))
+    source = load_adapter(src)
+    rt = DeltaMemHF.from_pretrained(md, adapter=widen_state_heads(source,
+                                                                  BASE_HEADS + COPY_HEADS))
+    return tok, enc, words, source, rt
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("src")
@@ -205,15 +220,8 @@ def main(argv=None) -> None:
     ap.add_argument("--quiet-questions", action="store_true",
                     help="fit the gates to write nothing at a question's own tokens")
     args = ap.parse_args(argv)
-    scan.USE_CPU_KERNEL = False  # numba slows later torch work (attempt 18)
-    torch.manual_seed(0)
-    md = resolve_model(None)
-    tok = AutoTokenizer.from_pretrained(md)
-    enc = Encoder(tok)
-    words = D.copy_word_lists(list(tok.get_vocab()))
-    source = load_adapter(args.src)
-    ad = widen_state_heads(source, BASE_HEADS + COPY_HEADS)
-    rt = DeltaMemHF.from_pretrained(md, adapter=ad)
+    tok, enc, words, source, rt = copy_runtime(args.src)
+    ad = rt.adapter
     t0 = time.time()
     P.BETA_POS = args.beta_pos
     program(rt, tok, enc, words, source.fingerprint(), args.chats, args.general,

@@ -41,21 +41,14 @@ import program_memory as P
 import torch
 import torch.nn.functional as F
 from oracle_copy import ov_matrix
-from program_copy import copy_columns
+from program_copy import COPY_HEADS, copy_columns, copy_runtime
 from shared_scan import shared_scan
-from transformers import AutoTokenizer
 
 from deltamem import data as D
-from deltamem import scan
-from deltamem.adapter import load_adapter, save_adapter, widen_state_heads
-from deltamem.hf_runtime import DeltaMemHF
-from deltamem.model_fetch import resolve_model
-from deltamem.train import Encoder
+from deltamem.adapter import save_adapter
 
 ALL_COPY_LAYERS = list(range(16, 24))
 COPY_LAYERS = ALL_COPY_LAYERS  # --layers fits a subset
-COPY_HEADS = 8
-BASE_HEADS = 4
 R = 8
 
 
@@ -321,15 +314,7 @@ def main(argv=None):
     global COPY_LAYERS
     if args.layers:
         COPY_LAYERS = args.layers
-    scan.USE_CPU_KERNEL = False
-    torch.manual_seed(0)
-    md = resolve_model(None)
-    tok = AutoTokenizer.from_pretrained(md)
-    enc = Encoder(tok)
-    words = D.copy_word_lists(list(tok.get_vocab()))
-    source = load_adapter(args.src)
-    rt = DeltaMemHF.from_pretrained(md, adapter=widen_state_heads(source, BASE_HEADS
-                                                                  + COPY_HEADS))
+    tok, enc, words, source, rt = copy_runtime(args.src)
     install(rt, {}, 0.0)
     def cached(split, start, n):
         # Inputs depend on the source adapter's heads (on), not the copy heads (silent).
