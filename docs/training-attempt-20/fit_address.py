@@ -28,8 +28,8 @@ conversations (disjoint names, places, templates). A one-off (not project code).
 The runs of the record (IN = attempt 12's adapter, the repository's until this attempt:
 `git show cadb589:deltamem/adapters/smollm2-135m-instruct/FILE`): --chats 240 --held 32 --steps 1000
 --gains 0.25 0.5 1.0 (fit_att20a.log, saved OUT.fit.pt); the shipped adapter from that fit:
---from-fit OUT.fit.pt --gains --save-gain 0.1; the same with --save-gain 0.15 and 0.25 for the
-other live runs; --first-only --steps 800 --gains --save-gain 0.1 (fit_att20b.log; its 0.15
+--from-fit OUT.fit.pt --gains --save-gain 0.07; the same with --save-gain 0.1, 0.15 and 0.25
+for the other live runs; --first-only --steps 800 --gains --save-gain 0.1 (fit_att20b.log; its 0.15
 adapter by --from-fit), not kept. Inputs are cached under --cache (~2.6 GB for 240 + 32 chats).
 """
 
