@@ -48,13 +48,7 @@ from deltamem import data as D
 from deltamem.adapter import save_adapter
 
 ALL_COPY_LAYERS = list(range(16, 24))
-COPY_LAYERS = ALL_COPY_LAYERS  # --layers fits a subset
 R = 8
-
-
-def first_positions(tok, ids, value):
-    vi = tok(" " + value, add_special_tokens=False).input_ids
-    return [j for j in range(len(ids) - len(vi) + 1) if ids[j:j + len(vi)] == vi], len(vi)
 
 
 def collect(rt, tok, enc, words, split: str, start: int, n: int, seed: str):
@@ -77,12 +71,12 @@ def collect(rt, tok, enc, words, split: str, start: int, n: int, seed: str):
         cand, cand_of = [], {}
         for fi, fact in enumerate(conv.facts):
             for v in [*fact.history, fact.value]:
-                pos, m = first_positions(tok, ids, v)
-                for p in pos:
-                    val[p:p + m] = True
-                if pos:
+                spans = P.value_spans(tok, ids, [v])
+                for a, b in spans:
+                    val[a:b] = True
+                if spans:
                     cand_of[(fi, v)] = len(cand)
-                    cand.append(pos[0])
+                    cand.append(spans[0][0])
         inp.xs.clear()
         with torch.no_grad():
             _, state, _ = rt.forward(torch.tensor([ids]), None,
@@ -97,15 +91,14 @@ def collect(rt, tok, enc, words, split: str, start: int, n: int, seed: str):
             ep = D.Episode(hist, rng.choice(qs).format(p=fact.person), fact.value,
                            fact.category, fact.slot)
             context = rng.choice([0, min(D.messages_after_fact(ep), 6)])
-            r_ids, q_start, a_start = enc.read(ep, context)
+            r_ids, _, a_start = enc.read(ep, context)
             inp.xs.clear()
             with torch.no_grad():
                 rt.forward(torch.tensor([r_ids]), state,
                            torch.zeros(1, len(r_ids), dtype=torch.bool))
             rx = {li: inp.xs[li].half() for li in ALL_COPY_LAYERS}
-            reads.append({"x": rx, "q_start": q_start, "a_start": a_start,
-                          "target": cand_of[(fi, fact.value)], "category": fact.category,
-                          "late": D.messages_after_fact(ep)})
+            reads.append({"x": rx, "a_start": a_start, "target": cand_of[(fi, fact.value)],
+                          "category": fact.category})
         chats.append({"x": hx, "val": val, "cand": torch.tensor(cand), "reads": reads})
         if (c - start) % 20 == 19:
             print(f"  {split}: {c - start + 1} chats, {time.time() - t0:.0f} s", flush=True)
@@ -113,8 +106,8 @@ def collect(rt, tok, enc, words, split: str, start: int, n: int, seed: str):
     return chats
 
 
-def pad_stack(seqs, T=None):
-    T = T or max(len(s) for s in seqs)
+def pad_stack(seqs):
+    T = max(len(s) for s in seqs)
     out = seqs[0].new_zeros((len(seqs), T, *seqs[0].shape[1:]))
     for i, s in enumerate(seqs):
         out[i, :len(s)] = s
@@ -136,8 +129,11 @@ class Batch:
         self.ans = torch.tensor([r["a_start"] - 1 for _, r in reads])
         # Where queries may read: the generation prompt and the answer, or (--first-only)
         # only the position that predicts the answer's first token.
-        self.ans_span = [(r["a_start"] - 1, r["a_start"]) if first_only
-                         else (r["a_start"] - 4, len(r["x"][li]) - 1) for _, r in reads]
+        self.ans_mask = torch.zeros(self.rmask.shape, dtype=torch.bool)
+        for i, (_, r) in enumerate(reads):
+            lo, hi = ((r["a_start"] - 1, r["a_start"]) if first_only
+                      else (r["a_start"] - 4, len(r["x"][li]) - 1))
+            self.ans_mask[i, lo:hi] = True
         self.target = torch.tensor([r["target"] for _, r in reads])
         self.category = torch.tensor([r["category"] for _, r in reads])
         # candidates: (B, Kmax) positions, -1 padded
@@ -195,12 +191,9 @@ def losses(addr, wv, b: Batch, tau: float):
     ce = F.cross_entropy(logits, b.target)
     acc = (logits.argmax(1) == b.target).float()
     # Off the answer, queries rest on the 8th dimension (no key has it): no read.
-    ans_mask = torch.zeros(qr.shape[:2], dtype=torch.bool)
-    for i, (lo, hi) in enumerate(b.ans_span):
-        ans_mask[i, lo:hi] = True
-    rest_r = (1 - qr[..., -1] ** 2)[~ans_mask & b.rmask].mean()
+    rest_r = (1 - qr[..., -1] ** 2)[~b.ans_mask & b.rmask].mean()
     rest_h = (1 - qh[..., -1] ** 2)[b.hmask].mean()
-    on = (qr[..., -1] ** 2)[ans_mask].mean()
+    on = (qr[..., -1] ** 2)[b.ans_mask].mean()
     rel = (m.norm(dim=1) / cv[torch.arange(Q), b.target].norm(dim=1)).mean()
     return ce, rest_r + rest_h + on, acc, rel
 
@@ -209,7 +202,7 @@ def fit(train, held, rt, args):
     mc = rt.model.config
     blocks = rt.model.model.layers
     result = {}
-    for li in COPY_LAYERS:
+    for li in args.layers or ALL_COPY_LAYERS:
         t0 = time.time()
         groups = [Batch(train[i:i + args.batch], li, args.first_only)
                   for i in range(0, len(train), args.batch)]
@@ -220,9 +213,9 @@ def fit(train, held, rt, args):
                        mc.num_key_value_heads).double()
         basis = torch.linalg.svd(x[val] @ ov.T, full_matrices=False)[2][:COPY_HEADS * R]
         wv = (basis @ ov).float()
-        wb, bb, g_acc = P.fit_gate(x, val)
-        # Start: keys and queries at random small weights around the rest direction; the
-        # contrastive loss, not a slot probe, says what an address is.
+        wb, bb, _ = P.fit_gate(x, val)
+        # Start: keys and queries from small random weights (no slot probe): the contrastive
+        # loss alone says what an address is.
         if args.pca:
             xa = torch.cat([x, *[b.rx[b.rmask].double() for b in groups]])
             proj = torch.linalg.svd(xa[torch.randperm(len(xa))[:20000]],
@@ -235,8 +228,6 @@ def fit(train, held, rt, args):
         wq = torch.randn(R, proj.shape[1], generator=g) * scale
         addr = Addressing(wk, wq, wb.detach().float(), float(bb), proj)
         opt = torch.optim.Adam(addr.parameters(), lr=args.lr)
-        with torch.no_grad():
-            _, _, acc0, _ = losses(addr, wv, bh, args.tau)
         for step in range(args.steps):
             ce, rest, acc, rel = losses(addr, wv, groups[step % len(groups)], args.tau)
             loss = ce + args.rest * rest + args.l2 * (addr.wk.square().sum()
@@ -258,8 +249,8 @@ def fit(train, held, rt, args):
         result[li] = {"wk": addr.full(addr.wk).detach(), "wq": addr.full(addr.wq).detach(),
                       "wb": (addr.gate_scale.exp() * addr.wb).detach(),
                       "bb": float(addr.gate_scale.exp() * addr.bb + addr.gate_shift),
-                      "wv": wv, "basis": basis.float(), "held_acc0": float(acc0.mean()),
-                      "held_acc": float(acc_h.mean()), "rel": float(rel_h)}
+                      "wv": wv, "basis": basis.float(), "held_acc": float(acc_h.mean()),
+                      "rel": float(rel_h)}
     return result
 
 
@@ -311,9 +302,6 @@ def main(argv=None):
                     "gain sweep and the adapter")
     ap.add_argument("--cache", default="/tmp/att20L8", help="prefix of the cached inputs")
     args = ap.parse_args(argv)
-    global COPY_LAYERS
-    if args.layers:
-        COPY_LAYERS = args.layers
     tok, enc, words, source, rt = copy_runtime(args.src)
     install(rt, {}, 0.0)
     def cached(split, start, n):

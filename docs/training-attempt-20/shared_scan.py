@@ -1,8 +1,8 @@
 """The δ-mem update for heads that share keys, queries and gates (attempt 20's copy heads):
 one (m × r) state whose rows all decay with the same scalar β_t, so that the chunked UT
 transform is computed once for all m rows instead of once per row and head, as the general
-deltamem.scan path must. The same recurrence as deltamem.scan (checked against its per-token
-loop in __main__):
+deltamem.scan path must. The same recurrence as deltamem.scan (run as __main__, it checks
+itself against deltamem.scan's per-token loop):
 
     m_t = S_{t-1} q_t,   S_t = (1 - β_t) S_{t-1} + β_t (v_t - S_{t-1} k_t) k_tᵀ
 """
@@ -51,27 +51,29 @@ def shared_scan(q, k, v, beta, s0, chunk: int = 32):
     return reads.reshape(B, N * C, m)[:, :T], s
 
 
-def reference(q, k, v, beta, s0):
-    S = s0.clone()
-    reads = []
-    for t in range(q.shape[1]):
-        reads.append((S @ q[:, t, :, None])[..., 0])
-        pred = (S @ k[:, t, :, None])[..., 0]
-        b = beta[:, t, None, None]
-        S = (1 - b) * S + b * (v[:, t] - pred)[..., None] * k[:, t, None, :]
-    return torch.stack(reads, 1), S
-
-
 if __name__ == "__main__":
+    # The oracle is the project's per-token loop, deltamem.scan.delta_rule_scan_reference: an
+    # (m × r) state with a shared key and β is m/r heads of (r × r) that share them.
+    from deltamem.scan import delta_rule_scan_reference
+
     g = torch.Generator().manual_seed(0)
     B, T, r, m = 3, 77, 8, 64
-    q = torch.nn.functional.normalize(torch.randn(B, T, r, generator=g, dtype=torch.float64), dim=-1)
-    k = torch.nn.functional.normalize(torch.randn(B, T, r, generator=g, dtype=torch.float64), dim=-1)
-    v = torch.randn(B, T, m, generator=g, dtype=torch.float64)
-    beta = torch.rand(B, T, generator=g, dtype=torch.float64) * 0.98 + 0.01
-    s0 = torch.randn(B, m, r, generator=g, dtype=torch.float64)
+    H = m // r
+    f64 = torch.float64
+    q = torch.nn.functional.normalize(torch.randn(B, T, r, generator=g, dtype=f64), dim=-1)
+    k = torch.nn.functional.normalize(torch.randn(B, T, r, generator=g, dtype=f64), dim=-1)
+    v = torch.randn(B, T, m, generator=g, dtype=f64)
+    beta = torch.rand(B, T, generator=g, dtype=f64) * 0.98 + 0.01
+    s0 = torch.randn(B, m, r, generator=g, dtype=f64)
     a, sa = shared_scan(q, k, v, beta, s0, chunk=16)
-    b, sb = reference(q, k, v, beta, s0)
+
+    def heads(x):
+        return x[:, :, None].expand(B, T, H, r)
+
+    b, sb = delta_rule_scan_reference(heads(q), heads(k), v.view(B, T, H, r),
+                                      beta[..., None, None].expand(B, T, H, r),
+                                      s0.view(B, H, r, r))
+    b, sb = b.reshape(B, T, m), sb.reshape(B, m, r)
     print("max |diff| reads", float((a - b).abs().max()), "state", float((sa - sb).abs().max()),
           "(fp64; tolerance 1e-9)")
     assert (a - b).abs().max() < 1e-9 and (sa - sb).abs().max() < 1e-9
