@@ -192,7 +192,7 @@ def set_gain(rt, units: dict, gain: float):
             rt.adapter.module.layers[str(li)].b_o.weight[:, cols] = w * gain
 
 
-def copy_runtime(src: str):
+def copy_runtime(src: str, device: str = "cpu"):
     """(tokenizer, encoder, copy words, source adapter, HF runtime of the source widened to
     BASE_HEADS + COPY_HEADS heads): the common start of attempts 19's and 20's scripts."""
     scan.USE_CPU_KERNEL = False  # numba slows later torch work (attempt 18)
@@ -203,7 +203,8 @@ def copy_runtime(src: str):
     words = D.copy_word_lists(list(tok.get_vocab()))
     source = load_adapter(src)
     rt = DeltaMemHF.from_pretrained(md, adapter=widen_state_heads(source,
-                                                                  BASE_HEADS + COPY_HEADS))
+                                                                  BASE_HEADS + COPY_HEADS),
+                                    device=device)
     return tok, enc, words, source, rt
 
 

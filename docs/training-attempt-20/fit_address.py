@@ -31,6 +31,11 @@ The runs of the record (IN = attempt 12's adapter, the repository's until this a
 --from-fit OUT.fit.pt --gains --save-gain 0.07; the same with --save-gain 0.1, 0.15 and 0.25
 for the other live runs; --first-only --steps 800 --gains --save-gain 0.1 (fit_att20b.log; its 0.15
 adapter by --from-fit), not kept. Inputs are cached under --cache (~2.6 GB for 240 + 32 chats).
+
+Attempt 21 added, all off by default (the runs above are unchanged): --more-templates (train
+chats with docs/training-attempt-21/templates.py's extra statements, updates and questions),
+--device (collect and fit on a GPU), --collect-block (one block of 80 chats, so that processes
+collect side by side), --minutes (a time budget for the whole run) and --fit-only.
 """
 
 import argparse
@@ -51,13 +56,22 @@ ALL_COPY_LAYERS = list(range(16, 24))
 R = 8
 
 
-def collect(rt, tok, enc, words, split: str, start: int, n: int, seed: str):
-    """Per chat: x (layers 16-23, float16) over the history and each question's read pass,
-    value-token mask, candidate values (first-token positions), and per question the
-    candidate it asks for."""
+def collect(rt, tok, enc, words, split: str, start: int, n: int, seed: str,
+            more_templates: bool = False):
+    """Per chat: x (layers 16-23, float16, on the CPU) over the history and each question's
+    read pass, value-token mask, candidate values (first-token positions), and per question
+    the candidate it asks for. more_templates (train split): attempt 21's extra statements,
+    updates and questions."""
     layers = list(rt.adapter.module.layers.values())
     inp = P.Inputs(layers)
-    pool = D.pools(split)
+    dev = rt.device
+    if split == "train" and more_templates:
+        import templates as T
+        pool, questions = T.train_pool(), T.train_questions
+    else:
+        pool = D.pools(split)
+        questions = (lambda s: pool.question[s] + P.EXTRA_QUESTIONS[s]) if split == "train" \
+            else (lambda s: pool.question[s])
     chats = []
     t0 = time.time()
     for c in range(start, start + n):
@@ -79,24 +93,22 @@ def collect(rt, tok, enc, words, split: str, start: int, n: int, seed: str):
                     cand.append(spans[0][0])
         inp.xs.clear()
         with torch.no_grad():
-            _, state, _ = rt.forward(torch.tensor([ids]), None,
-                                     torch.ones(1, len(ids), dtype=torch.bool))
-        hx = {li: inp.xs[li].half() for li in ALL_COPY_LAYERS}  # (T, d) each
+            _, state, _ = rt.forward(torch.tensor([ids], device=dev), None,
+                                     torch.ones(1, len(ids), dtype=torch.bool, device=dev))
+        hx = {li: inp.xs[li].half().cpu() for li in ALL_COPY_LAYERS}  # (T, d) each
         reads = []
         for fi, fact in enumerate(conv.facts):
             if (fi, fact.value) not in cand_of:
                 continue
-            qs = pool.question[fact.slot] + (P.EXTRA_QUESTIONS[fact.slot]
-                                              if split == "train" else [])
-            ep = D.Episode(hist, rng.choice(qs).format(p=fact.person), fact.value,
+            ep = D.Episode(hist, rng.choice(questions(fact.slot)).format(p=fact.person), fact.value,
                            fact.category, fact.slot)
             context = rng.choice([0, min(D.messages_after_fact(ep), 6)])
             r_ids, _, a_start = enc.read(ep, context)
             inp.xs.clear()
             with torch.no_grad():
-                rt.forward(torch.tensor([r_ids]), state,
-                           torch.zeros(1, len(r_ids), dtype=torch.bool))
-            rx = {li: inp.xs[li].half() for li in ALL_COPY_LAYERS}
+                rt.forward(torch.tensor([r_ids], device=dev), state,
+                           torch.zeros(1, len(r_ids), dtype=torch.bool, device=dev))
+            rx = {li: inp.xs[li].half().cpu() for li in ALL_COPY_LAYERS}
             reads.append({"x": rx, "a_start": a_start, "target": cand_of[(fi, fact.value)],
                           "category": fact.category})
         chats.append({"x": hx, "val": val, "cand": torch.tensor(cand), "reads": reads})
@@ -138,6 +150,11 @@ class Batch:
         self.category = torch.tensor([r["category"] for _, r in reads])
         # candidates: (B, Kmax) positions, -1 padded
         self.cand = pad_stack([c["cand"] + 1 for c in chats]) - 1
+
+    def to(self, device):
+        for k, v in vars(self).items():
+            setattr(self, k, v.to(device))
+        return self
 
 
 class Addressing(torch.nn.Module):
@@ -184,7 +201,8 @@ def run(addr, wv, b: Batch):
 def losses(addr, wv, b: Batch, tau: float):
     reads, qh, qr, v = run(addr, wv, b)
     Q = len(b.target)
-    m = reads[torch.arange(Q), b.ans]  # (Q, 64): the read that predicts the first token
+    ar = torch.arange(Q, device=reads.device)
+    m = reads[ar, b.ans]  # (Q, 64): the read that predicts the first token
     cv = v[b.chat[:, None], b.cand[b.chat].clamp_min(0)]  # (Q, K, 64)
     ok = b.cand[b.chat] >= 0
     logits = (F.cosine_similarity(m[:, None], cv, dim=-1) / tau).masked_fill(~ok, -1e9)
@@ -194,30 +212,37 @@ def losses(addr, wv, b: Batch, tau: float):
     rest_r = (1 - qr[..., -1] ** 2)[~b.ans_mask & b.rmask].mean()
     rest_h = (1 - qh[..., -1] ** 2)[b.hmask].mean()
     on = (qr[..., -1] ** 2)[b.ans_mask].mean()
-    rel = (m.norm(dim=1) / cv[torch.arange(Q), b.target].norm(dim=1)).mean()
+    rel = (m.norm(dim=1) / cv[ar, b.target].norm(dim=1)).mean()
     return ce, rest_r + rest_h + on, acc, rel
 
 
-def fit(train, held, rt, args):
+def fit(train, held, rt, args, save=None):
+    """save(result) after each layer, so that a run stopped by its time limit keeps the
+    layers it finished."""
     mc = rt.model.config
     blocks = rt.model.model.layers
+    dev = torch.device(args.device)
     result = {}
-    for li in args.layers or ALL_COPY_LAYERS:
+    layers = args.layers or ALL_COPY_LAYERS
+    for n_done, li in enumerate(layers):
         t0 = time.time()
         groups = [Batch(train[i:i + args.batch], li, args.first_only)
                   for i in range(0, len(train), args.batch)]
         bh = Batch(held, li, args.first_only)
-        x = torch.cat([b.hx[b.hmask] for b in groups]).double()
-        val = torch.cat([b.val[b.hmask] for b in groups])
+        # The fixed parts (values, the gate's direction) from the first 240 chats at most,
+        # on the CPU: the record's fit used 240.
+        stat = groups[:max(1, 240 // args.batch)]
+        x = torch.cat([b.hx[b.hmask] for b in stat]).double()
+        val = torch.cat([b.val[b.hmask] for b in stat])
         ov = ov_matrix(blocks[li].self_attn, mc.num_attention_heads,
-                       mc.num_key_value_heads).double()
+                       mc.num_key_value_heads).double().cpu()
         basis = torch.linalg.svd(x[val] @ ov.T, full_matrices=False)[2][:COPY_HEADS * R]
         wv = (basis @ ov).float()
         wb, bb, _ = P.fit_gate(x, val)
         # Start: keys and queries from small random weights (no slot probe): the contrastive
         # loss alone says what an address is.
         if args.pca:
-            xa = torch.cat([x, *[b.rx[b.rmask].double() for b in groups]])
+            xa = torch.cat([x, *[b.rx[b.rmask].double() for b in stat]])
             proj = torch.linalg.svd(xa[torch.randperm(len(xa))[:20000]],
                                     full_matrices=False)[2][:args.pca].T.float()
         else:
@@ -226,16 +251,23 @@ def fit(train, held, rt, args):
         scale = args.init_std * (x.shape[1] / proj.shape[1]) ** 0.5
         wk = torch.randn(R, proj.shape[1], generator=g) * scale
         wq = torch.randn(R, proj.shape[1], generator=g) * scale
-        addr = Addressing(wk, wq, wb.detach().float(), float(bb), proj)
+        addr = Addressing(wk, wq, wb.detach().float(), float(bb), proj).to(dev)
+        addr.wb, addr.proj, wv = addr.wb.to(dev), addr.proj.to(dev), wv.to(dev)
+        groups = [b.to(dev) for b in groups]
+        bh = bh.to(dev)
         opt = torch.optim.Adam(addr.parameters(), lr=args.lr)
+        # --minutes: the layers left share what is left of the budget.
+        deadline = (args.t_start + 60 * args.minutes - t0) / (len(layers) - n_done) + t0 \
+            if args.minutes else float("inf")
         for step in range(args.steps):
+            last = step == args.steps - 1 or time.time() > deadline
             ce, rest, acc, rel = losses(addr, wv, groups[step % len(groups)], args.tau)
             loss = ce + args.rest * rest + args.l2 * (addr.wk.square().sum()
                                                       + addr.wq.square().sum())
             opt.zero_grad()
             loss.backward()
             opt.step()
-            if step % 50 == 0 or step == args.steps - 1:
+            if step % 50 == 0 or last:
                 with torch.no_grad():
                     _, rest_h, acc_h, rel_h = losses(addr, wv, bh, args.tau)
                 by_cat = {int(c): round(float(acc_h[bh.category == c].mean()), 3)
@@ -246,11 +278,16 @@ def fit(train, held, rt, args):
                       f"gate x{float(addr.gate_scale.exp()):.2f}"
                       f"{float(addr.gate_shift):+.2f} ({time.time() - t0:.0f} s)",
                       flush=True)
-        result[li] = {"wk": addr.full(addr.wk).detach(), "wq": addr.full(addr.wq).detach(),
-                      "wb": (addr.gate_scale.exp() * addr.wb).detach(),
+            if last:
+                break
+        result[li] = {"wk": addr.full(addr.wk).detach().cpu(),
+                      "wq": addr.full(addr.wq).detach().cpu(),
+                      "wb": (addr.gate_scale.exp() * addr.wb).detach().cpu(),
                       "bb": float(addr.gate_scale.exp() * addr.bb + addr.gate_shift),
-                      "wv": wv, "basis": basis.float(), "held_acc": float(acc_h.mean()),
-                      "rel": float(rel_h)}
+                      "wv": wv.cpu(), "basis": basis.float(), "held_acc": float(acc_h.mean()),
+                      "rel": float(rel_h), "steps": step + 1}
+        if save:
+            save(result)
     return result
 
 
@@ -301,19 +338,41 @@ def main(argv=None):
     ap.add_argument("--from-fit", default=None, help="a saved fit (DST.fit.pt): only the "
                     "gain sweep and the adapter")
     ap.add_argument("--cache", default="/tmp/att20L8", help="prefix of the cached inputs")
+    ap.add_argument("--more-templates", action="store_true",
+                    help="attempt 21: train chats with docs/training-attempt-21/templates.py's "
+                         "extra statements, updates and questions")
+    ap.add_argument("--device", default="cpu", help="where the inputs are collected and the "
+                    "fit runs (the gain sweep and the adapter need --device cpu)")
+    ap.add_argument("--minutes", type=float, default=0.0,
+                    help="stop each layer's fit early so that the fit ends within this many "
+                         "minutes of the start (0: no limit)")
+    ap.add_argument("--fit-only", action="store_true", help="save DST.fit.pt and stop")
+    ap.add_argument("--collect-block", type=int, default=None,
+                    help="only cache train block B (chats 80B to 80B+79; B = -1: the held-out "
+                         "chats), so that several processes collect side by side")
     args = ap.parse_args(argv)
-    tok, enc, words, source, rt = copy_runtime(args.src)
+    args.t_start = time.time()
+    tok, enc, words, source, rt = copy_runtime(args.src, args.device)
     install(rt, {}, 0.0)
     def cached(split, start, n):
-        # Inputs depend on the source adapter's heads (on), not the copy heads (silent).
-        path = f"{args.cache}_{source.fingerprint()[7:]}_{split}_{start}_{n}.pt"
+        # Inputs depend on the source adapter's heads (on), not the copy heads (silent), and
+        # on the train split's templates.
+        more = "_more" if args.more_templates and split == "train" else ""
+        path = f"{args.cache}_{source.fingerprint()[7:]}{more}_{split}_{start}_{n}.pt"
         try:
             return torch.load(path)
         except FileNotFoundError:
-            chats = collect(rt, tok, enc, words, split, start, n, "att20")
+            chats = collect(rt, tok, enc, words, split, start, n, "att20", args.more_templates)
             torch.save(chats, path)
             return chats
 
+    if args.collect_block is not None:
+        if args.collect_block < 0:
+            cached("heldout", 0, args.held)
+        else:
+            start = 80 * args.collect_block
+            cached("train", start, min(80, args.chats - start))
+        return
     if args.from_fit:
         result = torch.load(args.from_fit)
     else:
@@ -326,8 +385,10 @@ def main(argv=None):
         nq = sum(len(c["reads"]) for c in held)
         print(f"{len(train)} train chats, {len(held)} held-out chats ({nq} questions)",
               flush=True)
-        result = fit(train, held, rt, args)
-        torch.save(result, args.dst + ".fit.pt")
+        result = fit(train, held, rt, args,
+                     save=lambda res: torch.save(res, args.dst + ".fit.pt"))
+    if args.fit_only:
+        return
     gain = P.best_gain(rt, enc, lambda g: install(rt, result, g), args.gains, args.episodes)
     if args.save_gain is not None:
         gain = args.save_gain

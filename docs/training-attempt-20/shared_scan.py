@@ -28,17 +28,17 @@ def shared_scan(q, k, v, beta, s0, chunk: int = 32):
     log_a = torch.log(torch.clamp(1 - bc, min=torch.finfo(bc.dtype).tiny))
     g = torch.cumsum(log_a, -1)
     g_prev = g - log_a
-    strict = torch.ones(C, C, dtype=torch.bool).tril(-1)
+    strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
     decay = torch.exp((g_prev[..., :, None] - g[..., None, :]).masked_fill(~strict, float("-inf")))
     kk = kc @ kc.transpose(-1, -2)
     qk = qc @ kc.transpose(-1, -2)
-    A = torch.eye(C, dtype=q.dtype) + bc[..., None] * decay * kk
+    A = torch.eye(C, dtype=q.dtype, device=q.device) + bc[..., None] * decay * kk
     rhs = torch.cat([bc[..., None] * vc, (bc * torch.exp(g_prev))[..., None] * kc], -1)
     sol = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
     X, Y = sol[..., :m], sol[..., m:]  # δ_t = X_t - S_0 Y_t
     e = torch.exp(g[..., -1:] - g)  # (B, N, C)
     gamma_C = torch.exp(g[..., -1])  # (B, N)
-    M = gamma_C[..., None, None] * torch.eye(r, dtype=q.dtype) - (Y * e[..., None]).transpose(
+    M = gamma_C[..., None, None] * torch.eye(r, dtype=q.dtype, device=q.device) - (Y * e[..., None]).transpose(
         -1, -2) @ kc  # (B, N, r, r): S_C = S_0 M + c
     c = (X * e[..., None]).transpose(-1, -2) @ kc  # (B, N, m, r)
     starts, s = [], s0
