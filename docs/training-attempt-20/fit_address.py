@@ -100,8 +100,8 @@ def collect(rt, tok, enc, words, split: str, start: int, n: int, seed: str,
         for fi, fact in enumerate(conv.facts):
             if (fi, fact.value) not in cand_of:
                 continue
-            ep = D.Episode(hist, rng.choice(questions(fact.slot)).format(p=fact.person), fact.value,
-                           fact.category, fact.slot)
+            question = rng.choice(questions(fact.slot)).format(p=fact.person)
+            ep = D.Episode(hist, question, fact.value, fact.category, fact.slot)
             context = rng.choice([0, min(D.messages_after_fact(ep), 6)])
             r_ids, _, a_start = enc.read(ep, context)
             inp.xs.clear()
