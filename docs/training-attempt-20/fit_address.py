@@ -229,8 +229,8 @@ def fit(train, held, rt, args, save=None):
         groups = [Batch(train[i:i + args.batch], li, args.first_only)
                   for i in range(0, len(train), args.batch)]
         bh = Batch(held, li, args.first_only)
-        # The fixed parts (values, the gate's direction) from the first 240 chats at most,
-        # on the CPU: the record's fit used 240.
+        # The fixed parts (values, the gate's direction) from the first 240 // batch batches,
+        # on the CPU: all 240 chats of attempt 20's fit (batch 16), 224 of attempt 21's (32).
         stat = groups[:max(1, 240 // args.batch)]
         x = torch.cat([b.hx[b.hmask] for b in stat]).double()
         val = torch.cat([b.val[b.hmask] for b in stat])
@@ -334,7 +334,7 @@ def main(argv=None):
                     help="queries rest everywhere but where the answer's first token is "
                          "predicted")
     ap.add_argument("--save-gain", type=float, default=None,
-                    help="the gain saved (default: the best of the sweep)")
+                    help="the gain saved, with no sweep (default: the best of the sweep)")
     ap.add_argument("--from-fit", default=None, help="a saved fit (DST.fit.pt): only the "
                     "gain sweep and the adapter")
     ap.add_argument("--cache", default="/tmp/att20L8", help="prefix of the cached inputs")
@@ -389,9 +389,9 @@ def main(argv=None):
                      save=lambda res: torch.save(res, args.dst + ".fit.pt"))
     if args.fit_only:
         return
-    gain = P.best_gain(rt, enc, lambda g: install(rt, result, g), args.gains, args.episodes)
-    if args.save_gain is not None:
-        gain = args.save_gain
+    # The sweep only chooses the gain: with --save-gain given it would be evaluation thrown away.
+    gain = args.save_gain if args.save_gain is not None else \
+        P.best_gain(rt, enc, lambda g: install(rt, result, g), args.gains, args.episodes)
     install(rt, result, gain)
     save_adapter(rt.adapter, args.dst, {"programmed": "copy heads, addressing fitted through "
                                                       "the delta rule (docs/training-attempt-20)"},
