@@ -1,0 +1,183 @@
+"""Attempt 22, diagnosis: where an outside-window answer is lost in the served forward pass.
+
+The evaluation's δ-mem@W mode is replayed in the HF reference runtime (float32) with the
+server's own turn planning (server.sessions.plan_turn / finish_turn), so the prompts, windows
+and write starts are the ones the engine sees. For each question whose evidence lies outside
+W, at the position that predicts the answer's first token:
+
+- the rank of the answer's first token with the shipped adapter, with its eight copy heads
+  silenced (their read-out columns zeroed) and with their read-out doubled;
+- per copy layer 16-23, which written position the copy heads' read points at (cosine of the
+  64-number read against the value v̂ written at each position whose gate is open): the asked
+  value's own position, another value, or elsewhere.
+
+A one-off (not project code).
+
+    PYTHONPATH=. .venv/bin/python docs/training-attempt-22/diagnose.py [--seed 1234] [--conversations 12]
+"""
+
+import argparse
+import copy
+import json
+from collections import Counter
+
+import torch
+from transformers import AutoTokenizer
+
+from deltamem import evaluate as E
+from deltamem import scan
+from deltamem.adapter import load_adapter
+from deltamem.data import SYSTEM_PROMPT
+from deltamem.hf_runtime import DeltaMemHF
+from deltamem.model_fetch import resolve_model
+from memory_store import SessionRecord, StateIdentity
+from server.sessions import ChatFormat, finish_turn, plan_turn
+
+COPY_LAYERS = list(range(16, 24))
+COPY = slice(4 * 8, 12 * 8)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--adapter", default="deltamem/adapters/smollm2-135m-instruct")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--conversations", type=int, default=12)
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--all", action="store_true", help="every question, not only outside W")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    scan.USE_CPU_KERNEL = False
+    torch.manual_seed(0)
+    md = resolve_model(None)
+    tok = AutoTokenizer.from_pretrained(md)
+    rt = DeltaMemHF.from_pretrained(md, adapter=load_adapter(args.adapter))
+    fmt = ChatFormat(tok)
+    c = rt.adapter.config
+    ident = StateIdentity("b", "a", len(c.layers), c.num_state_heads, c.rank)
+    slots = {li: c.layers.index(li) for li in COPY_LAYERS}
+    mods = {li: rt.adapter.module.layer(li) for li in COPY_LAYERS}
+    bo_copy = {li: mods[li].b_o.weight[:, COPY].clone() for li in COPY_LAYERS}
+
+    xs: dict[int, torch.Tensor] = {}  # layer -> x of the last forward (T, d)
+    reads: dict[int, list[torch.Tensor]] = {li: [] for li in COPY_LAYERS}  # per forward
+
+    def grab_x(li):
+        def hook(mod, inp):
+            xs[li] = inp[0][0].detach().float()
+        return hook
+
+    def grab_read(li):
+        def hook(mod, inp):
+            reads[li].append(rt.ctx.reads[slots[li]][0, -1].detach().float())
+        return hook
+
+    for li in COPY_LAYERS:
+        attn = rt.model.model.layers[li].self_attn
+        attn.q_proj.register_forward_pre_hook(grab_x(li))
+        attn.o_proj.register_forward_pre_hook(grab_read(li))
+
+    def set_copy_gain(g):
+        with torch.no_grad():
+            for li in COPY_LAYERS:
+                mods[li].b_o.weight[:, COPY] = g * bo_copy[li]
+
+    eos = [fmt.im_end, tok.eos_token_id]
+    rows = []
+    convs = E.load_conversations(None, args.conversations, args.seed)
+    for sample in convs:
+        rec = SessionRecord("s", "t", ident)
+        hist_x = {li: [] for li in COPY_LAYERS}  # transcript-ordered x of written tokens
+        turns = E.session_turns(sample)
+        for i, (msgs, _) in enumerate(turns):
+            if i == 0:  # the evaluator's default: the system prompt the adapters train with
+                msgs = [{"role": "system", "content": SYSTEM_PROMPT}, *msgs]
+            plan = plan_turn(fmt, rec, msgs, args.window, 8192, 1)
+            absorbed = rec.tokens_absorbed
+            res = rt.run(plan.prompt, plan.initial_state, plan.write_start, 1, eos)
+            assert absorbed + len(plan.prompt) - plan.write_start == len(rec.transcript) + len(plan.new_tokens)
+            for li in COPY_LAYERS:
+                hist_x[li].append(xs[li][plan.write_start:])
+            rec = finish_turn(plan, res.tokens, fmt.decode(res.tokens), res.final_state,
+                              res.finish_reason, ident)
+        full = rec.transcript[:-1]
+        hx = {li: torch.cat(hist_x[li]) for li in COPY_LAYERS}
+        assert hx[16].shape[0] == len(full), (hx[16].shape, len(full))
+        with torch.no_grad():
+            hv = {li: mods[li].w_v(hx[li])[:, COPY] for li in COPY_LAYERS}
+            hb = {li: torch.sigmoid(mods[li].w_beta(hx[li]))[:, COPY][:, 0] for li in COPY_LAYERS}
+        top = hb[20].topk(24).indices.sort().values
+        print("layer 20's most open gates:", " ".join(
+            f"{tok.decode([full[i]])!r}:{hb[20][i]:.2f}" for i in top), flush=True)
+        for q in sample["qa"]:
+            dist = E.evidence_distance(tok, turns, q.get("evidence", []))
+            if not args.all and (dist is None or dist <= args.window):
+                continue
+            ans = str(q["answer"])
+            # The answer's first token as the model would say it after "assistant\n", and
+            # where in the transcript its value was last written.
+            first = tok.encode(ans, add_special_tokens=False)[0]
+            spaced = tok.encode(" " + ans, add_special_tokens=False)[0]
+            pos = [i for i, t in enumerate(full) if t in (first, spaced)]
+            plan = plan_turn(fmt, copy.deepcopy(rec), [{"role": "user", "content": q["question"]}],
+                             args.window, 8192, 16)
+            row = {"sample": sample["sample_id"], "question": q["question"], "answer": ans,
+                   "category": q.get("category"), "distance": dist, "value_pos": pos[-1] if pos else None}
+            for name, g in (("shipped", 1.0), ("silenced", 0.0), ("double", 2.0)):
+                set_copy_gain(g)
+                for li in COPY_LAYERS:
+                    reads[li].clear()
+                r = rt.run(plan.prompt, plan.initial_state, plan.write_start, 12, eos)
+                lg = r.step_logits[0]
+                row[name] = {"prediction": fmt.decode(r.tokens),
+                             "rank_first": int((lg > lg[first]).sum()),
+                             "rank_spaced": int((lg > lg[spaced]).sum()),
+                             "top": fmt.tok.convert_ids_to_tokens(lg.topk(3).indices.tolist())}
+                if name == "shipped":
+                    # the prompt's forward, its last position: the read that shapes the answer
+                    m = {li: reads[li][0][4:12].flatten() for li in COPY_LAYERS}
+            set_copy_gain(1.0)
+            per_layer = {}
+            for li in COPY_LAYERS:
+                open_ = (hb[li] > 0.5 * hb[li].max()).nonzero().flatten()
+                cs = torch.nn.functional.cosine_similarity(hv[li][open_], m[li][None], dim=-1)
+                best = int(open_[cs.argmax()])
+                per_layer[li] = {"best": best, "hit": full[best] in (first, spaced),
+                                 "best_token": tok.decode([full[best]]),
+                                 "read_norm": float(m[li].norm()),
+                                 "cos_best": float(cs.max()),
+                                 "cos_answer": float(cs[(open_ == pos[-1]).nonzero().flatten()].max())
+                                 if pos and (open_ == pos[-1]).any() else None,
+                                 "answer_gate_open": bool(pos) and bool((open_ == pos[-1]).any()),
+                                 "beta_answer": float(hb[li][pos[-1]]) if pos else None,
+                                 "beta_rank": int((hb[li] > hb[li][pos[-1]]).sum()) if pos else None,
+                                 "beta_max": float(hb[li].max()), "open": len(open_)}
+            row["layers"] = per_layer
+            rows.append(row)
+            print(f"{ans!r:>22} d={dist} | shipped {row['shipped']['prediction'][:18]!r} "
+                  f"r{row['shipped']['rank_first']}/{row['shipped']['rank_spaced']} | silenced "
+                  f"r{row['silenced']['rank_first']}/{row['silenced']['rank_spaced']} | double "
+                  f"{row['double']['prediction'][:14]!r} r{row['double']['rank_first']}/{row['double']['rank_spaced']} | "
+                  f"hits {sum(v['hit'] for v in per_layer.values())}/8 "
+                  f"read→{Counter(v['best_token'] for v in per_layer.values()).most_common(2)}",
+                  flush=True)
+    n = len(rows)
+
+    def top1(name):
+        return sum(min(r[name]["rank_first"], r[name]["rank_spaced"]) == 0 for r in rows)
+
+    def top10(name):
+        return sum(min(r[name]["rank_first"], r[name]["rank_spaced"]) < 10 for r in rows)
+
+    print(f"\n{n} questions outside W")
+    for name in ("shipped", "silenced", "double"):
+        print(f"{name:>9}: first token top-1 {top1(name)}, top-10 {top10(name)}, "
+              f"exact {sum(E.exact_match(r[name]['prediction'], r['answer']) for r in rows):.0f}")
+    for li in COPY_LAYERS:
+        print(f"layer {li}: read points at the asked value {sum(r['layers'][li]['hit'] for r in rows)}/{n}, "
+              f"its gate open {sum(r['layers'][li]['answer_gate_open'] for r in rows)}/{n}")
+    if args.out:
+        json.dump(rows, open(args.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
