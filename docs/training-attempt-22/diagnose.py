@@ -108,6 +108,16 @@ def main():
         top = hb[20].topk(24).indices.sort().values
         print("layer 20's most open gates:", " ".join(
             f"{tok.decode([full[i]])!r}:{hb[20][i]:.2f}" for i in top), flush=True)
+        # The fit's own measure: candidates are the values' first tokens (each fact's current
+        # value, its last occurrence), not every written token.
+        cand = {}
+        for q in sample["qa"]:
+            a = str(q["answer"])
+            ids_a = {tok.encode(a, add_special_tokens=False)[0],
+                     tok.encode(" " + a, add_special_tokens=False)[0]}
+            occ = [i for i, t in enumerate(full) if t in ids_a]
+            if occ:
+                cand[a] = occ[-1]
         for q in sample["qa"]:
             dist = E.evidence_distance(tok, turns, q.get("evidence", []))
             if not args.all and (dist is None or dist <= args.window):
@@ -151,6 +161,12 @@ def main():
                                  "beta_answer": float(hb[li][pos[-1]]) if pos else None,
                                  "beta_rank": int((hb[li] > hb[li][pos[-1]]).sum()) if pos else None,
                                  "beta_max": float(hb[li].max()), "open": len(open_)}
+                if str(q["answer"]) in cand and len(cand) > 1:
+                    names = list(cand)
+                    cv = hv[li][[cand[n] for n in names]]
+                    cs2 = torch.nn.functional.cosine_similarity(cv, m[li][None], dim=-1)
+                    per_layer[li]["fit_hit"] = names[int(cs2.argmax())] == str(q["answer"])
+                    per_layer[li]["fit_candidates"] = len(names)
             row["layers"] = per_layer
             rows.append(row)
             print(f"{ans!r:>22} d={dist} | shipped {row['shipped']['prediction'][:18]!r} "
@@ -174,7 +190,9 @@ def main():
               f"exact {sum(E.exact_match(r[name]['prediction'], r['answer']) for r in rows):.0f}")
     for li in COPY_LAYERS:
         print(f"layer {li}: read points at the asked value {sum(r['layers'][li]['hit'] for r in rows)}/{n}, "
-              f"its gate open {sum(r['layers'][li]['answer_gate_open'] for r in rows)}/{n}")
+              f"its gate open {sum(r['layers'][li]['answer_gate_open'] for r in rows)}/{n}, "
+              f"among the values' first tokens (the fit's measure) "
+              f"{sum(r['layers'][li].get('fit_hit', False) for r in rows)}/{n}")
     if args.out:
         json.dump(rows, open(args.out, "w"), indent=1)
 

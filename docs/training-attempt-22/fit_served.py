@@ -22,15 +22,23 @@ Everything else (values, read-out, loss, fit, install) is attempt 20's. A one-of
 
 IN is the shipped adapter (attempt 20): fit_address silences its copy heads while collecting
 (attempt 12's heads on, as attempt 20 collected) and replaces them at the end.
+
+The runs of the record (README.md): --chats 240 --held 32 --steps 1000 --save-gain 0.07
+--cache /tmp/att22 (fit_served.log; ~31 min collecting, 6.5 fitting); the same with
+--near-weight 0.1 (fit_far.log) and with --answer-tokens 3 (fit_tok3.log; the cached inputs
+get their values' token counts once, from the regenerated conversations); and
+--from-fit OUT.fit.pt --save-gain 0.2 for the louder three-token adapter.
 """
 
 import copy
 import random
+import sys
 import time
 
 import fit_address as FA
 import program_memory as P
 import torch
+import torch.nn.functional as F
 
 from deltamem import data as D
 from deltamem import evaluate as E
@@ -133,6 +141,144 @@ def collect_served(rt, tok, enc, words, split: str, start: int, n: int, seed: st
     return chats
 
 
+NEAR_WEIGHT = 1.0  # --near-weight
+
+
+def losses_far(addr, wv, b, tau):
+    """fit_address.losses with the questions whose value lies within the last WINDOW written
+    tokens (the served prompt re-sends them) weighted by NEAR_WEIGHT: the state is what answers
+    the others. Without grad (the held-out check) it also prints the far questions' accuracy."""
+    reads, qh, qr, v = FA.run(addr, wv, b)
+    Q = len(b.target)
+    ar = torch.arange(Q, device=reads.device)
+    m = reads[ar, b.ans]
+    cv = v[b.chat[:, None], b.cand[b.chat].clamp_min(0)]
+    ok = b.cand[b.chat] >= 0
+    logits = (F.cosine_similarity(m[:, None], cv, dim=-1) / tau).masked_fill(~ok, -1e9)
+    far = (b.hmask.sum(1)[b.chat] - b.cand[b.chat, b.target]) > WINDOW
+    w = torch.where(far, 1.0, NEAR_WEIGHT)
+    ce = (F.cross_entropy(logits, b.target, reduction="none") * w).sum() / w.sum()
+    acc = (logits.argmax(1) == b.target).float()
+    if not torch.is_grad_enabled():
+        print(f"    far questions: {int(far.sum())} of {Q}, acc {float(acc[far].mean()):.3f}",
+              flush=True)
+    rest_r = (1 - qr[..., -1] ** 2)[~b.ans_mask & b.rmask].mean()
+    rest_h = (1 - qh[..., -1] ** 2)[b.hmask].mean()
+    on = (qr[..., -1] ** 2)[b.ans_mask].mean()
+    rel = (m.norm(dim=1) / cv[ar, b.target].norm(dim=1)).mean()
+    return ce, rest_r + rest_h + on, acc, rel
+
+
+ANSWER_TOKENS = 3  # --answer-tokens
+
+
+def value_lengths(tok, words, split: str, start: int, n: int, seed: str, chats) -> None:
+    """Add to each cached chat the token count of each candidate value (`cand_len`), from
+    the same conversations regenerated (same seeds; the model is not needed). A chat whose
+    candidate count does not match keeps first tokens only."""
+    pool = D.pools(split)
+    for ci, chat in zip(range(start, start + n), chats, strict=True):
+        rng = random.Random(f"{seed}:{split}:{ci}")
+        use_words = split == "train" and ci % 2 == 0
+        conv = D.generate_conversation(rng, pool, D.HELDOUT_LOCOMO, words if use_words else None,
+                                       1.0 if use_words else 0.0, 0.5)
+        lens = [len(tok(" " + v, add_special_tokens=False).input_ids)
+                for f in conv.facts for v in [*f.history, f.value]]
+        chat["cand_len"] = torch.tensor(lens if len(lens) == len(chat["cand"])
+                                        else [1] * len(chat["cand"]))
+
+
+class BatchJ(FA.Batch):
+    """fit_address.Batch with one read per answer token (up to ANSWER_TOKENS): the read at
+    the position that predicts the answer's j-th token must point at the asked value's j-th
+    token, against the other values' j-th tokens. With first tokens only, "a kite festival"
+    is asked to copy " a", which every event starts with, and a date its month."""
+
+    def __init__(self, chats, li, first_only: bool = False):
+        exp = []
+        for c in chats:
+            reads = []
+            for r in c["reads"]:
+                n = int(c["cand_len"][r["target"]]) if "cand_len" in c else 1
+                for j in range(min(n, ANSWER_TOKENS)):
+                    reads.append({**r, "a_start": r["a_start"] + j, "j": j})
+            exp.append({**c, "reads": reads})
+        super().__init__(exp, li, first_only)
+        js = torch.tensor([r["j"] for c in exp for r in c["reads"]])
+        lens = FA.pad_stack([c.get("cand_len", torch.ones(len(c["cand"]), dtype=torch.long))
+                             for c in exp])
+        cq = self.cand[self.chat]  # (Q, K)
+        ok = (cq >= 0) & (js[:, None] < lens[self.chat])
+        self.cand_q = torch.where(ok, cq + js[:, None], -1)
+        self.first = js == 0
+
+
+def losses_tokens(addr, wv, b, tau):
+    """fit_address.losses over per-token reads (BatchJ), with --near-weight."""
+    reads, qh, qr, v = FA.run(addr, wv, b)
+    Q = len(b.target)
+    ar = torch.arange(Q, device=reads.device)
+    m = reads[ar, b.ans]
+    cq = b.cand_q
+    cv = v[b.chat[:, None], cq.clamp_min(0)]
+    ok = cq >= 0
+    logits = (F.cosine_similarity(m[:, None], cv, dim=-1) / tau).masked_fill(~ok, -1e9)
+    far = (b.hmask.sum(1)[b.chat] - cq[ar, b.target]) > WINDOW
+    w = torch.where(far, 1.0, NEAR_WEIGHT)
+    ce = (F.cross_entropy(logits, b.target, reduction="none") * w).sum() / w.sum()
+    acc = (logits.argmax(1) == b.target).float()
+    if not torch.is_grad_enabled():
+        f0, f1 = far & b.first, far & ~b.first
+        print(f"    far: first tokens {int(f0.sum())} acc {float(acc[f0].mean()):.3f}, later "
+              f"tokens {int(f1.sum())} acc {float(acc[f1].mean()):.3f}", flush=True)
+    rest_r = (1 - qr[..., -1] ** 2)[~b.ans_mask & b.rmask].mean()
+    rest_h = (1 - qh[..., -1] ** 2)[b.hmask].mean()
+    on = (qr[..., -1] ** 2)[b.ans_mask].mean()
+    rel = (m.norm(dim=1) / cv[ar, b.target].norm(dim=1)).mean()
+    return ce, rest_r + rest_h + on, acc, rel
+
+
+def flag(name, default):
+    if name not in sys.argv:
+        return default
+    i = sys.argv.index(name)
+    value = float(sys.argv[i + 1])
+    del sys.argv[i:i + 2]
+    return value
+
+
 if __name__ == "__main__":
     FA.collect = collect_served
+    NEAR_WEIGHT = flag("--near-weight", 1.0)
+    ANSWER_TOKENS = int(flag("--answer-tokens", 0))
+    if ANSWER_TOKENS:
+        # Cached inputs without value lengths get them here, once (the cache is rewritten).
+        import glob
+        import re
+
+        from transformers import AutoTokenizer
+
+        from deltamem.model_fetch import resolve_model
+        tok = AutoTokenizer.from_pretrained(resolve_model(None))
+        words = D.copy_word_lists(list(tok.get_vocab()))
+        cache = sys.argv[sys.argv.index("--cache") + 1]
+        for path in sorted(glob.glob(f"{cache}_*_*_*_*.pt")):
+            split, start, n = re.search(r"_(train|heldout)_(\d+)_(\d+)\.pt$", path).groups()
+            chats = torch.load(path)
+            if "cand_len" not in chats[0]:
+                value_lengths(tok, words, split, int(start), int(n), "att20", chats)
+                torch.save(chats, path)
+                print("value lengths added to", path, flush=True)
+        _collect = collect_served
+
+        def collect_with_lengths(rt, tok, enc, words, split, start, n, seed, more=False):
+            chats = _collect(rt, tok, enc, words, split, start, n, seed, more)
+            value_lengths(tok, words, split, start, n, seed, chats)
+            return chats
+
+        FA.collect = collect_with_lengths
+        FA.Batch = BatchJ
+        FA.losses = losses_tokens
+    elif NEAR_WEIGHT != 1.0:
+        FA.losses = losses_far
     FA.main()
