@@ -56,6 +56,41 @@ ALL_COPY_LAYERS = list(range(16, 24))
 R = 8
 
 
+def chat_source(split: str, more_templates: bool = False):
+    """(pool, questions(slot)) of a split's fit chats. more_templates (train split): attempt
+    21's extra statements, updates and questions."""
+    if split == "train" and more_templates:
+        import templates as T
+        return T.train_pool(), T.train_questions
+    pool = D.pools(split)
+    if split == "train":
+        return pool, lambda s: pool.question[s] + P.EXTRA_QUESTIONS[s]
+    return pool, lambda s: pool.question[s]
+
+
+def fit_conversation(rng, pool, words, split: str, c: int):
+    """Chat c of a fit: the evaluator's difficulty; even train chats have random-word values."""
+    copy = split == "train" and c % 2 == 0
+    return D.generate_conversation(rng, pool, D.HELDOUT_LOCOMO, words if copy else None,
+                                   1.0 if copy else 0.0, 0.5)
+
+
+def candidates(tok, ids, conv):
+    """(value-token mask, each value's first position, {(fact index, value): its index}) of
+    a chat's token ids, over every value its facts took (old values of updates too)."""
+    val = torch.zeros(len(ids), dtype=torch.bool)
+    cand, cand_of = [], {}
+    for fi, fact in enumerate(conv.facts):
+        for v in [*fact.history, fact.value]:
+            spans = P.value_spans(tok, ids, [v])
+            for a, b in spans:
+                val[a:b] = True
+            if spans:
+                cand_of[(fi, v)] = len(cand)
+                cand.append(spans[0][0])
+    return val, cand, cand_of
+
+
 def collect(rt, tok, enc, words, split: str, start: int, n: int, seed: str,
             more_templates: bool = False):
     """Per chat: x (layers 16-23, float16, on the CPU) over the history and each question's
@@ -65,32 +100,15 @@ def collect(rt, tok, enc, words, split: str, start: int, n: int, seed: str,
     layers = list(rt.adapter.module.layers.values())
     inp = P.Inputs(layers)
     dev = rt.device
-    if split == "train" and more_templates:
-        import templates as T
-        pool, questions = T.train_pool(), T.train_questions
-    else:
-        pool = D.pools(split)
-        questions = (lambda s: pool.question[s] + P.EXTRA_QUESTIONS[s]) if split == "train" \
-            else (lambda s: pool.question[s])
+    pool, questions = chat_source(split, more_templates)
     chats = []
     t0 = time.time()
     for c in range(start, start + n):
         rng = random.Random(f"{seed}:{split}:{c}")
-        copy = split == "train" and c % 2 == 0
-        conv = D.generate_conversation(rng, pool, D.HELDOUT_LOCOMO, words if copy else None,
-                                       1.0 if copy else 0.0, 0.5)
+        conv = fit_conversation(rng, pool, words, split, c)
         hist = D.conversation_messages(conv)
         ids = enc.ids(hist)
-        val = torch.zeros(len(ids), dtype=torch.bool)
-        cand, cand_of = [], {}
-        for fi, fact in enumerate(conv.facts):
-            for v in [*fact.history, fact.value]:
-                spans = P.value_spans(tok, ids, [v])
-                for a, b in spans:
-                    val[a:b] = True
-                if spans:
-                    cand_of[(fi, v)] = len(cand)
-                    cand.append(spans[0][0])
+        val, cand, cand_of = candidates(tok, ids, conv)
         inp.xs.clear()
         with torch.no_grad():
             _, state, _ = rt.forward(torch.tensor([ids], device=dev), None,

@@ -36,7 +36,6 @@ import sys
 import time
 
 import fit_address as FA
-import program_memory as P
 import torch
 import torch.nn.functional as F
 
@@ -78,20 +77,12 @@ def collect_served(rt, tok, enc, words, split: str, start: int, n: int, seed: st
     hooks = [rt.adapter.module.layer(li).w_beta.register_forward_hook(keep(li))
              for li in FA.ALL_COPY_LAYERS]
     eos = [fmt.im_end]
-    if split == "train" and more_templates:
-        import templates as T
-        pool, questions = T.train_pool(), T.train_questions
-    else:
-        pool = D.pools(split)
-        questions = (lambda s: pool.question[s] + P.EXTRA_QUESTIONS[s]) if split == "train" \
-            else (lambda s: pool.question[s])
+    pool, questions = FA.chat_source(split, more_templates)
     chats = []
     t0 = time.time()
     for ci in range(start, start + n):
         rng = random.Random(f"{seed}:{split}:{ci}")
-        use_words = split == "train" and ci % 2 == 0
-        conv = D.generate_conversation(rng, pool, D.HELDOUT_LOCOMO, words if use_words else None,
-                                       1.0 if use_words else 0.0, 0.5)
+        conv = FA.fit_conversation(rng, pool, words, split, ci)
         rec = SessionRecord("s", "t", ident)
         hx = {li: [] for li in FA.ALL_COPY_LAYERS}
         for i, (msgs, _) in enumerate(E.session_turns(locomo_sample(conv))):
@@ -106,16 +97,7 @@ def collect_served(rt, tok, enc, words, split: str, start: int, n: int, seed: st
         ids = rec.transcript[:rec.tokens_absorbed]
         hx = {li: torch.cat(v) for li, v in hx.items()}
         assert len(hx[16]) == len(ids)
-        val = torch.zeros(len(ids), dtype=torch.bool)
-        cand, cand_of = [], {}
-        for fi, fact in enumerate(conv.facts):
-            for v in [*fact.history, fact.value]:
-                spans = P.value_spans(tok, ids, [v])
-                for a, b in spans:
-                    val[a:b] = True
-                if spans:
-                    cand_of[(fi, v)] = len(cand)
-                    cand.append(spans[0][0])
+        val, cand, cand_of = FA.candidates(tok, ids, conv)
         reads = []
         for fi, fact in enumerate(conv.facts):
             if (fi, fact.value) not in cand_of:
@@ -141,47 +123,19 @@ def collect_served(rt, tok, enc, words, split: str, start: int, n: int, seed: st
     return chats
 
 
-NEAR_WEIGHT = 1.0  # --near-weight
+NEAR_WEIGHT = 1.0  # --near-weight: the weight of questions whose value the prompt re-sends
 
 
-def losses_far(addr, wv, b, tau):
-    """fit_address.losses with the questions whose value lies within the last WINDOW written
-    tokens (the served prompt re-sends them) weighted by NEAR_WEIGHT: the state is what answers
-    the others. Without grad (the held-out check) it also prints the far questions' accuracy."""
-    reads, qh, qr, v = FA.run(addr, wv, b)
-    Q = len(b.target)
-    ar = torch.arange(Q, device=reads.device)
-    m = reads[ar, b.ans]
-    cv = v[b.chat[:, None], b.cand[b.chat].clamp_min(0)]
-    ok = b.cand[b.chat] >= 0
-    logits = (F.cosine_similarity(m[:, None], cv, dim=-1) / tau).masked_fill(~ok, -1e9)
-    far = (b.hmask.sum(1)[b.chat] - b.cand[b.chat, b.target]) > WINDOW
-    w = torch.where(far, 1.0, NEAR_WEIGHT)
-    ce = (F.cross_entropy(logits, b.target, reduction="none") * w).sum() / w.sum()
-    acc = (logits.argmax(1) == b.target).float()
-    if not torch.is_grad_enabled():
-        print(f"    far questions: {int(far.sum())} of {Q}, acc {float(acc[far].mean()):.3f}",
-              flush=True)
-    rest_r = (1 - qr[..., -1] ** 2)[~b.ans_mask & b.rmask].mean()
-    rest_h = (1 - qh[..., -1] ** 2)[b.hmask].mean()
-    on = (qr[..., -1] ** 2)[b.ans_mask].mean()
-    rel = (m.norm(dim=1) / cv[ar, b.target].norm(dim=1)).mean()
-    return ce, rest_r + rest_h + on, acc, rel
-
-
-ANSWER_TOKENS = 3  # --answer-tokens
+ANSWER_TOKENS = 1  # --answer-tokens
 
 
 def value_lengths(tok, words, split: str, start: int, n: int, seed: str, chats) -> None:
     """Add to each cached chat the token count of each candidate value (`cand_len`), from
     the same conversations regenerated (same seeds; the model is not needed). A chat whose
     candidate count does not match keeps first tokens only."""
-    pool = D.pools(split)
+    pool, _ = FA.chat_source(split)
     for ci, chat in zip(range(start, start + n), chats, strict=True):
-        rng = random.Random(f"{seed}:{split}:{ci}")
-        use_words = split == "train" and ci % 2 == 0
-        conv = D.generate_conversation(rng, pool, D.HELDOUT_LOCOMO, words if use_words else None,
-                                       1.0 if use_words else 0.0, 0.5)
+        conv = FA.fit_conversation(random.Random(f"{seed}:{split}:{ci}"), pool, words, split, ci)
         lens = [len(tok(" " + v, add_special_tokens=False).input_ids)
                 for f in conv.facts for v in [*f.history, f.value]]
         chat["cand_len"] = torch.tensor(lens if len(lens) == len(chat["cand"])
@@ -214,7 +168,10 @@ class BatchJ(FA.Batch):
 
 
 def losses_tokens(addr, wv, b, tau):
-    """fit_address.losses over per-token reads (BatchJ), with --near-weight."""
+    """fit_address.losses over per-token reads (BatchJ), with the questions whose value lies
+    within the last WINDOW written tokens (the served prompt re-sends them) weighted by
+    NEAR_WEIGHT: the state is what answers the others. Without grad (the held-out check) it
+    also prints the far questions' accuracy."""
     reads, qh, qr, v = FA.run(addr, wv, b)
     Q = len(b.target)
     ar = torch.arange(Q, device=reads.device)
@@ -229,8 +186,10 @@ def losses_tokens(addr, wv, b, tau):
     acc = (logits.argmax(1) == b.target).float()
     if not torch.is_grad_enabled():
         f0, f1 = far & b.first, far & ~b.first
-        print(f"    far: first tokens {int(f0.sum())} acc {float(acc[f0].mean()):.3f}, later "
-              f"tokens {int(f1.sum())} acc {float(acc[f1].mean()):.3f}", flush=True)
+        later = (f", later tokens {int(f1.sum())} acc {float(acc[f1].mean()):.3f}"
+                 if f1.any() else "")
+        print(f"    far: first tokens {int(f0.sum())} acc {float(acc[f0].mean()):.3f}{later}",
+              flush=True)
     rest_r = (1 - qr[..., -1] ** 2)[~b.ans_mask & b.rmask].mean()
     rest_h = (1 - qh[..., -1] ** 2)[b.hmask].mean()
     on = (qr[..., -1] ** 2)[b.ans_mask].mean()
@@ -251,6 +210,8 @@ if __name__ == "__main__":
     FA.collect = collect_served
     NEAR_WEIGHT = flag("--near-weight", 1.0)
     ANSWER_TOKENS = int(flag("--answer-tokens", 0))
+    if NEAR_WEIGHT != 1.0 and not ANSWER_TOKENS:
+        ANSWER_TOKENS = 1  # the same reads as fit_address, with the weighted loss
     if ANSWER_TOKENS:
         # Cached inputs without value lengths get them here, once (the cache is rewritten).
         import glob
@@ -279,6 +240,4 @@ if __name__ == "__main__":
         FA.collect = collect_with_lengths
         FA.Batch = BatchJ
         FA.losses = losses_tokens
-    elif NEAR_WEIGHT != 1.0:
-        FA.losses = losses_far
     FA.main()
