@@ -11,7 +11,9 @@ W, at the position that predicts the answer's first token:
   64-number read against the value v̂ written at each position whose gate is open): the asked
   value's own position, another value, or elsewhere.
 
-A one-off (not project code).
+A hit is a read whose best token is the answer's first token (any occurrence), so for
+values whose first token is shared (" a" of events, the month of dates) it is an upper
+bound. A one-off (not project code).
 
     PYTHONPATH=. .venv/bin/python docs/training-attempt-22/diagnose.py [--seed 1234] [--conversations 12]
 """

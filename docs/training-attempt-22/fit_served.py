@@ -212,6 +212,9 @@ if __name__ == "__main__":
     ANSWER_TOKENS = int(flag("--answer-tokens", 0))
     if NEAR_WEIGHT != 1.0 and not ANSWER_TOKENS:
         ANSWER_TOKENS = 1  # the same reads as fit_address, with the weighted loss
+    if ANSWER_TOKENS and "--more-templates" in sys.argv:
+        # value_lengths regenerates the conversations from the split's own pool
+        raise SystemExit("--answer-tokens / --near-weight do not support --more-templates")
     if ANSWER_TOKENS:
         # Cached inputs without value lengths get them here, once (the cache is rewritten).
         import glob
