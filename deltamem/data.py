@@ -651,12 +651,8 @@ LOCOMO_PRESETS = {
 }
 
 
-def locomo_conversation(split: str, seed: int, index: int,
-                        diff: Difficulty = HELDOUT_LOCOMO) -> dict:
-    """One conversation in the LoCoMo layout, with one question per fact."""
-    rng = random.Random(f"deltamem-locomo:{split}:{seed}:{index}")
-    pool = pools(split)
-    conv = generate_conversation(rng, pool, diff)
+def locomo_layout(conv: Conversation) -> tuple[dict, list[str]]:
+    """A conversation's LoCoMo `conversation` dict, and each turn's dia_id."""
     doc: dict = {"speaker_a": conv.speaker_a, "speaker_b": conv.speaker_b}
     dia_ids: list[str] = []
     counters: dict[int, int] = {}
@@ -669,6 +665,16 @@ def locomo_conversation(split: str, seed: int, index: int,
     for s, date in enumerate(conv.session_dates, start=1):
         doc.setdefault(f"session_{s}", [])
         doc[f"session_{s}_date_time"] = date
+    return doc, dia_ids
+
+
+def locomo_conversation(split: str, seed: int, index: int,
+                        diff: Difficulty = HELDOUT_LOCOMO) -> dict:
+    """One conversation in the LoCoMo layout, with one question per fact."""
+    rng = random.Random(f"deltamem-locomo:{split}:{seed}:{index}")
+    pool = pools(split)
+    conv = generate_conversation(rng, pool, diff)
+    doc, dia_ids = locomo_layout(conv)
     qa = [{"question": question_for(f, pool, rng), "answer": f.value,
            "evidence": [dia_ids[f.turn]], "category": f.category} for f in conv.facts]
     return {"sample_id": f"deltamem-{split}-{seed}-{index}", "conversation": doc, "qa": qa}

@@ -76,10 +76,11 @@ def fit_conversation(rng, pool, words, split: str, c: int):
 
 
 def candidates(tok, ids, conv):
-    """(value-token mask, each value's first position, {(fact index, value): its index}) of
-    a chat's token ids, over every value its facts took (old values of updates too)."""
+    """(value-token mask, each value's first position, its token count, {(fact index, value):
+    its index}) of a chat's token ids, over every value its facts took (old values of updates
+    too)."""
     val = torch.zeros(len(ids), dtype=torch.bool)
-    cand, cand_of = [], {}
+    cand, lens, cand_of = [], [], {}
     for fi, fact in enumerate(conv.facts):
         for v in [*fact.history, fact.value]:
             spans = P.value_spans(tok, ids, [v])
@@ -88,7 +89,8 @@ def candidates(tok, ids, conv):
             if spans:
                 cand_of[(fi, v)] = len(cand)
                 cand.append(spans[0][0])
-    return val, cand, cand_of
+                lens.append(spans[0][1] - spans[0][0])
+    return val, cand, lens, cand_of
 
 
 def collect(rt, tok, enc, words, split: str, start: int, n: int, seed: str,
@@ -108,7 +110,7 @@ def collect(rt, tok, enc, words, split: str, start: int, n: int, seed: str,
         conv = fit_conversation(rng, pool, words, split, c)
         hist = D.conversation_messages(conv)
         ids = enc.ids(hist)
-        val, cand, cand_of = candidates(tok, ids, conv)
+        val, cand, _, cand_of = candidates(tok, ids, conv)
         inp.xs.clear()
         with torch.no_grad():
             _, state, _ = rt.forward(torch.tensor([ids], device=dev), None,

@@ -15,7 +15,8 @@ A hit is a read whose best token is the answer's first token (any occurrence), s
 values whose first token is shared (" a" of events, the month of dates) it is an upper
 bound. A one-off (not project code).
 
-    PYTHONPATH=. .venv/bin/python docs/training-attempt-22/diagnose.py [--seed 1234] [--conversations 12]
+    PYTHONPATH=.:docs/training-attempt-18:docs/training-attempt-19 \
+        .venv/bin/python docs/training-attempt-22/diagnose.py [--seed 1234] [--conversations 12]
 """
 
 import argparse
@@ -24,6 +25,7 @@ import json
 from collections import Counter
 
 import torch
+from program_copy import BASE_HEADS, COPY_HEADS, copy_columns
 from transformers import AutoTokenizer
 
 from deltamem import evaluate as E
@@ -36,7 +38,28 @@ from memory_store import SessionRecord, StateIdentity
 from server.sessions import ChatFormat, finish_turn, plan_turn
 
 COPY_LAYERS = list(range(16, 24))
-COPY = slice(4 * 8, 12 * 8)
+
+
+def replay_history(rt, fmt, ident, turns, window: int, xs: dict, layers):
+    """Feed a conversation's turns (evaluate.session_turns) the way the evaluator does through
+    the server's turn planning: the system prompt the adapters train with on the first turn,
+    a one-token reply each. xs is filled by the caller's hooks with each layer's x of the last
+    forward. Returns the session record and, per layer, x of every token written (the
+    transcript's absorbed tokens, in order)."""
+    written = {li: [] for li in layers}
+    rec = SessionRecord("s", "t", ident)
+    for i, (msgs, _) in enumerate(turns):
+        if i == 0:
+            msgs = [{"role": "system", "content": SYSTEM_PROMPT}, *msgs]
+        plan = plan_turn(fmt, rec, msgs, window, 8192, 1)
+        res = rt.run(plan.prompt, plan.initial_state, plan.write_start, 1, [fmt.im_end])
+        for li in layers:
+            written[li].append(xs[li][plan.write_start:])
+        rec = finish_turn(plan, res.tokens, fmt.decode(res.tokens), res.final_state,
+                          res.finish_reason, ident)
+    written = {li: torch.cat(v) for li, v in written.items()}
+    assert len(written[layers[0]]) == rec.tokens_absorbed
+    return rec, written
 
 
 def main():
@@ -58,6 +81,7 @@ def main():
     ident = StateIdentity("b", "a", len(c.layers), c.num_state_heads, c.rank)
     slots = {li: c.layers.index(li) for li in COPY_LAYERS}
     mods = {li: rt.adapter.module.layer(li) for li in COPY_LAYERS}
+    COPY = copy_columns(c.rank)
     bo_copy = {li: mods[li].b_o.weight[:, COPY].clone() for li in COPY_LAYERS}
 
     xs: dict[int, torch.Tensor] = {}  # layer -> x of the last forward (T, d)
@@ -87,53 +111,37 @@ def main():
     rows = []
     convs = E.load_conversations(None, args.conversations, args.seed)
     for sample in convs:
-        rec = SessionRecord("s", "t", ident)
-        hist_x = {li: [] for li in COPY_LAYERS}  # transcript-ordered x of written tokens
         turns = E.session_turns(sample)
-        for i, (msgs, _) in enumerate(turns):
-            if i == 0:  # the evaluator's default: the system prompt the adapters train with
-                msgs = [{"role": "system", "content": SYSTEM_PROMPT}, *msgs]
-            plan = plan_turn(fmt, rec, msgs, args.window, 8192, 1)
-            absorbed = rec.tokens_absorbed
-            res = rt.run(plan.prompt, plan.initial_state, plan.write_start, 1, eos)
-            assert absorbed + len(plan.prompt) - plan.write_start == len(rec.transcript) + len(plan.new_tokens)
-            for li in COPY_LAYERS:
-                hist_x[li].append(xs[li][plan.write_start:])
-            rec = finish_turn(plan, res.tokens, fmt.decode(res.tokens), res.final_state,
-                              res.finish_reason, ident)
-        full = rec.transcript[:-1]
-        hx = {li: torch.cat(hist_x[li]) for li in COPY_LAYERS}
-        assert hx[16].shape[0] == len(full), (hx[16].shape, len(full))
+        rec, hx = replay_history(rt, fmt, ident, turns, args.window, xs, COPY_LAYERS)
+        full = rec.transcript[:rec.tokens_absorbed]
         with torch.no_grad():
             hv = {li: mods[li].w_v(hx[li])[:, COPY] for li in COPY_LAYERS}
             hb = {li: torch.sigmoid(mods[li].w_beta(hx[li]))[:, COPY][:, 0] for li in COPY_LAYERS}
         top = hb[20].topk(24).indices.sort().values
         print("layer 20's most open gates:", " ".join(
             f"{tok.decode([full[i]])!r}:{hb[20][i]:.2f}" for i in top), flush=True)
-        # The fit's own measure: candidates are the values' first tokens (each fact's current
-        # value, its last occurrence), not every written token.
-        cand = {}
+        # Each answer's first token as the model may say it after "assistant\n" (bare or after
+        # a space), and where in the transcript it was last written. The last positions are
+        # the fit's own candidates: the values' first tokens, not every written token.
+        first_ids, last = {}, {}
         for q in sample["qa"]:
             a = str(q["answer"])
-            ids_a = {tok.encode(a, add_special_tokens=False)[0],
-                     tok.encode(" " + a, add_special_tokens=False)[0]}
-            occ = [i for i, t in enumerate(full) if t in ids_a]
+            first_ids[a] = (tok.encode(a, add_special_tokens=False)[0],
+                            tok.encode(" " + a, add_special_tokens=False)[0])
+            occ = [i for i, t in enumerate(full) if t in first_ids[a]]
             if occ:
-                cand[a] = occ[-1]
+                last[a] = occ[-1]
         for q in sample["qa"]:
             dist = E.evidence_distance(tok, turns, q.get("evidence", []))
             if not args.all and (dist is None or dist <= args.window):
                 continue
             ans = str(q["answer"])
-            # The answer's first token as the model would say it after "assistant\n", and
-            # where in the transcript its value was last written.
-            first = tok.encode(ans, add_special_tokens=False)[0]
-            spaced = tok.encode(" " + ans, add_special_tokens=False)[0]
-            pos = [i for i, t in enumerate(full) if t in (first, spaced)]
+            first, spaced = first_ids[ans]
+            at = last.get(ans)
             plan = plan_turn(fmt, copy.deepcopy(rec), [{"role": "user", "content": q["question"]}],
                              args.window, 8192, 16)
             row = {"sample": sample["sample_id"], "question": q["question"], "answer": ans,
-                   "category": q.get("category"), "distance": dist, "value_pos": pos[-1] if pos else None}
+                   "category": q.get("category"), "distance": dist, "value_pos": at}
             for name, g in (("shipped", 1.0), ("silenced", 0.0), ("double", 2.0)):
                 set_copy_gain(g)
                 for li in COPY_LAYERS:
@@ -146,7 +154,8 @@ def main():
                              "top": fmt.tok.convert_ids_to_tokens(lg.topk(3).indices.tolist())}
                 if name == "shipped":
                     # the prompt's forward, its last position: the read that shapes the answer
-                    m = {li: reads[li][0][4:12].flatten() for li in COPY_LAYERS}
+                    m = {li: reads[li][0][BASE_HEADS:BASE_HEADS + COPY_HEADS].flatten()
+                         for li in COPY_LAYERS}
             set_copy_gain(1.0)
             per_layer = {}
             for li in COPY_LAYERS:
@@ -157,17 +166,18 @@ def main():
                                  "best_token": tok.decode([full[best]]),
                                  "read_norm": float(m[li].norm()),
                                  "cos_best": float(cs.max()),
-                                 "cos_answer": float(cs[(open_ == pos[-1]).nonzero().flatten()].max())
-                                 if pos and (open_ == pos[-1]).any() else None,
-                                 "answer_gate_open": bool(pos) and bool((open_ == pos[-1]).any()),
-                                 "beta_answer": float(hb[li][pos[-1]]) if pos else None,
-                                 "beta_rank": int((hb[li] > hb[li][pos[-1]]).sum()) if pos else None,
+                                 "cos_answer": float(cs[open_ == at].max())
+                                 if at is not None and (open_ == at).any() else None,
+                                 "answer_gate_open": at is not None and bool((open_ == at).any()),
+                                 "beta_answer": float(hb[li][at]) if at is not None else None,
+                                 "beta_rank": int((hb[li] > hb[li][at]).sum())
+                                 if at is not None else None,
                                  "beta_max": float(hb[li].max()), "open": len(open_)}
-                if str(q["answer"]) in cand and len(cand) > 1:
-                    names = list(cand)
-                    cv = hv[li][[cand[n] for n in names]]
+                if at is not None and len(last) > 1:
+                    names = list(last)
+                    cv = hv[li][[last[n] for n in names]]
                     cs2 = torch.nn.functional.cosine_similarity(cv, m[li][None], dim=-1)
-                    per_layer[li]["fit_hit"] = names[int(cs2.argmax())] == str(q["answer"])
+                    per_layer[li]["fit_hit"] = names[int(cs2.argmax())] == ans
                     per_layer[li]["fit_candidates"] = len(names)
             row["layers"] = per_layer
             rows.append(row)

@@ -17,7 +17,7 @@ evaluator's system prompt) in the HF runtime, and keeps x of the tokens each tur
 of each question turn's written tokens (the question, the generation prompt, the answer).
 Everything else (values, read-out, loss, fit, install) is attempt 20's. A one-off.
 
-    PYTHONPATH=.:docs/training-attempt-18:docs/training-attempt-19:docs/training-attempt-20:docs/training-attempt-21 \
+    PYTHONPATH=.:docs/training-attempt-18:docs/training-attempt-19:docs/training-attempt-20:docs/training-attempt-21:docs/training-attempt-22 \
         .venv/bin/python docs/training-attempt-22/fit_served.py IN OUT --cache /tmp/att22 [fit_address flags]
 
 IN is the shipped adapter (attempt 20): fit_address silences its copy heads while collecting
@@ -25,8 +25,9 @@ IN is the shipped adapter (attempt 20): fit_address silences its copy heads whil
 
 The runs of the record (README.md): --chats 240 --held 32 --steps 1000 --save-gain 0.07
 --cache /tmp/att22 (fit_served.log; ~31 min collecting, 6.5 fitting); the same with
---near-weight 0.1 (fit_far.log) and with --answer-tokens 3 (fit_tok3.log; the cached inputs
-get their values' token counts once, from the regenerated conversations); and
+--near-weight 0.1 (fit_far.log) and with --answer-tokens 3 (fit_tok3.log; its cached inputs got
+their values' token counts afterwards, from the conversations regenerated with the same seeds:
+the collector now stores them); and
 --from-fit OUT.fit.pt --save-gain 0.2 for the louder three-token adapter.
 """
 
@@ -38,32 +39,23 @@ import time
 import fit_address as FA
 import torch
 import torch.nn.functional as F
+from diagnose import replay_history
 
 from deltamem import data as D
 from deltamem import evaluate as E
-from memory_store import SessionRecord, StateIdentity
-from server.sessions import ChatFormat, finish_turn, plan_turn
+from memory_store import StateIdentity
+from server.sessions import ChatFormat, plan_turn
 
 WINDOW = 256
-
-
-def locomo_sample(conv) -> dict:
-    """The LoCoMo layout of a generated conversation (as data.locomo_conversation)."""
-    doc = {"speaker_a": conv.speaker_a, "speaker_b": conv.speaker_b}
-    for t in conv.turns:
-        doc.setdefault(f"session_{t.session}", []).append(
-            {"speaker": t.speaker, "dia_id": "", "text": t.text})
-    for s, date in enumerate(conv.session_dates, start=1):
-        doc.setdefault(f"session_{s}", [])
-        doc[f"session_{s}_date_time"] = date
-    return {"conversation": doc}
+NEAR_WEIGHT = 1.0  # --near-weight: the weight of questions whose value the prompt re-sends
+ANSWER_TOKENS = 1  # --answer-tokens: reads a question, one per answer token
 
 
 def collect_served(rt, tok, enc, words, split: str, start: int, n: int, seed: str,
                    more_templates: bool = False):
     """fit_address.collect's output (per chat: x of layers 16-23 over the written history,
-    value mask, candidates; per question: x of its written tokens, answer start, target,
-    category), from the served turn flow."""
+    value mask, candidates and their token counts; per question: x of its written tokens,
+    answer start, target, category), from the served turn flow."""
     fmt = ChatFormat(tok)
     c = rt.adapter.config
     ident = StateIdentity("b", "a", len(c.layers), c.num_state_heads, c.rank)
@@ -76,28 +68,18 @@ def collect_served(rt, tok, enc, words, split: str, start: int, n: int, seed: st
 
     hooks = [rt.adapter.module.layer(li).w_beta.register_forward_hook(keep(li))
              for li in FA.ALL_COPY_LAYERS]
-    eos = [fmt.im_end]
     pool, questions = FA.chat_source(split, more_templates)
+    dev = rt.device
     chats = []
     t0 = time.time()
     for ci in range(start, start + n):
         rng = random.Random(f"{seed}:{split}:{ci}")
         conv = FA.fit_conversation(rng, pool, words, split, ci)
-        rec = SessionRecord("s", "t", ident)
-        hx = {li: [] for li in FA.ALL_COPY_LAYERS}
-        for i, (msgs, _) in enumerate(E.session_turns(locomo_sample(conv))):
-            if i == 0:
-                msgs = [{"role": "system", "content": D.SYSTEM_PROMPT}, *msgs]
-            plan = plan_turn(fmt, rec, msgs, WINDOW, 8192, 1)
-            res = rt.run(plan.prompt, plan.initial_state, plan.write_start, 1, eos)
-            for li in FA.ALL_COPY_LAYERS:
-                hx[li].append(xs[li][plan.write_start:].half().cpu())
-            rec = finish_turn(plan, res.tokens, fmt.decode(res.tokens), res.final_state,
-                              res.finish_reason, ident)
+        turns = E.session_turns({"conversation": D.locomo_layout(conv)[0]})
+        rec, hx = replay_history(rt, fmt, ident, turns, WINDOW, xs, FA.ALL_COPY_LAYERS)
+        hx = {li: x.half().cpu() for li, x in hx.items()}
         ids = rec.transcript[:rec.tokens_absorbed]
-        hx = {li: torch.cat(v) for li, v in hx.items()}
-        assert len(hx[16]) == len(ids)
-        val, cand, cand_of = FA.candidates(tok, ids, conv)
+        val, cand, lens, cand_of = FA.candidates(tok, ids, conv)
         reads = []
         for fi, fact in enumerate(conv.facts):
             if (fi, fact.value) not in cand_of:
@@ -108,38 +90,19 @@ def collect_served(rt, tok, enc, words, split: str, start: int, n: int, seed: st
             answer = tok(D.ANSWER_PREFIX + fact.value, add_special_tokens=False).input_ids
             r_ids = plan.prompt + answer + [fmt.im_end]
             with torch.no_grad():
-                dev = rt.device
                 mask = torch.arange(len(r_ids), device=dev)[None] >= plan.write_start
-                st = plan.initial_state[None].to(dev)
-                rt.forward(torch.tensor([r_ids], device=dev), st, mask)
+                rt.forward(torch.tensor([r_ids], device=dev), plan.initial_state[None].to(dev),
+                           mask)
             rx = {li: xs[li][plan.write_start:].half().cpu() for li in FA.ALL_COPY_LAYERS}
             reads.append({"x": rx, "a_start": len(plan.prompt) - plan.write_start,
                           "target": cand_of[(fi, fact.value)], "category": fact.category})
-        chats.append({"x": hx, "val": val, "cand": torch.tensor(cand), "reads": reads})
+        chats.append({"x": hx, "val": val, "cand": torch.tensor(cand),
+                      "cand_len": torch.tensor(lens), "reads": reads})
         if (ci - start) % 20 == 19:
             print(f"  {split}: {ci - start + 1} chats, {time.time() - t0:.0f} s", flush=True)
     for h in hooks:
         h.remove()
     return chats
-
-
-NEAR_WEIGHT = 1.0  # --near-weight: the weight of questions whose value the prompt re-sends
-
-
-ANSWER_TOKENS = 1  # --answer-tokens
-
-
-def value_lengths(tok, words, split: str, start: int, n: int, seed: str, chats) -> None:
-    """Add to each cached chat the token count of each candidate value (`cand_len`), from
-    the same conversations regenerated (same seeds; the model is not needed). A chat whose
-    candidate count does not match keeps first tokens only."""
-    pool, _ = FA.chat_source(split)
-    for ci, chat in zip(range(start, start + n), chats, strict=True):
-        conv = FA.fit_conversation(random.Random(f"{seed}:{split}:{ci}"), pool, words, split, ci)
-        lens = [len(tok(" " + v, add_special_tokens=False).input_ids)
-                for f in conv.facts for v in [*f.history, f.value]]
-        chat["cand_len"] = torch.tensor(lens if len(lens) == len(chat["cand"])
-                                        else [1] * len(chat["cand"]))
 
 
 class BatchJ(FA.Batch):
@@ -153,14 +116,12 @@ class BatchJ(FA.Batch):
         for c in chats:
             reads = []
             for r in c["reads"]:
-                n = int(c["cand_len"][r["target"]]) if "cand_len" in c else 1
-                for j in range(min(n, ANSWER_TOKENS)):
+                for j in range(min(int(c["cand_len"][r["target"]]), ANSWER_TOKENS)):
                     reads.append({**r, "a_start": r["a_start"] + j, "j": j})
             exp.append({**c, "reads": reads})
         super().__init__(exp, li, first_only)
         js = torch.tensor([r["j"] for c in exp for r in c["reads"]])
-        lens = FA.pad_stack([c.get("cand_len", torch.ones(len(c["cand"]), dtype=torch.long))
-                             for c in exp])
+        lens = FA.pad_stack([c["cand_len"] for c in exp])
         cq = self.cand[self.chat]  # (Q, K)
         ok = (cq >= 0) & (js[:, None] < lens[self.chat])
         self.cand_q = torch.where(ok, cq + js[:, None], -1)
@@ -207,40 +168,8 @@ def flag(name, default):
 
 
 if __name__ == "__main__":
-    FA.collect = collect_served
-    NEAR_WEIGHT = flag("--near-weight", 1.0)
-    ANSWER_TOKENS = int(flag("--answer-tokens", 0))
-    if NEAR_WEIGHT != 1.0 and not ANSWER_TOKENS:
-        ANSWER_TOKENS = 1  # the same reads as fit_address, with the weighted loss
-    if ANSWER_TOKENS and "--more-templates" in sys.argv:
-        # value_lengths regenerates the conversations from the split's own pool
-        raise SystemExit("--answer-tokens / --near-weight do not support --more-templates")
-    if ANSWER_TOKENS:
-        # Cached inputs without value lengths get them here, once (the cache is rewritten).
-        import glob
-        import re
-
-        from transformers import AutoTokenizer
-
-        from deltamem.model_fetch import resolve_model
-        tok = AutoTokenizer.from_pretrained(resolve_model(None))
-        words = D.copy_word_lists(list(tok.get_vocab()))
-        cache = sys.argv[sys.argv.index("--cache") + 1]
-        for path in sorted(glob.glob(f"{cache}_*_*_*_*.pt")):
-            split, start, n = re.search(r"_(train|heldout)_(\d+)_(\d+)\.pt$", path).groups()
-            chats = torch.load(path)
-            if "cand_len" not in chats[0]:
-                value_lengths(tok, words, split, int(start), int(n), "att20", chats)
-                torch.save(chats, path)
-                print("value lengths added to", path, flush=True)
-        _collect = collect_served
-
-        def collect_with_lengths(rt, tok, enc, words, split, start, n, seed, more=False):
-            chats = _collect(rt, tok, enc, words, split, start, n, seed, more)
-            value_lengths(tok, words, split, start, n, seed, chats)
-            return chats
-
-        FA.collect = collect_with_lengths
-        FA.Batch = BatchJ
-        FA.losses = losses_tokens
+    NEAR_WEIGHT = flag("--near-weight", NEAR_WEIGHT)
+    ANSWER_TOKENS = int(flag("--answer-tokens", ANSWER_TOKENS))
+    # With the defaults, BatchJ and losses_tokens are fit_address's reads and loss.
+    FA.collect, FA.Batch, FA.losses = collect_served, BatchJ, losses_tokens
     FA.main()
