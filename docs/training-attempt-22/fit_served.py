@@ -97,7 +97,8 @@ def collect_served(rt, tok, enc, words, split: str, start: int, n: int, seed: st
             reads.append({"x": rx, "a_start": len(plan.prompt) - plan.write_start,
                           "target": cand_of[(fi, fact.value)], "category": fact.category})
         chats.append({"x": hx, "val": val, "cand": torch.tensor(cand),
-                      "cand_len": torch.tensor(lens), "reads": reads})
+                      "cand_len": torch.tensor(lens), "reads": reads,
+                      "ids": torch.tensor(ids)})  # attempt 23: token ids of the written history
         if (ci - start) % 20 == 19:
             print(f"  {split}: {ci - start + 1} chats, {time.time() - t0:.0f} s", flush=True)
     for h in hooks:

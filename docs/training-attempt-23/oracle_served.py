@@ -1,0 +1,188 @@
+"""Attempt 23: how many outside-window questions would a perfect read answer, served?
+
+Attempt 19's oracle (a copy of the asked value's OV_L x added in layers 16-23 at the position
+that starts the answer) named 46 of 48 first tokens in teacher-forced episodes. The fits since
+have raised the served reads' retrieval, yet the answers have not followed. Here the oracle
+runs in the served flow that diagnose.py replays (server turn planning, W = 256, the
+evaluator's system prompt). The adapter's copy heads are silenced, and at the prompt's last
+position layer L's attention output gets c · B̂ (W_v x_y). x_y is layer L's x at the asked
+value's first token (its last occurrence as a whole value in the written transcript), W_v the
+copy heads' values and B̂ their read-out directions: exactly the read-out of a read equal to
+that value, at c times a full copy. Greedy answer, exact match. Flags:
+
+- --all-tokens: the position that predicts the answer's j-th token gets the value's j-th
+  token instead (each step of the greedy decode);
+- --perfect-query: inject instead the copy heads' read of the state as the question turn
+  starts, with the value token's own key as the query, scaled to that token's value norm;
+- --span-bound: inject the best read any query could make of that state (the value's
+  projection on the span of the state's eight columns), scaled the same way;
+- --layers: inject in these layers only; --full-ov: inject c · OV_L x_y (what layer L's
+  attention writes attending to that token alone), for layers without copy heads.
+
+A one-off (not project code). The runs of the record (README.md): --cs 0.1 0.25 0.5 1 with and
+without --all-tokens on seeds 1234 and 1235 (oracle_seed*, oracle_all_seed*); --adapter (attempt
+23's fit at gain 0.1) --all-tokens --perfect-query and --span-bound --cs 0.25 0.5 1
+(oracle_pq_*, oracle_span_*); --all-tokens --layers 16 17 and 22 23 --cs 0.5 1 2 4
+(oracle_all_L*); --all-tokens --full-ov --layers 22 23 and 24 25 --cs 0.5 1 2 (oracle_ov_L*).
+
+    PYTHONPATH=.:docs/training-attempt-18:docs/training-attempt-19:docs/training-attempt-22:docs/training-attempt-23 \
+        .venv/bin/python docs/training-attempt-23/oracle_served.py [--seed 1234] [--cs 0.25 0.5 1]
+"""
+
+import argparse
+import copy
+import json
+
+import program_memory as P
+import torch
+from diagnose import COPY_LAYERS, replay_history
+from oracle_copy import ov_matrix
+from program_copy import BASE_HEADS, COPY_HEADS, copy_columns
+from transformers import AutoTokenizer
+
+from deltamem import evaluate as E
+from deltamem import scan
+from deltamem.adapter import load_adapter
+from deltamem.data import SYSTEM_PROMPT  # noqa: F401  (replay_history uses it)
+from deltamem.hf_runtime import DeltaMemHF
+from deltamem.model_fetch import resolve_model
+from memory_store import StateIdentity
+from server.sessions import ChatFormat, plan_turn
+
+
+def perfect_read(mod, x, state, v):
+    """The copy heads' read of one layer's state (H, r, r) with x's own key as the query,
+    scaled to the norm of x's value v."""
+    k = mod.project(x).k[BASE_HEADS]  # the copy heads share their keys
+    m = (state[BASE_HEADS:BASE_HEADS + COPY_HEADS].float() @ k).flatten()
+    return m * (v.norm() / m.norm().clamp_min(1e-12))
+
+
+def span_read(state, v):
+    """The read S q closest to v over every query q: v's projection on the span of the copy
+    heads' state (64 × 8) columns, scaled to v's norm."""
+    m = state[BASE_HEADS:BASE_HEADS + COPY_HEADS].float().reshape(-1, state.shape[-1])
+    p = m @ (torch.linalg.pinv(m) @ v)
+    return p * (v.norm() / p.norm().clamp_min(1e-12))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--adapter", default="deltamem/adapters/smollm2-135m-instruct")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--conversations", type=int, default=12)
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--cs", type=float, nargs="*", default=[0.25, 0.5, 1.0])
+    ap.add_argument("--all-tokens", action="store_true", help="inject at every answer "
+                    "position the value's token at that position, not only the first")
+    ap.add_argument("--perfect-query", action="store_true", help="inject the copy heads' "
+                    "read of the state before the question with the value token's own key as "
+                    "the query (scaled to that token's value norm), not the value itself")
+    ap.add_argument("--span-bound", action="store_true", help="inject the best read any "
+                    "query could make of that state: the value's projection on the span of "
+                    "the state's columns (scaled to the value's norm)")
+    ap.add_argument("--layers", type=int, nargs="*", default=COPY_LAYERS,
+                    help="inject in these copy layers only")
+    ap.add_argument("--full-ov", action="store_true", help="inject c · OV_L x_y, what the "
+                    "layer's attention writes attending to that token alone, instead of the "
+                    "copy heads' 64 directions (for layers without copy heads)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    scan.USE_CPU_KERNEL = False
+    md = resolve_model(None)
+    tok = AutoTokenizer.from_pretrained(md)
+    rt = DeltaMemHF.from_pretrained(md, adapter=load_adapter(args.adapter))
+    fmt = ChatFormat(tok)
+    c = rt.adapter.config
+    ident = StateIdentity("b", "a", len(c.layers), c.num_state_heads, c.rank)
+    mods = {li: rt.adapter.module.layer(li) for li in COPY_LAYERS}
+    COPY = copy_columns(c.rank)
+    with torch.no_grad():
+        bdir = {li: mods[li].b_o.weight[:, COPY] / mods[li].b_o.weight[:, COPY][:, 0].norm()
+                for li in COPY_LAYERS}
+        wv = {li: mods[li].w_v.weight[COPY].clone() for li in COPY_LAYERS}
+        for li in COPY_LAYERS:  # silence the copy heads: the oracle replaces their read
+            mods[li].b_o.weight[:, COPY] = 0
+
+    xs: dict[int, torch.Tensor] = {}
+    add: dict[int, list[torch.Tensor]] = {}  # per layer, one vector per answer position
+    hooked = sorted(set(COPY_LAYERS) | set(args.layers))
+    calls = {li: 0 for li in hooked}  # forwards of this run so far (0: the prompt)
+
+    def grab_x(li):
+        def hook(mod, inp):
+            xs[li] = inp[0][0].detach().float()
+        return hook
+
+    def inject(li):
+        def hook(mod, inp, out):
+            k = calls[li]
+            calls[li] += 1
+            if li in add and k < len(add[li]):  # the prompt's last position, then each step
+                out = out.clone()
+                out[0, -1] += add[li][k].to(out.dtype)
+                return out
+        return hook
+
+    mc = rt.model.config
+    ov = {li: ov_matrix(rt.model.model.layers[li].self_attn, mc.num_attention_heads,
+                        mc.num_key_value_heads) for li in args.layers} if args.full_ov else {}
+    for li in hooked:
+        attn = rt.model.model.layers[li].self_attn
+        attn.q_proj.register_forward_pre_hook(grab_x(li))
+        attn.o_proj.register_forward_hook(inject(li))
+
+    eos = [fmt.im_end, tok.eos_token_id]
+    rows = []
+    for sample in E.load_conversations(None, args.conversations, args.seed):
+        turns = E.session_turns(sample)
+        add.clear()
+        rec, hx = replay_history(rt, fmt, ident, turns, args.window, xs, hooked)
+        full = rec.transcript[:rec.tokens_absorbed]
+        for q in sample["qa"]:
+            dist = E.evidence_distance(tok, turns, q.get("evidence", []))
+            if dist is None or dist <= args.window:
+                continue
+            ans = str(q["answer"])
+            spans = P.value_spans(tok, full, [ans])
+            plan = plan_turn(fmt, copy.deepcopy(rec), [{"role": "user", "content": q["question"]}],
+                             args.window, 8192, 16)
+            row = {"sample": sample["sample_id"], "answer": ans, "distance": dist,
+                   "found": bool(spans)}
+            for cval in [0.0, *args.cs]:
+                add.clear()
+                if spans and cval:
+                    a, b = spans[-1]
+                    ys = range(a, b if args.all_tokens else a + 1)
+                    with torch.no_grad():
+                        for li in args.layers:
+                            if args.full_ov:
+                                add[li] = [cval * ov[li] @ hx[li][y] for y in ys]
+                                continue
+                            vals = [wv[li] @ hx[li][y] for y in ys]
+                            if args.span_bound:
+                                st = plan.initial_state[c.layers.index(li)]
+                                vals = [span_read(st, v) for v in vals]
+                            elif args.perfect_query:
+                                st = plan.initial_state[c.layers.index(li)]
+                                vals = [perfect_read(mods[li], hx[li][y], st, v)
+                                        for y, v in zip(ys, vals, strict=True)]
+                            add[li] = [cval * bdir[li] @ v for v in vals]
+                for li in hooked:
+                    calls[li] = 0
+                r = rt.run(plan.prompt, plan.initial_state, plan.write_start, 12, eos)
+                pred = fmt.decode(r.tokens)
+                row[str(cval)] = {"prediction": pred, "exact": E.exact_match(pred, ans)}
+            rows.append(row)
+            print(f"{ans!r:>22} found {row['found']!s:5} | " + " | ".join(
+                f"c{k} {row[k]['prediction'][:16]!r}" for k in row if k[0].isdigit()), flush=True)
+    print(f"\n{len(rows)} questions outside W, value found in the transcript in "
+          f"{sum(r['found'] for r in rows)}")
+    for cval in [0.0, *args.cs]:
+        print(f"c = {cval}: exact {sum(r[str(cval)]['exact'] for r in rows):.0f}")
+    if args.out:
+        json.dump(rows, open(args.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
