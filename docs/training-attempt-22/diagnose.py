@@ -62,23 +62,36 @@ def replay_history(rt, fmt, ident, turns, window: int, xs: dict, layers):
     return rec, written
 
 
-def main():
+def replay_parser() -> argparse.ArgumentParser:
+    """The flags of a replay of the evaluation: adapter, conversations, window."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--adapter", default="deltamem/adapters/smollm2-135m-instruct")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--conversations", type=int, default=12)
     ap.add_argument("--window", type=int, default=256)
+    return ap
+
+
+def replay_runtime(adapter: str):
+    """(tokenizer, HF runtime with the adapter, chat format, state identity), float32 with
+    the reference scan."""
+    scan.USE_CPU_KERNEL = False
+    md = resolve_model(None)
+    tok = AutoTokenizer.from_pretrained(md)
+    rt = DeltaMemHF.from_pretrained(md, adapter=load_adapter(adapter))
+    c = rt.adapter.config
+    return tok, rt, ChatFormat(tok), StateIdentity("b", "a", len(c.layers),
+                                                   c.num_state_heads, c.rank)
+
+
+def main():
+    ap = replay_parser()
     ap.add_argument("--all", action="store_true", help="every question, not only outside W")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    scan.USE_CPU_KERNEL = False
     torch.manual_seed(0)
-    md = resolve_model(None)
-    tok = AutoTokenizer.from_pretrained(md)
-    rt = DeltaMemHF.from_pretrained(md, adapter=load_adapter(args.adapter))
-    fmt = ChatFormat(tok)
+    tok, rt, fmt, ident = replay_runtime(args.adapter)
     c = rt.adapter.config
-    ident = StateIdentity("b", "a", len(c.layers), c.num_state_heads, c.rank)
     slots = {li: c.layers.index(li) for li in COPY_LAYERS}
     mods = {li: rt.adapter.module.layer(li) for li in COPY_LAYERS}
     COPY = copy_columns(c.rank)

@@ -22,32 +22,24 @@ that value, at c times a full copy. Greedy answer, exact match. Flags:
 A one-off (not project code). The runs of the record (README.md): --cs 0.1 0.25 0.5 1 with and
 without --all-tokens on seeds 1234 and 1235 (oracle_seed*, oracle_all_seed*); --adapter (attempt
 23's fit at gain 0.1) --all-tokens --perfect-query and --span-bound --cs 0.25 0.5 1
-(oracle_pq_*, oracle_span_*); --all-tokens --layers 16 17 and 22 23 --cs 0.5 1 2 4
+(oracle_pq_*, oracle_span_*); --all-tokens --layers 16 17, 18 19, 20 21 and 22 23 --cs 0.5 1 2 4
 (oracle_all_L*); --all-tokens --full-ov --layers 22 23 and 24 25 --cs 0.5 1 2 (oracle_ov_L*).
 
     PYTHONPATH=.:docs/training-attempt-18:docs/training-attempt-19:docs/training-attempt-22:docs/training-attempt-23 \
         .venv/bin/python docs/training-attempt-23/oracle_served.py [--seed 1234] [--cs 0.25 0.5 1]
 """
 
-import argparse
 import copy
 import json
 
 import program_memory as P
 import torch
-from diagnose import COPY_LAYERS, replay_history
+from diagnose import COPY_LAYERS, replay_history, replay_parser, replay_runtime
 from oracle_copy import ov_matrix
 from program_copy import BASE_HEADS, COPY_HEADS, copy_columns
-from transformers import AutoTokenizer
 
 from deltamem import evaluate as E
-from deltamem import scan
-from deltamem.adapter import load_adapter
-from deltamem.data import SYSTEM_PROMPT  # noqa: F401  (replay_history uses it)
-from deltamem.hf_runtime import DeltaMemHF
-from deltamem.model_fetch import resolve_model
-from memory_store import StateIdentity
-from server.sessions import ChatFormat, plan_turn
+from server.sessions import plan_turn
 
 
 def perfect_read(mod, x, state, v):
@@ -67,11 +59,7 @@ def span_read(state, v):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--adapter", default="deltamem/adapters/smollm2-135m-instruct")
-    ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--conversations", type=int, default=12)
-    ap.add_argument("--window", type=int, default=256)
+    ap = replay_parser()
     ap.add_argument("--cs", type=float, nargs="*", default=[0.25, 0.5, 1.0])
     ap.add_argument("--all-tokens", action="store_true", help="inject at every answer "
                     "position the value's token at that position, not only the first")
@@ -88,13 +76,8 @@ def main():
                     "copy heads' 64 directions (for layers without copy heads)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    scan.USE_CPU_KERNEL = False
-    md = resolve_model(None)
-    tok = AutoTokenizer.from_pretrained(md)
-    rt = DeltaMemHF.from_pretrained(md, adapter=load_adapter(args.adapter))
-    fmt = ChatFormat(tok)
+    tok, rt, fmt, ident = replay_runtime(args.adapter)
     c = rt.adapter.config
-    ident = StateIdentity("b", "a", len(c.layers), c.num_state_heads, c.rank)
     mods = {li: rt.adapter.module.layer(li) for li in COPY_LAYERS}
     COPY = copy_columns(c.rank)
     with torch.no_grad():
