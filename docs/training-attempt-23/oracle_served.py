@@ -22,7 +22,7 @@ that value, at c times a full copy. Greedy answer, exact match. Flags:
 A one-off (not project code). The runs of the record (README.md): --cs 0.1 0.25 0.5 1 with and
 without --all-tokens on seeds 1234 and 1235 (oracle_seed*, oracle_all_seed*); --adapter (attempt
 23's fit at gain 0.1) --all-tokens --perfect-query and --span-bound --cs 0.25 0.5 1
-(oracle_pq_*, oracle_span_*); --all-tokens --layers 16 17, 18 19, 20 21 and 22 23 --cs 0.5 1 2 4
+(oracle_pq_*, oracle_span_a23A_*), and --span-bound with the shipped adapter (oracle_span_shipped_*); --all-tokens --layers 16 17, 18 19, 20 21 and 22 23 --cs 0.5 1 2 4
 (oracle_all_L*); --all-tokens --full-ov --layers 22 23 and 24 25 --cs 0.5 1 2 (oracle_ov_L*).
 
     PYTHONPATH=.:docs/training-attempt-18:docs/training-attempt-19:docs/training-attempt-22:docs/training-attempt-23 \
