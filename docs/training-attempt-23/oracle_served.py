@@ -17,13 +17,19 @@ that value, at c times a full copy. Greedy answer, exact match. Flags:
 - --span-bound: inject the best read any query could make of that state (the value's
   projection on the span of the state's eight columns), scaled the same way;
 - --layers: inject in these layers only; --full-ov: inject c · OV_L x_y (what layer L's
-  attention writes attending to that token alone), for layers without copy heads.
+  attention writes attending to that token alone), for layers without copy heads;
+- --keep-values N (with --span-bound): the state rebuilt from the written tokens with the
+  gates closed except on the asked value and N other answers of the conversation (-1: all).
 
-A one-off (not project code). The runs of the record (README.md): --cs 0.1 0.25 0.5 1 with and
-without --all-tokens on seeds 1234 and 1235 (oracle_seed*, oracle_all_seed*); --adapter (attempt
-23's fit at gain 0.1) --all-tokens --perfect-query and --span-bound --cs 0.25 0.5 1
-(oracle_pq_*, oracle_span_a23A_*), and --span-bound with the shipped adapter (oracle_span_shipped_*); --all-tokens --layers 16 17, 18 19, 20 21 and 22 23 --cs 0.5 1 2 4
-(oracle_all_L*); --all-tokens --full-ov --layers 22 23 and 24 25 --cs 0.5 1 2 (oracle_ov_L*).
+A one-off (not project code). The runs of the record (README.md):
+- --cs 0.1 0.25 0.5 1, with and without --all-tokens, seeds 1234 and 1235 (oracle_seed*,
+  oracle_all_seed*);
+- --adapter (attempt 23's fit at gain 0.1) --all-tokens with --perfect-query and with
+  --span-bound, --cs 0.25 0.5 1 (oracle_pq_*, oracle_span_a23A_*);
+- --all-tokens --span-bound with the shipped adapter (oracle_span_shipped_*), and with
+  --keep-values 0, 1, 3 and -1 on seed 1234 (oracle_span_keep*);
+- --all-tokens --layers 16 17, 18 19, 20 21 and 22 23 --cs 0.5 1 2 4 (oracle_all_L*);
+- --all-tokens --full-ov --layers 22 23 and 24 25 --cs 0.5 1 2 (oracle_ov_L*).
 
     PYTHONPATH=.:docs/training-attempt-18:docs/training-attempt-19:docs/training-attempt-22:docs/training-attempt-23 \
         .venv/bin/python docs/training-attempt-23/oracle_served.py [--seed 1234] [--cs 0.25 0.5 1]
@@ -39,6 +45,7 @@ from oracle_copy import ov_matrix
 from program_copy import BASE_HEADS, COPY_HEADS, copy_columns
 
 from deltamem import evaluate as E
+from deltamem import scan
 from server.sessions import plan_turn
 
 
@@ -58,6 +65,19 @@ def span_read(state, v):
     return p * (v.norm() / p.norm().clamp_min(1e-12))
 
 
+def state_keeping(mod, hx, spans):
+    """One layer's state (H, r, r) after the written tokens hx (T, d) with every gate closed
+    but on the tokens of these spans; the copy heads' rows are what span_read uses."""
+    p = mod.project(hx[None])
+    beta = torch.zeros_like(p.beta)
+    for a, b in spans:
+        beta[:, a:b] = p.beta[:, a:b]
+    H, r = p.q.shape[-2:]
+    s0 = torch.zeros(1, H, r, r)
+    _, final = scan.delta_rule_scan(p.q, p.k, p.v, beta, s0, None)
+    return final[0]
+
+
 def main():
     ap = replay_parser()
     ap.add_argument("--cs", type=float, nargs="*", default=[0.25, 0.5, 1.0])
@@ -74,6 +94,9 @@ def main():
     ap.add_argument("--full-ov", action="store_true", help="inject c · OV_L x_y, what the "
                     "layer's attention writes attending to that token alone, instead of the "
                     "copy heads' 64 directions (for layers without copy heads)")
+    ap.add_argument("--keep-values", type=int, default=None, help="with --span-bound: the "
+                    "copy state rebuilt from the written tokens with the gates closed except "
+                    "on the asked value and N other answers of the conversation (-1: all)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     tok, rt, fmt, ident = replay_runtime(args.adapter)
@@ -122,6 +145,10 @@ def main():
         add.clear()
         rec, hx = replay_history(rt, fmt, ident, turns, args.window, xs, hooked)
         full = rec.transcript[:rec.tokens_absorbed]
+        # every answer of the conversation where it is last written whole (--keep-values)
+        others = {str(q["answer"]): P.value_spans(tok, full, [str(q["answer"])])
+                  for q in sample["qa"]}
+        others = {a: sp for a, sp in others.items() if sp}
         for q in sample["qa"]:
             dist = E.evidence_distance(tok, turns, q.get("evidence", []))
             if dist is None or dist <= args.window:
@@ -145,6 +172,11 @@ def main():
                             vals = [wv[li] @ hx[li][y] for y in ys]
                             if args.span_bound:
                                 st = plan.initial_state[c.layers.index(li)]
+                                if args.keep_values is not None:
+                                    keep = [spans[-1]] + [
+                                        sp[-1] for a2, sp in others.items() if a2 != ans
+                                    ][:None if args.keep_values < 0 else args.keep_values]
+                                    st = state_keeping(mods[li], hx[li], keep)
                                 vals = [span_read(st, v) for v in vals]
                             elif args.perfect_query:
                                 st = plan.initial_state[c.layers.index(li)]
