@@ -201,8 +201,13 @@ class Addressing(torch.nn.Module):
     def queries(self, x):
         return F.normalize(torch.tanh(x @ self.full(self.wq).T), dim=-1)
 
+    def gate(self):
+        """The gate's direction (fixed: the value-token probe)."""
+        return self.wb
+
     def beta(self, x):
-        return torch.sigmoid(self.gate_scale.exp() * (x @ self.wb + self.bb) + self.gate_shift)
+        return torch.sigmoid(self.gate_scale.exp() * (x @ self.gate() + self.bb)
+                             + self.gate_shift)
 
 
 def run(addr, wv, b: Batch):
@@ -228,12 +233,17 @@ def losses(addr, wv, b: Batch, tau: float):
     logits = (F.cosine_similarity(m[:, None], cv, dim=-1) / tau).masked_fill(~ok, -1e9)
     ce = F.cross_entropy(logits, b.target)
     acc = (logits.argmax(1) == b.target).float()
-    # Off the answer, queries rest on the 8th dimension (no key has it): no read.
+    rel = (m.norm(dim=1) / cv[ar, b.target].norm(dim=1)).mean()
+    return ce, rest_loss(qh, qr, b), acc, rel
+
+
+def rest_loss(qh, qr, b: Batch):
+    """Off the answer, queries rest on the 8th dimension (no key has it): no read. On the
+    answer, they leave it."""
     rest_r = (1 - qr[..., -1] ** 2)[~b.ans_mask & b.rmask].mean()
     rest_h = (1 - qh[..., -1] ** 2)[b.hmask].mean()
     on = (qr[..., -1] ** 2)[b.ans_mask].mean()
-    rel = (m.norm(dim=1) / cv[ar, b.target].norm(dim=1)).mean()
-    return ce, rest_r + rest_h + on, acc, rel
+    return rest_r + rest_h + on
 
 
 def fit(train, held, rt, args, save=None):
@@ -302,7 +312,7 @@ def fit(train, held, rt, args, save=None):
                 break
         result[li] = {"wk": addr.full(addr.wk).detach().cpu(),
                       "wq": addr.full(addr.wq).detach().cpu(),
-                      "wb": (addr.gate_scale.exp() * addr.wb).detach().cpu(),
+                      "wb": (addr.gate_scale.exp() * addr.gate()).detach().cpu(),
                       "bb": float(addr.gate_scale.exp() * addr.bb + addr.gate_shift),
                       "wv": wv.cpu(), "basis": basis.float(), "held_acc": float(acc_h.mean()),
                       "rel": float(rel_h), "steps": step + 1}

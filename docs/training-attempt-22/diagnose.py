@@ -62,6 +62,21 @@ def replay_history(rt, fmt, ident, turns, window: int, xs: dict, layers):
     return rec, written
 
 
+def keep_inputs(rt, layers) -> dict[int, torch.Tensor]:
+    """{layer: its x (T, d) in the last forward}, kept by hooks on the layers' q_proj (x is
+    the δ-mem input: the attention input after the input RMSNorm)."""
+    xs: dict[int, torch.Tensor] = {}
+
+    def grab(li):
+        def hook(mod, inp):
+            xs[li] = inp[0][0].detach().float()
+        return hook
+
+    for li in layers:
+        rt.model.model.layers[li].self_attn.q_proj.register_forward_pre_hook(grab(li))
+    return xs
+
+
 def replay_parser() -> argparse.ArgumentParser:
     """The flags of a replay of the evaluation: adapter, conversations, window."""
     ap = argparse.ArgumentParser()
@@ -97,13 +112,8 @@ def main():
     COPY = copy_columns(c.rank)
     bo_copy = {li: mods[li].b_o.weight[:, COPY].clone() for li in COPY_LAYERS}
 
-    xs: dict[int, torch.Tensor] = {}  # layer -> x of the last forward (T, d)
+    xs = keep_inputs(rt, COPY_LAYERS)
     reads: dict[int, list[torch.Tensor]] = {li: [] for li in COPY_LAYERS}  # per forward
-
-    def grab_x(li):
-        def hook(mod, inp):
-            xs[li] = inp[0][0].detach().float()
-        return hook
 
     def grab_read(li):
         def hook(mod, inp):
@@ -112,7 +122,6 @@ def main():
 
     for li in COPY_LAYERS:
         attn = rt.model.model.layers[li].self_attn
-        attn.q_proj.register_forward_pre_hook(grab_x(li))
         attn.o_proj.register_forward_pre_hook(grab_read(li))
 
     def set_copy_gain(g):

@@ -152,11 +152,8 @@ def losses_tokens(addr, wv, b, tau):
                  if f1.any() else "")
         print(f"    far: first tokens {int(f0.sum())} acc {float(acc[f0].mean()):.3f}{later}",
               flush=True)
-    rest_r = (1 - qr[..., -1] ** 2)[~b.ans_mask & b.rmask].mean()
-    rest_h = (1 - qh[..., -1] ** 2)[b.hmask].mean()
-    on = (qr[..., -1] ** 2)[b.ans_mask].mean()
     rel = (m.norm(dim=1) / cv[ar, b.target].norm(dim=1)).mean()
-    return ce, rest_r + rest_h + on, acc, rel
+    return ce, FA.rest_loss(qh, qr, b), acc, rel
 
 
 def flag(name, default):

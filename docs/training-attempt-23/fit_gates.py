@@ -36,8 +36,6 @@ import fit_served as FS
 import torch
 import torch.nn.functional as F
 
-FIXED_GATE = False  # --fixed-gate: the probe's direction, as attempts 20 and 22
-
 
 class BatchIds(FS.BatchJ):
     """fit_served.BatchJ with the history's token ids (B, T)."""
@@ -48,22 +46,16 @@ class BatchIds(FS.BatchJ):
 
 
 class GateAddressing(FA.Addressing):
-    """fit_address.Addressing with the gate's direction learned: wb0 + |wb0|_mean · dwb."""
+    """fit_address.Addressing with the gate's direction learned: the probe + |probe|_mean · dwb,
+    so that Adam's steps are on the probe's scale."""
 
     def __init__(self, wk, wq, wb, bb, proj):
         super().__init__(wk, wq, wb, bb, proj)
-        self.wb0 = wb
-        self.dwb = torch.nn.Parameter(torch.zeros_like(wb), requires_grad=not FIXED_GATE)
+        self.dwb = torch.nn.Parameter(torch.zeros_like(wb))
         self.step_size = float(wb.abs().mean())
 
-    @property
-    def wb(self):
-        return self.wb0 + self.step_size * self.dwb
-
-    @wb.setter
-    def wb(self, value):  # fit_address.fit moves it to the device
-        value = value.detach()
-        self.wb0 = value - self.step_size * self.dwb.detach() if hasattr(self, "dwb") else value
+    def gate(self):
+        return self.wb + self.step_size * self.dwb
 
 
 def losses_all(addr, wv, b, tau):
@@ -94,19 +86,15 @@ def losses_all(addr, wv, b, tau):
               f"{float(acc[far & b.first].mean()):.3f}) | among values {float(acc_v.mean()):.3f}"
               f" | cos with target median {float((logits[ar, tpos] * tau).median()):.2f}"
               f" | target gate rank median {float(ranks.median()):.0f}", flush=True)
-    rest_r = (1 - qr[..., -1] ** 2)[~b.ans_mask & b.rmask].mean()
-    rest_h = (1 - qh[..., -1] ** 2)[b.hmask].mean()
-    on = (qr[..., -1] ** 2)[b.ans_mask].mean()
-    cv = v[b.chat, tpos]
-    rel = (reads[ar, b.ans].norm(dim=1) / cv.norm(dim=1)).mean()
-    return ce, rest_r + rest_h + on, acc, rel
+    rel = (reads[ar, b.ans].norm(dim=1) / v[b.chat, tpos].norm(dim=1)).mean()
+    return ce, FA.rest_loss(qh, qr, b), acc, rel
 
 
 if __name__ == "__main__":
     FS.ANSWER_TOKENS = int(FS.flag("--answer-tokens", FS.ANSWER_TOKENS))
-    if "--fixed-gate" in sys.argv:
+    if "--fixed-gate" in sys.argv:  # the probe's direction, as attempts 20 and 22
         sys.argv.remove("--fixed-gate")
-        FIXED_GATE = True
+    else:
+        FA.Addressing = GateAddressing
     FA.collect, FA.Batch, FA.losses = FS.collect_served, BatchIds, losses_all
-    FA.Addressing = GateAddressing
     FA.main()

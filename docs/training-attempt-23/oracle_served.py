@@ -40,7 +40,7 @@ import json
 
 import program_memory as P
 import torch
-from diagnose import COPY_LAYERS, replay_history, replay_parser, replay_runtime
+from diagnose import COPY_LAYERS, keep_inputs, replay_history, replay_parser, replay_runtime
 from oracle_copy import ov_matrix
 from program_copy import BASE_HEADS, COPY_HEADS, copy_columns
 
@@ -110,15 +110,10 @@ def main():
         for li in COPY_LAYERS:  # silence the copy heads: the oracle replaces their read
             mods[li].b_o.weight[:, COPY] = 0
 
-    xs: dict[int, torch.Tensor] = {}
-    add: dict[int, list[torch.Tensor]] = {}  # per layer, one vector per answer position
     hooked = sorted(set(COPY_LAYERS) | set(args.layers))
+    xs = keep_inputs(rt, hooked)
+    add: dict[int, list[torch.Tensor]] = {}  # per layer, one vector per answer position
     calls = {li: 0 for li in hooked}  # forwards of this run so far (0: the prompt)
-
-    def grab_x(li):
-        def hook(mod, inp):
-            xs[li] = inp[0][0].detach().float()
-        return hook
 
     def inject(li):
         def hook(mod, inp, out):
@@ -134,9 +129,7 @@ def main():
     ov = {li: ov_matrix(rt.model.model.layers[li].self_attn, mc.num_attention_heads,
                         mc.num_key_value_heads) for li in args.layers} if args.full_ov else {}
     for li in hooked:
-        attn = rt.model.model.layers[li].self_attn
-        attn.q_proj.register_forward_pre_hook(grab_x(li))
-        attn.o_proj.register_forward_hook(inject(li))
+        rt.model.model.layers[li].self_attn.o_proj.register_forward_hook(inject(li))
 
     eos = [fmt.im_end, tok.eos_token_id]
     rows = []
@@ -154,35 +147,41 @@ def main():
             if dist is None or dist <= args.window:
                 continue
             ans = str(q["answer"])
-            spans = P.value_spans(tok, full, [ans])
+            spans = others.get(ans, [])
             plan = plan_turn(fmt, copy.deepcopy(rec), [{"role": "user", "content": q["question"]}],
                              args.window, 8192, 16)
             row = {"sample": sample["sample_id"], "answer": ans, "distance": dist,
                    "found": bool(spans)}
+            # per layer, (M, vectors u): the oracle adds c · M u at each answer position
+            inject_at = {}
+            if spans:
+                a, b = spans[-1]
+                ys = range(a, b if args.all_tokens else a + 1)
+                with torch.no_grad():
+                    for li in args.layers:
+                        if args.full_ov:
+                            inject_at[li] = (ov[li], [hx[li][y] for y in ys])
+                            continue
+                        vals = [wv[li] @ hx[li][y] for y in ys]
+                        if args.span_bound:
+                            st = plan.initial_state[c.layers.index(li)]
+                            if args.keep_values is not None:
+                                keep = [spans[-1]] + [
+                                    sp[-1] for a2, sp in others.items() if a2 != ans
+                                ][:None if args.keep_values < 0 else args.keep_values]
+                                st = state_keeping(mods[li], hx[li], keep)
+                            vals = [span_read(st, v) for v in vals]
+                        elif args.perfect_query:
+                            st = plan.initial_state[c.layers.index(li)]
+                            vals = [perfect_read(mods[li], hx[li][y], st, v)
+                                    for y, v in zip(ys, vals, strict=True)]
+                        inject_at[li] = (bdir[li], vals)
             for cval in [0.0, *args.cs]:
                 add.clear()
-                if spans and cval:
-                    a, b = spans[-1]
-                    ys = range(a, b if args.all_tokens else a + 1)
+                if cval:
                     with torch.no_grad():
-                        for li in args.layers:
-                            if args.full_ov:
-                                add[li] = [cval * ov[li] @ hx[li][y] for y in ys]
-                                continue
-                            vals = [wv[li] @ hx[li][y] for y in ys]
-                            if args.span_bound:
-                                st = plan.initial_state[c.layers.index(li)]
-                                if args.keep_values is not None:
-                                    keep = [spans[-1]] + [
-                                        sp[-1] for a2, sp in others.items() if a2 != ans
-                                    ][:None if args.keep_values < 0 else args.keep_values]
-                                    st = state_keeping(mods[li], hx[li], keep)
-                                vals = [span_read(st, v) for v in vals]
-                            elif args.perfect_query:
-                                st = plan.initial_state[c.layers.index(li)]
-                                vals = [perfect_read(mods[li], hx[li][y], st, v)
-                                        for y, v in zip(ys, vals, strict=True)]
-                            add[li] = [cval * bdir[li] @ v for v in vals]
+                        for li, (mat, us) in inject_at.items():
+                            add[li] = [cval * mat @ u for u in us]
                 for li in hooked:
                     calls[li] = 0
                 r = rt.run(plan.prompt, plan.initial_state, plan.write_start, 12, eos)
