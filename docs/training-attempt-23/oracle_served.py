@@ -18,8 +18,15 @@ that value, at c times a full copy. Greedy answer, exact match. Flags:
   projection on the span of the state's eight columns), scaled the same way;
 - --layers: inject in these layers only; --full-ov: inject c · OV_L x_y (what layer L's
   attention writes attending to that token alone), for layers without copy heads;
-- --keep-values N (with --span-bound): the state rebuilt from the written tokens with the
+- --keep-values N (with --span-bound or, since attempt 24, --perfect-query): the state rebuilt from the written tokens with the
   gates closed except on the asked value and N other answers of the conversation (-1: all).
+
+Added by attempt 24 (the bound of a copy state split into groups, docs/training-attempt-24):
+- --value-dims K: the copy value is its first K of 64 directions (the strongest, in SVD
+  order: K = 32 is what four heads hold);
+- --group-by slot|person with --groups G (and --keep-values -1): the state keeps only the
+  answers of the asked one's group (fact kinds dealt round-robin into G groups, or the two
+  speakers), as a state of its own keys would that only that group's facts write.
 
 A one-off (not project code). The runs of the record (README.md):
 - --cs 0.1 0.25 0.5 1, with and without --all-tokens, seeds 1234 and 1235 (oracle_seed*,
@@ -37,6 +44,7 @@ A one-off (not project code). The runs of the record (README.md):
 
 import copy
 import json
+import random
 
 import program_memory as P
 import torch
@@ -44,6 +52,7 @@ from diagnose import COPY_LAYERS, keep_inputs, replay_history, replay_parser, re
 from oracle_copy import ov_matrix
 from program_copy import BASE_HEADS, COPY_HEADS, copy_columns
 
+from deltamem import data as D
 from deltamem import evaluate as E
 from deltamem import scan
 from server.sessions import plan_turn
@@ -53,14 +62,15 @@ def perfect_read(mod, x, state, v):
     """The copy heads' read of one layer's state (H, r, r) with x's own key as the query,
     scaled to the norm of x's value v."""
     k = mod.project(x).k[BASE_HEADS]  # the copy heads share their keys
-    m = (state[BASE_HEADS:BASE_HEADS + COPY_HEADS].float() @ k).flatten()
+    m = (state[BASE_HEADS:BASE_HEADS + COPY_HEADS].float() @ k).flatten()[:len(v)]
     return m * (v.norm() / m.norm().clamp_min(1e-12))
 
 
 def span_read(state, v):
     """The read S q closest to v over every query q: v's projection on the span of the copy
-    heads' state (64 × 8) columns, scaled to v's norm."""
+    heads' state (64 × 8) columns, scaled to v's norm. v may hold only the first K rows."""
     m = state[BASE_HEADS:BASE_HEADS + COPY_HEADS].float().reshape(-1, state.shape[-1])
+    m = m[:len(v)]
     p = m @ (torch.linalg.pinv(m) @ v)
     return p * (v.norm() / p.norm().clamp_min(1e-12))
 
@@ -94,9 +104,15 @@ def main():
     ap.add_argument("--full-ov", action="store_true", help="inject c · OV_L x_y, what the "
                     "layer's attention writes attending to that token alone, instead of the "
                     "copy heads' 64 directions (for layers without copy heads)")
-    ap.add_argument("--keep-values", type=int, default=None, help="with --span-bound: the "
+    ap.add_argument("--keep-values", type=int, default=None, help="with --span-bound or "
+                    "--perfect-query: the "
                     "copy state rebuilt from the written tokens with the gates closed except "
                     "on the asked value and N other answers of the conversation (-1: all)")
+    ap.add_argument("--value-dims", type=int, default=None, help="copy values of their "
+                    "first K directions only")
+    ap.add_argument("--group-by", choices=["slot", "person"], default=None,
+                    help="with --keep-values -1: keep only the answers of the asked one's group")
+    ap.add_argument("--groups", type=int, default=2, help="slot groups (round-robin)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     tok, rt, fmt, ident = replay_runtime(args.adapter)
@@ -106,7 +122,8 @@ def main():
     with torch.no_grad():
         bdir = {li: mods[li].b_o.weight[:, COPY] / mods[li].b_o.weight[:, COPY][:, 0].norm()
                 for li in COPY_LAYERS}
-        wv = {li: mods[li].w_v.weight[COPY].clone() for li in COPY_LAYERS}
+        wv = {li: mods[li].w_v.weight[COPY][:args.value_dims].clone() for li in COPY_LAYERS}
+        bdir = {li: b[:, :args.value_dims] for li, b in bdir.items()}
         for li in COPY_LAYERS:  # silence the copy heads: the oracle replaces their read
             mods[li].b_o.weight[:, COPY] = 0
 
@@ -133,8 +150,14 @@ def main():
 
     eos = [fmt.im_end, tok.eos_token_id]
     rows = []
-    for sample in E.load_conversations(None, args.conversations, args.seed):
+    slots = sorted(D.SLOTS)
+    for i, sample in enumerate(E.load_conversations(None, args.conversations, args.seed)):
         turns = E.session_turns(sample)
+        # the facts behind the questions, in qa order (what locomo_conversation generated)
+        facts = D.generate_conversation(random.Random(f"deltamem-locomo:heldout:{args.seed}:{i}"),
+                                        D.pools("heldout"), D.HELDOUT_LOCOMO).facts
+        group = {str(f.value): (f.person if args.group_by == "person"
+                                else slots.index(f.slot) % args.groups) for f in facts}
         add.clear()
         rec, hx = replay_history(rt, fmt, ident, turns, args.window, xs, hooked)
         full = rec.transcript[:rec.tokens_absorbed]
@@ -163,16 +186,19 @@ def main():
                             inject_at[li] = (ov[li], [hx[li][y] for y in ys])
                             continue
                         vals = [wv[li] @ hx[li][y] for y in ys]
+                        if not (args.span_bound or args.perfect_query):
+                            inject_at[li] = (bdir[li], vals)
+                            continue
+                        st = plan.initial_state[c.layers.index(li)]
+                        if args.keep_values is not None:
+                            keep = [spans[-1]] + [
+                                sp[-1] for a2, sp in others.items() if a2 != ans and (
+                                    args.group_by is None or group[a2] == group[ans])
+                            ][:None if args.keep_values < 0 else args.keep_values]
+                            st = state_keeping(mods[li], hx[li], keep)
                         if args.span_bound:
-                            st = plan.initial_state[c.layers.index(li)]
-                            if args.keep_values is not None:
-                                keep = [spans[-1]] + [
-                                    sp[-1] for a2, sp in others.items() if a2 != ans
-                                ][:None if args.keep_values < 0 else args.keep_values]
-                                st = state_keeping(mods[li], hx[li], keep)
                             vals = [span_read(st, v) for v in vals]
-                        elif args.perfect_query:
-                            st = plan.initial_state[c.layers.index(li)]
+                        else:
                             vals = [perfect_read(mods[li], hx[li][y], st, v)
                                     for y, v in zip(ys, vals, strict=True)]
                         inject_at[li] = (bdir[li], vals)

@@ -1,0 +1,240 @@
+"""Attempt 24: the copy state split in two, each half with keys and a gate of its own.
+
+Attempt 23's oracles put the limit of outside-window recall in the copy state: one 64 × 8
+state a layer has 7 key dimensions, and a conversation writes 10-24 value tokens, so no query
+can read most of them back (the best read of the shipped state answers 11 of 32, seed 1234).
+Here the eight copy heads of layers 16-23 become two groups of four. Each group has its own
+keys, queries and gate, and holds the values of half the fact kinds (D.SLOTS sorted, dealt
+round-robin), each value on its 32 strongest directions. A question's kind says which group
+answers it; the other group's query rests (reads nothing). The adapter format, the scan and
+the engine are unchanged: heads are already independent there.
+
+Per group, on attempt 22's served inputs (fit_served.collect_served, cached by
+`fit_gates.py --collect-block`), attempt 23's loss: at each of the first three answer tokens,
+the group's read must point at the asked value's token against every written token of the
+conversation, and the gate's direction is learned from a probe for the group's value tokens.
+Off its own questions' answers, a group's query rests. The values and read-out are the top-32
+directions of OV_L x at value tokens (attempt 19's basis, cut to what four heads hold).
+
+    PYTHONPATH=.:docs/training-attempt-18:docs/training-attempt-19:docs/training-attempt-20:docs/training-attempt-21:docs/training-attempt-22:docs/training-attempt-23:docs/training-attempt-24 \
+        .venv/bin/python docs/training-attempt-24/fit_groups.py fit IN --group G --out FIT [--steps N]
+    ... fit_groups.py install IN OUT --fits FIT0 FIT1 --gain 0.07
+
+IN is the shipped adapter (attempt 20); its attempt-12 heads are kept, its copy heads replaced.
+A one-off (not project code).
+"""
+
+import argparse
+import glob
+import random
+import time
+
+import fit_address as FA
+import fit_gates as FG
+import fit_served as FS
+import program_memory as P
+import torch
+import torch.nn.functional as F
+from oracle_copy import ov_matrix
+from program_copy import BASE_HEADS, COPY_HEADS, copy_runtime
+
+from deltamem import data as D
+from deltamem.adapter import save_adapter
+
+R = 8
+GROUPS = 2
+HEADS = COPY_HEADS // GROUPS  # a group's heads
+K = HEADS * R  # a group's value directions
+SLOTS = sorted(D.SLOTS)
+
+
+def group_of(slot: str) -> int:
+    return SLOTS.index(slot) % GROUPS
+
+
+def add_groups(chats, tok, words, split: str, start: int):
+    """Each candidate's group and each written token's (-1: not a value), from the chats
+    regenerated with the collector's seeds."""
+    pool, _ = FA.chat_source(split)
+    for ci, chat in zip(range(start, start + len(chats)), chats, strict=True):
+        conv = FA.fit_conversation(random.Random(f"att20:{split}:{ci}"), pool, words, split, ci)
+        ids = chat["ids"].tolist()
+        _, cand, _, cand_of = FA.candidates(tok, ids, conv)
+        assert cand == chat["cand"].tolist(), "regenerated chat differs from the cached one"
+        cg = torch.empty(len(cand), dtype=torch.long)
+        hg = torch.full((len(ids),), -1)
+        for (fi, v), k in cand_of.items():
+            g = group_of(conv.facts[fi].slot)
+            cg[k] = g
+            for a, b in P.value_spans(tok, ids, [v]):
+                hg[a:b] = g
+        chat["cand_group"], chat["hgroup"] = cg, hg
+    return chats
+
+
+def load_chats(cache: str, tok, words):
+    """The cached served inputs: (train chats in order, held-out chats)."""
+    def block(split):
+        out = []
+        for path in sorted(glob.glob(f"{cache}_*_{split}_*.pt"),
+                           key=lambda p: int(p.rsplit("_", 2)[-2])):
+            start = int(path.rsplit("_", 2)[-2])
+            out += add_groups(torch.load(path), tok, words, split, start)
+        return out
+    return block("train"), block("heldout")
+
+
+class BatchG(FG.BatchIds):
+    """fit_gates.BatchIds with each read's group (its fact's kind) and each written token's."""
+
+    def __init__(self, chats, li, first_only: bool = False):
+        super().__init__(chats, li, first_only)
+        cg = FA.pad_stack([c["cand_group"] + 1 for c in chats]) - 1
+        self.tgroup = cg[self.chat, self.target]
+        self.hgroup = FA.pad_stack([c["hgroup"] + 1 for c in chats]) - 1
+
+
+def group_losses(addr, wv, b: BatchG, tau: float, g: int):
+    """fit_gates.losses_all on group g's questions; every other position's query rests
+    (other groups' answers included). Also the other questions' read size (the leak)."""
+    reads, qh, qr, v = FA.run(addr, wv, b)
+    own = b.tgroup == g
+    ar = torch.arange(len(b.target), device=reads.device)
+    m = reads[ar, b.ans]
+    tpos = b.cand_q[ar, b.target]
+    tid = b.ids[b.chat, tpos]
+    logits = torch.einsum("qd,btd->qbt", F.normalize(m, dim=-1),
+                          F.normalize(v, dim=-1))[ar, b.chat] / tau  # (Q, T)
+    ok = b.hmask[b.chat] & (b.ids[b.chat] != tid[:, None])
+    ok[ar, tpos] = True
+    logits = logits.masked_fill(~ok, -1e9)
+    ce = F.cross_entropy(logits[own], tpos[own])
+    acc = (logits.argmax(1) == tpos).float()
+    ans_own = b.ans_mask & own[:, None]
+    rest = ((1 - qr[..., -1] ** 2)[~ans_own & b.rmask].mean()
+            + (1 - qh[..., -1] ** 2)[b.hmask].mean() + (qr[..., -1] ** 2)[ans_own].mean())
+    size = m.norm(dim=1) / v[b.chat, tpos].norm(dim=1)
+    return ce, rest, acc, own, size
+
+
+def fit(args):
+    tok, _, words, _, rt = copy_runtime(args.src)
+    train, held = load_chats(args.cache, tok, words)
+    train = train[:args.chats]
+    print(f"group {args.group} ({[s for s in SLOTS if group_of(s) == args.group]}): "
+          f"{len(train)} train chats, {len(held)} held out", flush=True)
+    mc = rt.model.config
+    result = {}
+    for li in args.layers:
+        t0 = time.time()
+        batches = [BatchG(train[i:i + args.batch], li) for i in range(0, len(train), args.batch)]
+        bh = BatchG(held, li)
+        x = torch.cat([b.hx[b.hmask] for b in batches]).double()
+        val = torch.cat([b.val[b.hmask] for b in batches])
+        hg = torch.cat([b.hgroup[b.hmask] for b in batches])
+        ov = ov_matrix(rt.model.model.layers[li].self_attn, mc.num_attention_heads,
+                       mc.num_key_value_heads).double()
+        # the same basis for both groups (all values), so their read-outs add up
+        basis = torch.linalg.svd(x[val] @ ov.T, full_matrices=False)[2][:K]
+        wv = (basis @ ov).float()
+        wb, bb, _ = P.fit_gate(x, hg == args.group)
+        del x
+        gen = torch.Generator().manual_seed(100 * li + args.group)
+        d = wv.shape[1]
+        wk = torch.randn(R, d, generator=gen) * args.init_std
+        wq = torch.randn(R, d, generator=gen) * args.init_std
+        addr = FG.GateAddressing(wk, wq, wb.detach().float(), float(bb), torch.eye(d))
+        opt = torch.optim.Adam(addr.parameters(), lr=args.lr)
+        for step in range(args.steps):
+            ce, rest, acc, own, _ = group_losses(addr, wv, batches[step % len(batches)],
+                                                 args.tau, args.group)
+            loss = ce + args.rest * rest
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            last = step == args.steps - 1
+            if step % 100 == 0 or last:
+                with torch.no_grad():
+                    _, rest_h, acc_h, own_h, size_h = group_losses(addr, wv, bh, args.tau,
+                                                                   args.group)
+                far = own_h & ((bh.hmask.sum(1)[bh.chat]
+                                - bh.cand_q[torch.arange(len(bh.target)), bh.target])
+                               > FS.WINDOW) & bh.first
+                print(f"layer {li} step {step}: ce {float(ce):.3f} rest {float(rest):.3f} "
+                      f"train acc {float(acc[own].mean()):.3f} | held acc "
+                      f"{float(acc_h[own_h].mean()):.3f} far first {float(acc_h[far].mean()):.3f}"
+                      f" rest {float(rest_h):.3f} |m|/|v| own {float(size_h[own_h].mean()):.3f}"
+                      f" other {float(size_h[~own_h].mean()):.3f} gate "
+                      f"x{float(addr.gate_scale.exp()):.2f}{float(addr.gate_shift):+.2f} "
+                      f"({time.time() - t0:.0f} s)", flush=True)
+        result[li] = {"wk": addr.full(addr.wk).detach(), "wq": addr.full(addr.wq).detach(),
+                      "wb": (addr.gate_scale.exp() * addr.gate()).detach(),
+                      "bb": float(addr.gate_scale.exp() * addr.bb + addr.gate_shift),
+                      "wv": wv, "basis": basis.float(), "rel": float(size_h[own_h].mean()),
+                      "held_acc": float(acc_h[own_h].mean())}
+        torch.save({"group": args.group, "layers": result}, args.out)
+
+
+def install(args):
+    _, _, _, _, rt = copy_runtime(args.src)
+    scale = rt.adapter.config.scale
+    fits = [torch.load(p) for p in args.fits]
+    with torch.no_grad():
+        for layer in rt.adapter.module.layers.values():  # the old copy heads go
+            for name in ("w_q", "w_k", "w_v", "w_beta"):
+                getattr(layer, name).weight[BASE_HEADS * R:] = 0
+            layer.w_beta.bias[BASE_HEADS * R:] = 0
+            layer.b_o.weight[:, BASE_HEADS * R:] = 0
+            layer.b_q.weight[:, BASE_HEADS * R:] = 0
+        for fitted in fits:
+            g = fitted["group"]
+            cols = slice((BASE_HEADS + g * HEADS) * R, (BASE_HEADS + (g + 1) * HEADS) * R)
+            for li, f in fitted["layers"].items():
+                layer = rt.adapter.module.layer(li)
+                layer.w_k.weight[cols] = torch.cat(
+                    [f["wk"][:R - 1], torch.zeros(1, f["wk"].shape[1])]).repeat(HEADS, 1)
+                layer.w_q.weight[cols] = f["wq"].repeat(HEADS, 1)
+                layer.w_beta.weight[cols] = f["wb"].expand(R, -1).repeat(HEADS, 1)
+                layer.w_beta.bias[cols] = f["bb"]
+                layer.w_v.weight[cols] = f["wv"]
+                # the read is ~|m|/|v| of the value; the gain is relative to a full copy
+                layer.b_o.weight[:, cols] = args.gain * f["basis"].T / scale / max(f["rel"], 1e-3)
+    save_adapter(rt.adapter, args.dst, {"programmed": "copy heads in two groups of fact kinds, "
+                                                      "addressing fitted through the delta rule "
+                                                      "(docs/training-attempt-24)"},
+                 dtype=torch.float16)
+    print("saved", args.dst, "gain", args.gain)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fit")
+    f.add_argument("src")
+    f.add_argument("--group", type=int, required=True)
+    f.add_argument("--out", required=True)
+    f.add_argument("--cache", default="/tmp/att24")
+    f.add_argument("--layers", type=int, nargs="*", default=FA.ALL_COPY_LAYERS)
+    f.add_argument("--chats", type=int, default=240)
+    f.add_argument("--steps", type=int, default=1000)
+    f.add_argument("--batch", type=int, default=16)
+    f.add_argument("--lr", type=float, default=3e-3)
+    f.add_argument("--tau", type=float, default=0.1)
+    f.add_argument("--rest", type=float, default=1.0)
+    f.add_argument("--init-std", type=float, default=0.01)
+    f.add_argument("--answer-tokens", type=int, default=3)
+    i = sub.add_parser("install")
+    i.add_argument("src")
+    i.add_argument("dst")
+    i.add_argument("--fits", nargs="+", required=True)
+    i.add_argument("--gain", type=float, default=0.07)
+    args = ap.parse_args()
+    if args.cmd == "fit":
+        FS.ANSWER_TOKENS = args.answer_tokens
+        fit(args)
+    else:
+        install(args)
+
+
+if __name__ == "__main__":
+    main()
