@@ -26,7 +26,10 @@ Added by attempt 24 (the bound of a copy state split into groups, docs/training-
   order: K = 32 is what four heads hold);
 - --group-by slot|person with --groups G (and --keep-values -1): the state keeps only the
   answers of the asked one's group (fact kinds dealt round-robin into G groups, or the two
-  speakers), as a state of its own keys would that only that group's facts write.
+  speakers), as a state of its own keys would that only that group's facts write;
+- --grouped (with --value-dims 32 --group-by slot): the adapter is fit_groups.py's, two groups
+  of four copy heads with keys of their own; --span-bound and --perfect-query read the asked
+  kind's group.
 
 A one-off (not project code). The runs of the record (README.md):
 - --cs 0.1 0.25 0.5 1, with and without --all-tokens, seeds 1234 and 1235 (oracle_seed*,
@@ -58,18 +61,19 @@ from deltamem import scan
 from server.sessions import plan_turn
 
 
-def perfect_read(mod, x, state, v):
+def perfect_read(mod, x, state, v, first=BASE_HEADS):
     """The copy heads' read of one layer's state (H, r, r) with x's own key as the query,
-    scaled to the norm of x's value v."""
-    k = mod.project(x).k[BASE_HEADS]  # the copy heads share their keys
-    m = (state[BASE_HEADS:BASE_HEADS + COPY_HEADS].float() @ k).flatten()[:len(v)]
+    scaled to the norm of x's value v. first: the first copy head (of v's group, --grouped)."""
+    k = mod.project(x).k[first]  # the copy heads (of a group) share their keys
+    m = (state[first:first + COPY_HEADS].float() @ k).flatten()[:len(v)]
     return m * (v.norm() / m.norm().clamp_min(1e-12))
 
 
-def span_read(state, v):
+def span_read(state, v, first=BASE_HEADS):
     """The read S q closest to v over every query q: v's projection on the span of the copy
-    heads' state (64 × 8) columns, scaled to v's norm. v may hold only the first K rows."""
-    m = state[BASE_HEADS:BASE_HEADS + COPY_HEADS].float().reshape(-1, state.shape[-1])
+    heads' state (64 × 8) columns, scaled to v's norm. v may hold only the first K rows (of
+    the heads from `first` on)."""
+    m = state[first:first + COPY_HEADS].float().reshape(-1, state.shape[-1])
     m = m[:len(v)]
     p = m @ (torch.linalg.pinv(m) @ v)
     return p * (v.norm() / p.norm().clamp_min(1e-12))
@@ -113,6 +117,9 @@ def main():
     ap.add_argument("--group-by", choices=["slot", "person"], default=None,
                     help="with --keep-values -1: keep only the answers of the asked one's group")
     ap.add_argument("--groups", type=int, default=2, help="slot groups (round-robin)")
+    ap.add_argument("--grouped", action="store_true", help="the adapter's copy heads are "
+                    "two groups of four by slot (fit_groups.py; use --value-dims 32 "
+                    "--group-by slot): read the asked kind's group")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     tok, rt, fmt, ident = replay_runtime(args.adapter)
@@ -196,10 +203,12 @@ def main():
                                     args.group_by is None or group[a2] == group[ans])
                             ][:None if args.keep_values < 0 else args.keep_values]
                             st = state_keeping(mods[li], hx[li], keep)
+                        # --grouped: the asked kind's group of four heads
+                        first = BASE_HEADS + (4 * group[ans] if args.grouped else 0)
                         if args.span_bound:
-                            vals = [span_read(st, v) for v in vals]
+                            vals = [span_read(st, v, first) for v in vals]
                         else:
-                            vals = [perfect_read(mods[li], hx[li][y], st, v)
+                            vals = [perfect_read(mods[li], hx[li][y], st, v, first)
                                     for y, v in zip(ys, vals, strict=True)]
                         inject_at[li] = (bdir[li], vals)
             for cval in [0.0, *args.cs]:

@@ -143,8 +143,12 @@ def fit(args):
         d = wv.shape[1]
         wk = torch.randn(R, d, generator=gen) * args.init_std
         wq = torch.randn(R, d, generator=gen) * args.init_std
-        addr = FG.GateAddressing(wk, wq, wb.detach().float(), float(bb), torch.eye(d))
-        opt = torch.optim.Adam(addr.parameters(), lr=args.lr)
+        cls = FA.Addressing if args.fixed_gate else FG.GateAddressing
+        addr = cls(wk, wq, wb.detach().float(), float(bb.detach()), torch.eye(d))
+        if args.fixed_gate:  # the probe's gate as it is: β 0.12 on its values, ~0 elsewhere
+            addr.gate_scale.requires_grad_(False)
+            addr.gate_shift.requires_grad_(False)
+        opt = torch.optim.Adam([p for p in addr.parameters() if p.requires_grad], lr=args.lr)
         for step in range(args.steps):
             ce, rest, acc, own, _ = group_losses(addr, wv, batches[step % len(batches)],
                                                  args.tau, args.group)
@@ -223,6 +227,8 @@ def main():
     f.add_argument("--rest", type=float, default=1.0)
     f.add_argument("--init-std", type=float, default=0.01)
     f.add_argument("--answer-tokens", type=int, default=3)
+    f.add_argument("--fixed-gate", action="store_true", help="keep the probe's gate (its "
+                   "direction, scale and offset); learn keys and queries only")
     i = sub.add_parser("install")
     i.add_argument("src")
     i.add_argument("dst")
