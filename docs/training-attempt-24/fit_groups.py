@@ -39,13 +39,49 @@ from oracle_copy import ov_matrix
 from program_copy import BASE_HEADS, COPY_HEADS, copy_runtime
 
 from deltamem import data as D
-from deltamem.adapter import save_adapter
+from deltamem.adapter import Adapter, load_adapter, save_adapter
+from deltamem.layer import DeltaMem, DeltaMemConfig
 
 R = 8
 GROUPS = 2
 HEADS = COPY_HEADS // GROUPS  # a group's heads
 K = HEADS * R  # a group's value directions
 SLOTS = sorted(D.SLOTS)
+
+
+def configure(rank: int, groups: int, heads: int):
+    """The copy layout: state rank, groups, each group's heads (--rank 16 --groups 1
+    --heads 2: section 5 of the README, one copy state of 15 key dimensions a layer)."""
+    global R, GROUPS, HEADS, K
+    R, GROUPS, HEADS, K = rank, groups, heads, heads * rank
+    FA.R = rank
+
+
+def widen_rank(args):
+    """The source adapter at rank 16 with 6 heads (its parameter count): its first BASE_HEADS
+    heads zero-padded (the same function: the padded key and query dimensions are tanh(0) = 0,
+    the padded value rows stay 0, α doubled keeps α/r), the rest zero until install."""
+    src = load_adapter(args.src)
+    old = src.config
+    cfg = DeltaMemConfig.from_dict({**old.to_dict(), "rank": 2 * old.rank,
+                                    "alpha": 2 * old.alpha, "num_state_heads": args.heads})
+    mod = DeltaMem(cfg)
+    r0, r1 = old.rank, cfg.rank
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.zero_()
+        for li in cfg.layers:
+            new, o = mod.layer(li), src.module.layer(li)
+            for h in range(BASE_HEADS):
+                a, b = slice(h * r1, h * r1 + r0), slice(h * r0, (h + 1) * r0)
+                for name in ("w_q", "w_k", "w_v", "w_beta"):
+                    getattr(new, name).weight[a] = getattr(o, name).weight[b]
+                new.w_beta.bias[a] = o.w_beta.bias[b]
+                new.b_q.weight[:, a] = o.b_q.weight[:, b]
+                new.b_o.weight[:, a] = o.b_o.weight[:, b]
+    save_adapter(Adapter(mod, src.backbone, {**src.meta, "widened_rank_from": src.fingerprint()}),
+                 args.dst, dtype=torch.float16)
+    print("saved", args.dst, cfg.rank, cfg.num_state_heads)
 
 
 def group_of(slot: str) -> int:
@@ -180,11 +216,11 @@ def fit(args):
 
 
 def install(args):
-    _, _, _, _, rt = copy_runtime(args.src)
-    scale = rt.adapter.config.scale
+    adapter = load_adapter(args.src)  # as it is: copy_runtime would widen it to 12 heads
+    scale = adapter.config.scale
     fits = [torch.load(p) for p in args.fits]
     with torch.no_grad():
-        for layer in rt.adapter.module.layers.values():  # the old copy heads go
+        for layer in adapter.module.layers.values():  # the old copy heads go
             for name in ("w_q", "w_k", "w_v", "w_beta"):
                 getattr(layer, name).weight[BASE_HEADS * R:] = 0
             layer.w_beta.bias[BASE_HEADS * R:] = 0
@@ -194,7 +230,7 @@ def install(args):
             g = fitted["group"]
             cols = slice((BASE_HEADS + g * HEADS) * R, (BASE_HEADS + (g + 1) * HEADS) * R)
             for li, f in fitted["layers"].items():
-                layer = rt.adapter.module.layer(li)
+                layer = adapter.module.layer(li)
                 layer.w_k.weight[cols] = torch.cat(
                     [f["wk"][:R - 1], torch.zeros(1, f["wk"].shape[1])]).repeat(HEADS, 1)
                 layer.w_q.weight[cols] = f["wq"].repeat(HEADS, 1)
@@ -203,7 +239,7 @@ def install(args):
                 layer.w_v.weight[cols] = f["wv"]
                 # the read is ~|m|/|v| of the value; the gain is relative to a full copy
                 layer.b_o.weight[:, cols] = args.gain * f["basis"].T / scale / max(f["rel"], 1e-3)
-    save_adapter(rt.adapter, args.dst, {"programmed": "copy heads in two groups of fact kinds, "
+    save_adapter(adapter, args.dst, {"programmed": "copy heads in two groups of fact kinds, "
                                                       "addressing fitted through the delta rule "
                                                       "(docs/training-attempt-24)"},
                  dtype=torch.float16)
@@ -229,12 +265,22 @@ def main():
     f.add_argument("--answer-tokens", type=int, default=3)
     f.add_argument("--fixed-gate", action="store_true", help="keep the probe's gate (its "
                    "direction, scale and offset); learn keys and queries only")
-    i = sub.add_parser("install")
+    for sp in (f, sub.add_parser("install"), w := sub.add_parser("widen-rank")):
+        sp.add_argument("--rank", type=int, default=R, help="state rank of the copy heads")
+        sp.add_argument("--groups", type=int, default=GROUPS)
+        sp.add_argument("--heads", type=int, default=HEADS, help="a group's heads "
+                        "(widen-rank: all heads)")
+    w.add_argument("src")
+    w.add_argument("dst")
+    i = sub.choices["install"]
     i.add_argument("src")
     i.add_argument("dst")
     i.add_argument("--fits", nargs="+", required=True)
     i.add_argument("--gain", type=float, default=0.07)
     args = ap.parse_args()
+    if args.cmd == "widen-rank":
+        return widen_rank(args)
+    configure(args.rank, args.groups, args.heads)
     if args.cmd == "fit":
         FS.ANSWER_TOKENS = args.answer_tokens
         fit(args)
