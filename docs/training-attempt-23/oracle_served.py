@@ -203,8 +203,8 @@ def main():
                                     args.group_by is None or group[a2] == group[ans])
                             ][:None if args.keep_values < 0 else args.keep_values]
                             st = state_keeping(mods[li], hx[li], keep)
-                        # --grouped: the asked kind's group of four heads
-                        first = BASE_HEADS + (4 * group[ans] if args.grouped else 0)
+                        # --grouped: the asked kind's group of heads
+                        first = BASE_HEADS + (COPY_HEADS // args.groups * group[ans] if args.grouped else 0)
                         if args.span_bound:
                             vals = [span_read(st, v, first) for v in vals]
                         else:

@@ -272,6 +272,7 @@ def main():
                         "(widen-rank: all heads)")
     w.add_argument("src")
     w.add_argument("dst")
+    w.set_defaults(heads=6)  # the source's parameter count at twice its rank
     i = sub.choices["install"]
     i.add_argument("src")
     i.add_argument("dst")
