@@ -18,8 +18,9 @@ that value, at c times a full copy. Greedy answer, exact match. Flags:
   projection on the span of the state's eight columns), scaled the same way;
 - --layers: inject in these layers only; --full-ov: inject c · OV_L x_y (what layer L's
   attention writes attending to that token alone), for layers without copy heads;
-- --keep-values N (with --span-bound or, since attempt 24, --perfect-query): the state rebuilt from the written tokens with the
-  gates closed except on the asked value and N other answers of the conversation (-1: all).
+- --keep-values N (with --span-bound or, since attempt 24, --perfect-query): the state
+  rebuilt from the written tokens with the gates closed except on the asked value and N
+  other answers of the conversation (-1: all).
 
 Added by attempt 24 (the bound of a copy state split into groups, docs/training-attempt-24):
 - --value-dims K: the copy value is its first K of 64 directions (the strongest, in SVD
@@ -204,7 +205,8 @@ def main():
                             ][:None if args.keep_values < 0 else args.keep_values]
                             st = state_keeping(mods[li], hx[li], keep)
                         # --grouped: the asked kind's group of heads
-                        first = BASE_HEADS + (COPY_HEADS // args.groups * group[ans] if args.grouped else 0)
+                        first = BASE_HEADS + (COPY_HEADS // args.groups * group[ans]
+                                              if args.grouped else 0)
                         if args.span_bound:
                             vals = [span_read(st, v, first) for v in vals]
                         else:
