@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from oracle_copy import ov_matrix
 from program_copy import BASE_HEADS, COPY_HEADS, copy_runtime
+from shared_scan import shared_scan
 
 from deltamem import data as D
 from deltamem.adapter import Adapter, load_adapter, save_adapter
@@ -130,21 +131,47 @@ class BatchG(FG.BatchIds):
         self.hgroup = FA.pad_stack([c["hgroup"] + 1 for c in chats]) - 1
 
 
-def group_losses(addr, wv, b: BatchG, tau: float, g: int):
-    """fit_gates.losses_all on group g's questions; every other position's query rests
-    (other groups' answers included). Also the other questions' read size (the leak)."""
-    reads, qh, qr, v = FA.run(addr, wv, b)
-    own = b.tgroup == g
-    ar = torch.arange(len(b.target), device=reads.device)
-    m = reads[ar, b.ans]
-    tpos = b.cand_q[ar, b.target]
+def token_logits(m, v, b: BatchG, tpos, tau: float):
+    """Cosine logits of reads m (Q, K) against every written token's value v (B, T, K) of
+    their chat, the tokens with the target's id left out but the target."""
+    ar = torch.arange(len(m), device=m.device)
     tid = b.ids[b.chat, tpos]
     logits = torch.einsum("qd,btd->qbt", F.normalize(m, dim=-1),
                           F.normalize(v, dim=-1))[ar, b.chat] / tau  # (Q, T)
     ok = b.hmask[b.chat] & (b.ids[b.chat] != tid[:, None])
     ok[ar, tpos] = True
-    logits = logits.masked_fill(~ok, -1e9)
+    return logits.masked_fill(~ok, -1e9)
+
+
+def own_key_ce(addr, wv, b: BatchG, tpos, tau: float, own):
+    """--own-key: the asked token's value must come back through the key it was written with,
+    from the state the whole history wrote (the write side's own test; the oracles' own-key
+    read). Returns the loss and, per read, whether it comes back best."""
+    k, v = addr.keys(b.hx), b.hx @ wv.T
+    _, state = shared_scan(addr.queries(b.hx), k, v, addr.beta(b.hx) * b.hmask,
+                           b.hx.new_zeros(len(b.hx), v.shape[-1], R))
+    m = torch.einsum("qkr,qr->qk", state[b.chat], k[b.chat, tpos])
+    logits = token_logits(m, v, b, tpos, tau)
+    return (F.cross_entropy(logits[own], tpos[own]),
+            (logits.argmax(1) == tpos).float())
+
+
+def group_losses(addr, wv, b: BatchG, tau: float, g: int, own_key: float = 0.0):
+    """fit_gates.losses_all on group g's questions; every other position's query rests
+    (other groups' answers included). Also the other questions' read size (the leak), and
+    with own_key > 0 that weight of own_key_ce added to the loss."""
+    reads, qh, qr, v = FA.run(addr, wv, b)
+    own = b.tgroup == g
+    ar = torch.arange(len(b.target), device=reads.device)
+    m = reads[ar, b.ans]
+    tpos = b.cand_q[ar, b.target]
+    logits = token_logits(m, v, b, tpos, tau)
     ce = F.cross_entropy(logits[own], tpos[own])
+    if own_key:
+        ce_k, acc_k = own_key_ce(addr, wv, b, tpos, tau, own)
+        ce = ce + own_key * ce_k
+        if not torch.is_grad_enabled():
+            print(f"    own-key read comes back: {float(acc_k[own].mean()):.3f}", flush=True)
     acc = (logits.argmax(1) == tpos).float()
     ans_own = b.ans_mask & own[:, None]
     rest = ((1 - qr[..., -1] ** 2)[~ans_own & b.rmask].mean()
@@ -187,7 +214,7 @@ def fit(args):
         opt = torch.optim.Adam([p for p in addr.parameters() if p.requires_grad], lr=args.lr)
         for step in range(args.steps):
             ce, rest, acc, own, _ = group_losses(addr, wv, batches[step % len(batches)],
-                                                 args.tau, args.group)
+                                                 args.tau, args.group, args.own_key)
             loss = ce + args.rest * rest
             opt.zero_grad()
             loss.backward()
@@ -196,7 +223,7 @@ def fit(args):
             if step % 100 == 0 or last:
                 with torch.no_grad():
                     _, rest_h, acc_h, own_h, size_h = group_losses(addr, wv, bh, args.tau,
-                                                                   args.group)
+                                                                   args.group, args.own_key)
                 far = own_h & ((bh.hmask.sum(1)[bh.chat]
                                 - bh.cand_q[torch.arange(len(bh.target)), bh.target])
                                > FS.WINDOW) & bh.first
@@ -263,6 +290,8 @@ def main():
     f.add_argument("--rest", type=float, default=1.0)
     f.add_argument("--init-std", type=float, default=0.01)
     f.add_argument("--answer-tokens", type=int, default=3)
+    f.add_argument("--own-key", type=float, default=0.0, help="weight of the own-key loss: "
+                   "each asked value read back through its own key from the history's state")
     f.add_argument("--fixed-gate", action="store_true", help="keep the probe's gate (its "
                    "direction, scale and offset); learn keys and queries only")
     for sp in (f, sub.add_parser("install"), w := sub.add_parser("widen-rank")):
