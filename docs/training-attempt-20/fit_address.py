@@ -210,16 +210,29 @@ class Addressing(torch.nn.Module):
                              + self.gate_shift)
 
 
-def run(addr, wv, b: Batch):
-    """Reads at every read-pass position (Q, Tr, 64) and the history's queries."""
+def write(addr, wv, b: Batch):
+    """The history written: its keys, queries, values (B, T, 64) and final states (B, 64, R)."""
     k, q = addr.keys(b.hx), addr.queries(b.hx)
     beta = addr.beta(b.hx) * b.hmask
     v = b.hx @ wv.T  # (B, T, 64)
     s0 = b.hx.new_zeros(len(b.hx), v.shape[-1], R)
     _, state = shared_scan(q, k, v, beta, s0)
+    return k, q, v, state
+
+
+def read(addr, wv, b: Batch, state):
+    """Reads at every read-pass position (Q, Tr, 64) on the history's states, and the
+    read pass's queries."""
     kr, qr = addr.keys(b.rx), addr.queries(b.rx)
     br = addr.beta(b.rx) * b.rmask
     reads, _ = shared_scan(qr, kr, b.rx @ wv.T, br, state[b.chat])
+    return reads, qr
+
+
+def run(addr, wv, b: Batch):
+    """Reads at every read-pass position (Q, Tr, 64) and the history's queries."""
+    _, q, v, state = write(addr, wv, b)
+    reads, qr = read(addr, wv, b, state)
     return reads, q, qr, v
 
 
@@ -237,13 +250,21 @@ def losses(addr, wv, b: Batch, tau: float):
     return ce, rest_loss(qh, qr, b), acc, rel
 
 
-def rest_loss(qh, qr, b: Batch):
+def rest_loss(qh, qr, b: Batch, ans_mask=None):
     """Off the answer, queries rest on the 8th dimension (no key has it): no read. On the
-    answer, they leave it."""
-    rest_r = (1 - qr[..., -1] ** 2)[~b.ans_mask & b.rmask].mean()
+    answer, they leave it. ans_mask: where queries read (default the batch's answers)."""
+    ans = b.ans_mask if ans_mask is None else ans_mask
+    rest_r = (1 - qr[..., -1] ** 2)[~ans & b.rmask].mean()
     rest_h = (1 - qh[..., -1] ** 2)[b.hmask].mean()
-    on = (qr[..., -1] ** 2)[b.ans_mask].mean()
+    on = (qr[..., -1] ** 2)[ans].mean()
     return rest_r + rest_h + on
+
+
+def write_side(addr) -> dict:
+    """A fitted Addressing as plain weights: keys, queries, the gate's weight and bias."""
+    return {"wk": addr.full(addr.wk).detach().cpu(), "wq": addr.full(addr.wq).detach().cpu(),
+            "wb": (addr.gate_scale.exp() * addr.gate()).detach().cpu(),
+            "bb": float(addr.gate_scale.exp() * addr.bb + addr.gate_shift)}
 
 
 def fit(train, held, rt, args, save=None):
@@ -310,15 +331,25 @@ def fit(train, held, rt, args, save=None):
                       flush=True)
             if last:
                 break
-        result[li] = {"wk": addr.full(addr.wk).detach().cpu(),
-                      "wq": addr.full(addr.wq).detach().cpu(),
-                      "wb": (addr.gate_scale.exp() * addr.gate()).detach().cpu(),
-                      "bb": float(addr.gate_scale.exp() * addr.bb + addr.gate_shift),
-                      "wv": wv.cpu(), "basis": basis.float(), "held_acc": float(acc_h.mean()),
+        result[li] = {**write_side(addr), "wv": wv.cpu(), "basis": basis.float(), "held_acc": float(acc_h.mean()),
                       "rel": float(rel_h), "steps": step + 1}
         if save:
             save(result)
     return result
+
+
+def install_heads(layer, f: dict, cols: slice, heads: int, rank: int, gain: float,
+                  scale: float):
+    """One fitted layer f (fit's result) into `heads` heads of rank `rank` at rows / columns
+    `cols`, sharing its keys, queries and gate; read-out at `gain` of a full copy."""
+    wk = torch.cat([f["wk"][:rank - 1], torch.zeros(1, f["wk"].shape[1])])
+    layer.w_k.weight[cols] = wk.repeat(heads, 1)
+    layer.w_q.weight[cols] = f["wq"].repeat(heads, 1)
+    layer.w_beta.weight[cols] = f["wb"].expand(rank, -1).repeat(heads, 1)
+    layer.w_beta.bias[cols] = f["bb"]
+    layer.w_v.weight[cols] = f["wv"]
+    # The read is ~|m|/|v| of the value; the gain is relative to a full copy.
+    layer.b_o.weight[:, cols] = gain * f["basis"].T / scale / max(f["rel"], 1e-3)
 
 
 def install(rt, result, gain):
@@ -328,17 +359,18 @@ def install(rt, result, gain):
         for li, layer in rt.adapter.module.layers.items():
             layer.b_o.weight[:, c] = 0
             layer.b_q.weight[:, c] = 0
-            if int(li) not in result:
-                continue
-            f = result[int(li)]
-            wk = torch.cat([f["wk"], torch.zeros(1, f["wk"].shape[1])])
-            layer.w_k.weight[c] = wk.repeat(COPY_HEADS, 1)
-            layer.w_q.weight[c] = f["wq"].repeat(COPY_HEADS, 1)
-            layer.w_beta.weight[c] = f["wb"].expand(R, -1).repeat(COPY_HEADS, 1)
-            layer.w_beta.bias[c] = f["bb"]
-            layer.w_v.weight[c] = f["wv"]
-            # The read is ~|m|/|v| of the value; the gain is relative to a full copy.
-            layer.b_o.weight[:, c] = gain * f["basis"].T / scale / max(f["rel"], 1e-3)
+            if int(li) in result:
+                install_heads(layer, result[int(li)], c, COPY_HEADS, R, gain, scale)
+
+
+def fit_flags(ap):
+    """The optimiser's flags, shared with attempt 24's fit_groups."""
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=16, help="train chats a step")
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--tau", type=float, default=0.1)
+    ap.add_argument("--rest", type=float, default=1.0)
+    ap.add_argument("--init-std", type=float, default=0.01)
 
 
 def main(argv=None):
@@ -347,13 +379,8 @@ def main(argv=None):
     ap.add_argument("dst")
     ap.add_argument("--chats", type=int, default=80)
     ap.add_argument("--held", type=int, default=24)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=16, help="train chats a step")
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--tau", type=float, default=0.1)
-    ap.add_argument("--rest", type=float, default=1.0)
+    fit_flags(ap)
     ap.add_argument("--l2", type=float, default=0.0)
-    ap.add_argument("--init-std", type=float, default=0.01)
     ap.add_argument("--pca", type=int, default=0, help="keys and queries on the top-D "
                     "principal directions of x (0: all of x)")
     ap.add_argument("--gains", type=float, nargs="*", default=[0.25, 0.5, 1.0])

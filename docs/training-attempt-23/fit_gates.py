@@ -58,20 +58,26 @@ class GateAddressing(FA.Addressing):
         return self.wb + self.step_size * self.dwb
 
 
+def token_logits(m, v, b: BatchIds, tpos, tau: float):
+    """Cosine logits (Q, T) of reads m (Q, 64) against every written token's value v
+    (B, T, 64) of their chat; tokens with the target's id are left out, the target kept."""
+    ar = torch.arange(len(m), device=m.device)
+    tid = b.ids[b.chat, tpos]
+    logits = torch.einsum("qd,btd->qbt", F.normalize(m, dim=-1),
+                          F.normalize(v, dim=-1))[ar, b.chat] / tau
+    ok = b.hmask[b.chat] & (b.ids[b.chat] != tid[:, None])
+    ok[ar, tpos] = True
+    return logits.masked_fill(~ok, -1e9)
+
+
 def losses_all(addr, wv, b, tau):
     """The read at each answer token must point at the asked value's token, against every
     other written token of the conversation (tokens with the target's id excepted)."""
     reads, qh, qr, v = FA.run(addr, wv, b)
     Q = len(b.target)
     ar = torch.arange(Q, device=reads.device)
-    m = F.normalize(reads[ar, b.ans], dim=-1)  # (Q, 64)
     tpos = b.cand_q[ar, b.target]
-    tid = b.ids[b.chat, tpos]
-    vn = F.normalize(v, dim=-1)  # (B, T, 64)
-    logits = torch.einsum("qd,btd->qbt", m, vn)[ar, b.chat] / tau  # (Q, T)
-    ok = b.hmask[b.chat] & (b.ids[b.chat] != tid[:, None])
-    ok[ar, tpos] = True
-    logits = logits.masked_fill(~ok, -1e9)
+    logits = token_logits(reads[ar, b.ans], v, b, tpos, tau)
     ce = F.cross_entropy(logits, tpos)
     acc = (logits.argmax(1) == tpos).float()
     if not torch.is_grad_enabled():

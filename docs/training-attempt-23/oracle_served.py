@@ -72,7 +72,7 @@ def perfect_read(mod, x, state, v, first=BASE_HEADS):
 
 def span_read(state, v, first=BASE_HEADS):
     """The read S q closest to v over every query q: v's projection on the span of the copy
-    heads' state (64 × 8) columns, scaled to v's norm. v may hold only the first K rows (of
+    heads' state (64 × r) columns, scaled to v's norm. v may hold only the first K rows (of
     the heads from `first` on)."""
     m = state[first:first + COPY_HEADS].float().reshape(-1, state.shape[-1])
     m = m[:len(v)]
@@ -161,11 +161,16 @@ def main():
     slots = sorted(D.SLOTS)
     for i, sample in enumerate(E.load_conversations(None, args.conversations, args.seed)):
         turns = E.session_turns(sample)
-        # the facts behind the questions, in qa order (what locomo_conversation generated)
-        facts = D.generate_conversation(random.Random(f"deltamem-locomo:heldout:{args.seed}:{i}"),
-                                        D.pools("heldout"), D.HELDOUT_LOCOMO).facts
-        group = {str(f.value): (f.person if args.group_by == "person"
-                                else slots.index(f.slot) % args.groups) for f in facts}
+        group = {}
+        if args.group_by or args.grouped:
+            # the facts behind the questions, regenerated with locomo_conversation's seed
+            facts = D.generate_conversation(
+                random.Random(f"deltamem-locomo:heldout:{args.seed}:{i}"),
+                D.pools("heldout"), D.HELDOUT_LOCOMO).facts
+            if [str(f.value) for f in facts] != [str(q["answer"]) for q in sample["qa"]]:
+                raise SystemExit("regenerated facts differ from the conversation's questions")
+            group = {str(f.value): (f.person if args.group_by == "person"
+                                    else slots.index(f.slot) % args.groups) for f in facts}
         add.clear()
         rec, hx = replay_history(rt, fmt, ident, turns, args.window, xs, hooked)
         full = rec.transcript[:rec.tokens_absorbed]

@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 from oracle_copy import ov_matrix
 from program_copy import BASE_HEADS, COPY_HEADS, copy_runtime
-from shared_scan import shared_scan
 
 from deltamem import data as D
 from deltamem.adapter import Adapter, load_adapter, save_adapter
@@ -131,51 +130,30 @@ class BatchG(FG.BatchIds):
         self.hgroup = FA.pad_stack([c["hgroup"] + 1 for c in chats]) - 1
 
 
-def token_logits(m, v, b: BatchG, tpos, tau: float):
-    """Cosine logits of reads m (Q, K) against every written token's value v (B, T, K) of
-    their chat, the tokens with the target's id left out but the target."""
-    ar = torch.arange(len(m), device=m.device)
-    tid = b.ids[b.chat, tpos]
-    logits = torch.einsum("qd,btd->qbt", F.normalize(m, dim=-1),
-                          F.normalize(v, dim=-1))[ar, b.chat] / tau  # (Q, T)
-    ok = b.hmask[b.chat] & (b.ids[b.chat] != tid[:, None])
-    ok[ar, tpos] = True
-    return logits.masked_fill(~ok, -1e9)
-
-
-def own_key_ce(addr, wv, b: BatchG, tpos, tau: float, own):
-    """--own-key: the asked token's value must come back through the key it was written with,
-    from the state the whole history wrote (the write side's own test; the oracles' own-key
-    read). Returns the loss and, per read, whether it comes back best."""
-    k, v = addr.keys(b.hx), b.hx @ wv.T
-    _, state = shared_scan(addr.queries(b.hx), k, v, addr.beta(b.hx) * b.hmask,
-                           b.hx.new_zeros(len(b.hx), v.shape[-1], R))
-    m = torch.einsum("qkr,qr->qk", state[b.chat], k[b.chat, tpos])
-    logits = token_logits(m, v, b, tpos, tau)
-    return (F.cross_entropy(logits[own], tpos[own]),
-            (logits.argmax(1) == tpos).float())
-
-
 def group_losses(addr, wv, b: BatchG, tau: float, g: int, own_key: float = 0.0):
     """fit_gates.losses_all on group g's questions; every other position's query rests
-    (other groups' answers included). Also the other questions' read size (the leak), and
-    with own_key > 0 that weight of own_key_ce added to the loss."""
-    reads, qh, qr, v = FA.run(addr, wv, b)
+    (other groups' answers included). Also the other questions' read size (the leak).
+
+    own_key > 0 adds that weight of the own-key loss: the asked token's value must come back
+    through the key it was written with, from the state the whole history wrote (the write
+    side's own test; the oracles' own-key read)."""
+    k, qh, v, state = FA.write(addr, wv, b)
+    reads, qr = FA.read(addr, wv, b, state)
     own = b.tgroup == g
     ar = torch.arange(len(b.target), device=reads.device)
     m = reads[ar, b.ans]
     tpos = b.cand_q[ar, b.target]
-    logits = token_logits(m, v, b, tpos, tau)
+    logits = FG.token_logits(m, v, b, tpos, tau)
     ce = F.cross_entropy(logits[own], tpos[own])
     if own_key:
-        ce_k, acc_k = own_key_ce(addr, wv, b, tpos, tau, own)
-        ce = ce + own_key * ce_k
+        mk = torch.einsum("qkr,qr->qk", state[b.chat], k[b.chat, tpos])
+        logits_k = FG.token_logits(mk, v, b, tpos, tau)
+        ce = ce + own_key * F.cross_entropy(logits_k[own], tpos[own])
         if not torch.is_grad_enabled():
-            print(f"    own-key read comes back: {float(acc_k[own].mean()):.3f}", flush=True)
+            back = (logits_k.argmax(1) == tpos).float()[own].mean()
+            print(f"    own-key read comes back: {float(back):.3f}", flush=True)
     acc = (logits.argmax(1) == tpos).float()
-    ans_own = b.ans_mask & own[:, None]
-    rest = ((1 - qr[..., -1] ** 2)[~ans_own & b.rmask].mean()
-            + (1 - qh[..., -1] ** 2)[b.hmask].mean() + (qr[..., -1] ** 2)[ans_own].mean())
+    rest = FA.rest_loss(qh, qr, b, b.ans_mask & own[:, None])
     size = m.norm(dim=1) / v[b.chat, tpos].norm(dim=1)
     return ce, rest, acc, own, size
 
@@ -234,10 +212,8 @@ def fit(args):
                       f" other {float(size_h[~own_h].mean()):.3f} gate "
                       f"x{float(addr.gate_scale.exp()):.2f}{float(addr.gate_shift):+.2f} "
                       f"({time.time() - t0:.0f} s)", flush=True)
-        result[li] = {"wk": addr.full(addr.wk).detach(), "wq": addr.full(addr.wq).detach(),
-                      "wb": (addr.gate_scale.exp() * addr.gate()).detach(),
-                      "bb": float(addr.gate_scale.exp() * addr.bb + addr.gate_shift),
-                      "wv": wv, "basis": basis.float(), "rel": float(size_h[own_h].mean()),
+        result[li] = {**FA.write_side(addr), "wv": wv, "basis": basis.float(),
+                      "rel": float(size_h[own_h].mean()),
                       "held_acc": float(acc_h[own_h].mean())}
         torch.save({"group": args.group, "layers": result}, args.out)
 
@@ -257,15 +233,7 @@ def install(args):
             g = fitted["group"]
             cols = slice((BASE_HEADS + g * HEADS) * R, (BASE_HEADS + (g + 1) * HEADS) * R)
             for li, f in fitted["layers"].items():
-                layer = adapter.module.layer(li)
-                layer.w_k.weight[cols] = torch.cat(
-                    [f["wk"][:R - 1], torch.zeros(1, f["wk"].shape[1])]).repeat(HEADS, 1)
-                layer.w_q.weight[cols] = f["wq"].repeat(HEADS, 1)
-                layer.w_beta.weight[cols] = f["wb"].expand(R, -1).repeat(HEADS, 1)
-                layer.w_beta.bias[cols] = f["bb"]
-                layer.w_v.weight[cols] = f["wv"]
-                # the read is ~|m|/|v| of the value; the gain is relative to a full copy
-                layer.b_o.weight[:, cols] = args.gain * f["basis"].T / scale / max(f["rel"], 1e-3)
+                FA.install_heads(adapter.module.layer(li), f, cols, HEADS, R, args.gain, scale)
     save_adapter(adapter, args.dst, {"programmed": "copy heads in two groups of fact kinds, "
                                                       "addressing fitted through the delta rule "
                                                       "(docs/training-attempt-24)"},
@@ -283,26 +251,23 @@ def main():
     f.add_argument("--cache", default="/tmp/att24")
     f.add_argument("--layers", type=int, nargs="*", default=FA.ALL_COPY_LAYERS)
     f.add_argument("--chats", type=int, default=240)
-    f.add_argument("--steps", type=int, default=1000)
-    f.add_argument("--batch", type=int, default=16)
-    f.add_argument("--lr", type=float, default=3e-3)
-    f.add_argument("--tau", type=float, default=0.1)
-    f.add_argument("--rest", type=float, default=1.0)
-    f.add_argument("--init-std", type=float, default=0.01)
+    FA.fit_flags(f)
+    f.set_defaults(steps=1000)
     f.add_argument("--answer-tokens", type=int, default=3)
     f.add_argument("--own-key", type=float, default=0.0, help="weight of the own-key loss: "
                    "each asked value read back through its own key from the history's state")
     f.add_argument("--fixed-gate", action="store_true", help="keep the probe's gate (its "
                    "direction, scale and offset); learn keys and queries only")
-    for sp in (f, sub.add_parser("install"), w := sub.add_parser("widen-rank")):
+    i = sub.add_parser("install")
+    for sp in (f, i):
         sp.add_argument("--rank", type=int, default=R, help="state rank of the copy heads")
         sp.add_argument("--groups", type=int, default=GROUPS)
-        sp.add_argument("--heads", type=int, default=HEADS, help="a group's heads "
-                        "(widen-rank: all heads)")
+        sp.add_argument("--heads", type=int, default=HEADS, help="a group's heads")
+    w = sub.add_parser("widen-rank")
     w.add_argument("src")
     w.add_argument("dst")
-    w.set_defaults(heads=6)  # the source's parameter count at twice its rank
-    i = sub.choices["install"]
+    w.add_argument("--heads", type=int, default=6, help="all heads of the result (6: the "
+                   "source's parameter count at twice its rank)")
     i.add_argument("src")
     i.add_argument("dst")
     i.add_argument("--fits", nargs="+", required=True)
