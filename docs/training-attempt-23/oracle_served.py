@@ -32,6 +32,15 @@ Added by attempt 24 (the bound of a copy state split into groups, docs/training-
   of four copy heads with keys of their own; --span-bound and --perfect-query read the asked
   kind's group.
 
+Added by attempt 25 (ideal keyed states, docs/training-attempt-25), all with --all-tokens:
+- --ideal-slots B with --ideal-keys kind|place|person|role and --groups G: the copy heads'
+  read replaced by that of an ideal state: the asked kind's group's value tokens written by
+  the real rule at gate B, each with a one-hot key of its role, read with the asked role;
+  --ideal-cont (gate at later tokens), --ideal-dims D (random keys in D dimensions),
+  --ideal-split (first tokens in odd layers, later ones in even layers);
+- --bag B: one mixture of the answer's token values at every decode step;
+- --answer-steps: --bag / --ideal-slots inject only while the answer's tokens are predicted.
+
 A one-off (not project code). The runs of the record (README.md):
 - --cs 0.1 0.25 0.5 1, with and without --all-tokens, seeds 1234 and 1235 (oracle_seed*,
   oracle_all_seed*);
@@ -49,9 +58,11 @@ A one-off (not project code). The runs of the record (README.md):
 import copy
 import json
 import random
+import zlib
 
 import program_memory as P
 import torch
+import torch.nn.functional as F
 from diagnose import COPY_LAYERS, keep_inputs, replay_history, replay_parser, replay_runtime
 from oracle_copy import ov_matrix
 from program_copy import BASE_HEADS, COPY_HEADS, copy_columns
@@ -93,6 +104,53 @@ def state_keeping(mod, hx, spans):
     return final[0]
 
 
+def ideal_reads(wv, hx, tok, full, facts, asked, groups: int, b: float,
+                b_cont: float | None, keys: str, steps: int,
+                dims: int | None = None, split: str | None = None) -> list[torch.Tensor]:
+    """Reads of an ideal keyed copy state (attempt 25), one per decode step: every value token
+    (old values of updates too) of the asked fact's kind group written in order at gate b
+    (b_cont at a value's later tokens) with a one-hot key of its role, every other token not
+    at all, by the real rule S <- (1 - b) S + b (v - S k) k^T. A role is the fact's kind
+    (keys "kind"), its person and kind ("person"), its kind and the token's place in the value
+    ("place"), or all three ("role"); with a place, decode step j reads the asked fact's j-th
+    role. A read is
+    S k / b: one fresh write gives the value. dims: each role's key a random unit vector in
+    this many dimensions (seeded by the role) instead of its own one-hot dimension.
+    split "first" / "rest" (keys "place"): this layer holds only the values' first tokens, or
+    only their later tokens, all on one role per kind; it reads at the first decode step, or
+    at the later ones."""
+    slots = sorted(D.SLOTS)
+    group = slots.index(asked.slot) % groups
+    b_cont = b if b_cont is None else b_cont
+
+    def role(f, j):
+        if split:
+            return (f.slot, min(j, 1))
+        return (f.slot, f.person if keys in ("person", "role") else None,
+                j if keys in ("place", "role") else None)
+
+    writes = sorted((y, role(f, y - a), b if y == a else b_cont)
+                    for f in facts if slots.index(f.slot) % groups == group
+                    for v in [*f.history, f.value]
+                    for a, e in P.value_spans(tok, full, [str(v)]) for y in range(a, e)
+                    if split is None or (y == a) == (split == "first"))
+    roles = sorted({r for _, r, _ in writes} | {role(asked, j) for j in range(steps)}, key=str)
+    if dims:
+        keys_of = {r: F.normalize(torch.randn(dims, generator=torch.Generator().manual_seed(
+            zlib.crc32(str(r).encode()))), dim=0) for r in roles}
+    else:
+        keys_of = {r: torch.eye(len(roles))[i] for i, r in enumerate(roles)}
+    S = torch.zeros(wv.shape[0], len(next(iter(keys_of.values()))))
+    written = set()
+    for y, r, bt in writes:
+        k = keys_of[r]
+        S = (1 - bt) * S + bt * torch.outer(wv @ hx[y].float() - S @ k, k)
+        written.add(r)
+    return [S @ keys_of[role(asked, j)] / b if role(asked, j) in written
+            and (split is None or (j == 0) == (split == "first"))
+            else S.new_zeros(len(S)) for j in range(steps)]
+
+
 def main():
     ap = replay_parser()
     ap.add_argument("--cs", type=float, nargs="*", default=[0.25, 0.5, 1.0])
@@ -121,6 +179,31 @@ def main():
     ap.add_argument("--grouped", action="store_true", help="the adapter's copy heads are "
                     "two groups of four by slot (fit_groups.py; use --value-dims 32 "
                     "--group-by slot): read the asked kind's group")
+    ap.add_argument("--bag", type=float, default=None, help="with --all-tokens: inject at "
+                    "every decode step one mixture of the answer's token values, as a slot "
+                    "written by the delta rule at beta 1 on its first token and B on each "
+                    "later one would hold it (attempt 25)")
+    ap.add_argument("--ideal-slots", type=float, default=None, help="with --all-tokens: "
+                    "inject the read of an ideal keyed copy state (attempt 25): one-hot "
+                    "keys by role (--ideal-keys) within the asked kind's group (--groups), "
+                    "the gate at B on that group's value tokens (old values too) and 0 "
+                    "elsewhere, the real update rule; the asked role reads at every decode "
+                    "step, read-out relative to one fresh write (c / B)")
+    ap.add_argument("--ideal-keys", choices=["kind", "person", "place", "role"],
+                    default="kind", help="with --ideal-slots: what a one-hot key tells apart "
+                    "(the fact's kind; its person and kind; its kind and the token's place in "
+                    "the value; its person, kind and token place)")
+    ap.add_argument("--ideal-dims", type=int, default=None, help="with --ideal-slots: "
+                    "keys random unit vectors in this many dimensions, one per role, instead "
+                    "of one-hot (a fixed key code of that size)")
+    ap.add_argument("--ideal-split", action="store_true", help="with --ideal-slots: odd "
+                    "layers hold the values' first tokens, even layers their later tokens, "
+                    "keyed by kind alone (what 7 key dimensions can hold orthogonally)")
+    ap.add_argument("--ideal-cont", type=float, default=None, help="with --ideal-slots B: "
+                    "the gate at a value's later tokens (default B); B at its first token")
+    ap.add_argument("--answer-steps", action="store_true", help="with --bag or "
+                    "--ideal-slots: inject only while the answer's tokens are predicted "
+                    "(as --all-tokens does), not at every decode step")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     tok, rt, fmt, ident = replay_runtime(args.adapter)
@@ -162,7 +245,7 @@ def main():
     for i, sample in enumerate(E.load_conversations(None, args.conversations, args.seed)):
         turns = E.session_turns(sample)
         group = {}
-        if args.group_by or args.grouped:
+        if args.group_by or args.grouped or args.ideal_slots is not None:
             # the facts behind the questions, regenerated with locomo_conversation's seed
             facts = D.generate_conversation(
                 random.Random(f"deltamem-locomo:heldout:{args.seed}:{i}"),
@@ -171,6 +254,7 @@ def main():
                 raise SystemExit("regenerated facts differ from the conversation's questions")
             group = {str(f.value): (f.person if args.group_by == "person"
                                     else slots.index(f.slot) % args.groups) for f in facts}
+            fact_of = {str(f.value): f for f in facts}
         add.clear()
         rec, hx = replay_history(rt, fmt, ident, turns, args.window, xs, hooked)
         full = rec.transcript[:rec.tokens_absorbed]
@@ -199,6 +283,21 @@ def main():
                             inject_at[li] = (ov[li], [hx[li][y] for y in ys])
                             continue
                         vals = [wv[li] @ hx[li][y] for y in ys]
+                        steps = len(ys) if args.answer_steps else 16  # 16: every decode step
+                        if args.ideal_slots is not None:
+                            vals = ideal_reads(wv[li], hx[li], tok, full, facts,
+                                               fact_of[ans], args.groups, args.ideal_slots,
+                                               args.ideal_cont, args.ideal_keys, steps,
+                                               args.ideal_dims,
+                                               None if not args.ideal_split else
+                                               ("first" if li % 2 else "rest"))
+                            inject_at[li] = (bdir[li], vals)
+                            continue
+                        if args.bag is not None:
+                            mix = vals[0]
+                            for v in vals[1:]:
+                                mix = (1 - args.bag) * mix + args.bag * v
+                            vals = [mix] * steps
                         if not (args.span_bound or args.perfect_query):
                             inject_at[li] = (bdir[li], vals)
                             continue
