@@ -35,6 +35,7 @@ import argparse
 import time
 
 import fit_address as FA
+import fit_gates as FG
 import fit_groups as FGR
 import fit_served as FS
 import program_memory as P
@@ -101,11 +102,18 @@ def places(kinds):
     return out
 
 
+PCA = 0  # --pca: keys and queries on x's top principal directions only (0: all of x)
+
+
 def ridge(x, t, lam: float):
-    """W (k, d) minimising |x Wᵀ - t|² + lam · mean(diag xᵀx) · |W|²."""
-    xtx = x.T @ x
-    reg = lam * xtx.diagonal().mean()
-    return torch.linalg.solve(xtx + reg * torch.eye(len(xtx), dtype=x.dtype), x.T @ t).T
+    """W (k, d) minimising |x Wᵀ - t|² + lam · mean(diag xᵀx) · |W|², on x's top PCA
+    directions (uncentred) when PCA is set."""
+    u = torch.linalg.svd(x, full_matrices=False)[2][:PCA].T if PCA else None
+    z = x @ u if PCA else x
+    ztz = z.T @ z
+    reg = lam * ztz.diagonal().mean()
+    w = torch.linalg.solve(ztz + reg * torch.eye(len(ztz), dtype=x.dtype), z.T @ t).T
+    return w @ u.T if PCA else w
 
 
 def key_targets(kinds, place, g: int):
@@ -164,28 +172,6 @@ class Layer:
         self.rx, self.rs, self.rp = torch.cat(rx), torch.cat(rs), torch.cat(rp)
 
 
-def soft_gate(x, target, weight, l2: float = 1e-3):
-    """A logistic gate (w, b) on raw x whose β approaches `target` (N,) per token: weighted
-    binary cross-entropy with soft labels on standardised x."""
-    mu, sd = x.mean(0), x.std(0).clamp_min(1e-3)
-    z = ((x - mu) / sd).float()
-    w = torch.zeros(z.shape[1], requires_grad=True)
-    b = torch.zeros((), requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=300)
-    t, wt = target.float(), (weight / weight.sum()).float()
-
-    def closure():
-        opt.zero_grad()
-        bce = F.binary_cross_entropy_with_logits(z @ w + b, t, reduction="none")
-        loss = (bce * wt).sum() + l2 * (w ** 2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    w, b = w.detach(), b.detach()
-    return (w / sd.float()), float(b - (w * mu.float() / sd.float()).sum())
-
-
 def fit_layer(train: Layer, held: Layer, g: int, lam: float):
     """Keys (7, d) and queries (8, d) of group g, with their held-out role accuracy: how
     often a key (a query) is nearest its own role's code among the group's codes."""
@@ -223,8 +209,11 @@ def main():
     ap.add_argument("--split", action="store_true", help="odd layers hold the values' first "
                     "tokens, even layers their later tokens, each keyed by kind alone (one "
                     "orthogonal code per kind)")
+    ap.add_argument("--pca", type=int, default=0, help="keys and queries on x's top D "
+                    "principal directions (0: all of x)")
     args = ap.parse_args()
-    global PLACES
+    global PLACES, PCA
+    PCA = args.pca
     if args.split:
         PLACES = 1
     P.BETA_POS = args.beta
@@ -270,7 +259,7 @@ def main():
 
 
 def measure(f, held, li, g, split: bool = False):
-    """On the held-out chats through the real rule (fit_groups.group_losses without grad):
+    """On the held-out chats through the real rule (fit_address.write and read):
     |read|/|value| of the group's own questions, how often the read points at the asked
     token (and for far first tokens), and how often the own-key read comes back."""
     addr = FA.Addressing(f["wk"], f["wq"], f["wb"], f["bb"], torch.eye(f["wk"].shape[1]))
@@ -284,18 +273,14 @@ def measure(f, held, li, g, split: bool = False):
             own &= b.first if split_layer(li) else ~b.first
         tpos = b.cand_q[ar, b.target]
         m = reads[ar, b.ans]
-        acc = (FG_logits(m, v, b, tpos).argmax(1) == tpos)[own].float()
+        hit = FG.token_logits(m, v, b, tpos, 0.1).argmax(1) == tpos
+        acc = hit[own].float()
         mk = torch.einsum("qkr,qr->qk", state[b.chat], k[b.chat, tpos])
-        back = (FG_logits(mk, v, b, tpos).argmax(1) == tpos)[own].float().mean()
+        back = (FG.token_logits(mk, v, b, tpos, 0.1).argmax(1) == tpos)[own].float().mean()
         far = own & ((b.hmask.sum(1)[b.chat] - tpos) > FS.WINDOW) & b.first
-        far_acc = (FG_logits(m, v, b, tpos).argmax(1) == tpos)[far].float().mean()
+        far_acc = hit[far].float().mean()
         rel = (m.norm(dim=1) / v[b.chat, tpos].norm(dim=1))[own].median()
     return float(rel), float(acc.mean()), float(far_acc), float(back)
-
-
-def FG_logits(m, v, b, tpos):
-    import fit_gates
-    return fit_gates.token_logits(m, v, b, tpos, 0.1)
 
 
 if __name__ == "__main__":
