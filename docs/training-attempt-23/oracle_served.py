@@ -113,9 +113,9 @@ def ideal_reads(wv, hx, tok, full, facts, asked, groups: int, b: float,
     at all, by the real rule S <- (1 - b) S + b (v - S k) k^T. A role is the fact's kind
     (keys "kind"), its person and kind ("person"), its kind and the token's place in the value
     ("place"), or all three ("role"); with a place, decode step j reads the asked fact's j-th
-    role. A read is
-    S k / b: one fresh write gives the value. dims: each role's key a random unit vector in
-    this many dimensions (seeded by the role) instead of its own one-hot dimension.
+    role. A read is S k / b: one fresh write gives the value. A step whose role nothing wrote
+    reads nothing. dims: each role's key a random unit vector in this many dimensions (seeded
+    by the role) instead of its own one-hot dimension.
     split "first" / "rest" (keys "place"): this layer holds only the values' first tokens, or
     only their later tokens, all on one role per kind; it reads at the first decode step, or
     at the later ones."""
@@ -180,9 +180,8 @@ def main():
                     "two groups of four by slot (fit_groups.py; use --value-dims 32 "
                     "--group-by slot): read the asked kind's group")
     ap.add_argument("--bag", type=float, default=None, help="with --all-tokens: inject at "
-                    "every decode step one mixture of the answer's token values, as a slot "
-                    "written by the delta rule at beta 1 on its first token and B on each "
-                    "later one would hold it (attempt 25)")
+                    "every decode step one mixture of the answer's token values: their "
+                    "running average, each later token at weight B (attempt 25)")
     ap.add_argument("--ideal-slots", type=float, default=None, help="with --all-tokens: "
                     "inject the read of an ideal keyed copy state (attempt 25): one-hot "
                     "keys by role (--ideal-keys) within the asked kind's group (--groups), "
