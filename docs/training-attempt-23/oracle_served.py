@@ -37,7 +37,8 @@ Added by attempt 25 (ideal keyed states, docs/training-attempt-25), all with --a
   read replaced by that of an ideal state: the asked kind's group's value tokens written by
   the real rule at gate B, each with a one-hot key of its role, read with the asked role;
   --ideal-cont (gate at later tokens), --ideal-dims D (random keys in D dimensions),
-  --ideal-split (first tokens in odd layers, later ones in even layers);
+  --ideal-split (first tokens in odd layers, later ones in even layers), --ideal-key-error
+  P (a written token keyed by another kind with chance P);
 - --bag B: one mixture of the answer's token values at every decode step;
 - --answer-steps: --bag / --ideal-slots inject only while the answer's tokens are predicted.
 
@@ -106,7 +107,8 @@ def state_keeping(mod, hx, spans):
 
 def ideal_reads(wv, hx, tok, full, facts, asked, groups: int, b: float,
                 b_cont: float | None, keys: str, steps: int,
-                dims: int | None = None, split: str | None = None) -> list[torch.Tensor]:
+                dims: int | None = None, split: str | None = None,
+                key_error: float = 0.0) -> list[torch.Tensor]:
     """Reads of an ideal keyed copy state (attempt 25), one per decode step: every value token
     (old values of updates too) of the asked fact's kind group written in order at gate b
     (b_cont at a value's later tokens) with a one-hot key of its role, every other token not
@@ -118,7 +120,9 @@ def ideal_reads(wv, hx, tok, full, facts, asked, groups: int, b: float,
     by the role) instead of its own one-hot dimension.
     split "first" / "rest" (keys "place"): this layer holds only the values' first tokens, or
     only their later tokens, all on one role per kind; it reads at the first decode step, or
-    at the later ones."""
+    at the later ones. key_error: each written token's key is, with this chance, that of
+    another kind of its group (at the same place and person), as a key map that names the
+    kind wrong would write it; the draw is seeded by the token's position."""
     slots = sorted(D.SLOTS)
     group = slots.index(asked.slot) % groups
     b_cont = b if b_cont is None else b_cont
@@ -134,6 +138,15 @@ def ideal_reads(wv, hx, tok, full, facts, asked, groups: int, b: float,
                     for v in [*f.history, f.value]
                     for a, e in P.value_spans(tok, full, [str(v)]) for y in range(a, e)
                     if split is None or (y == a) == (split == "first"))
+    if key_error:
+        kinds = [s for s in slots if slots.index(s) % groups == group]
+        wrong = []
+        for y, r, bt in writes:
+            rng = random.Random(y)
+            if rng.random() < key_error:
+                r = (rng.choice([s for s in kinds if s != r[0]]), *r[1:])
+            wrong.append((y, r, bt))
+        writes = wrong
     roles = sorted({r for _, r, _ in writes} | {role(asked, j) for j in range(steps)}, key=str)
     if dims:
         keys_of = {r: F.normalize(torch.randn(dims, generator=torch.Generator().manual_seed(
@@ -198,6 +211,9 @@ def main():
     ap.add_argument("--ideal-split", action="store_true", help="with --ideal-slots: odd "
                     "layers hold the values' first tokens, even layers their later tokens, "
                     "keyed by kind alone (what 7 key dimensions can hold orthogonally)")
+    ap.add_argument("--ideal-key-error", type=float, default=0.0, help="with "
+                    "--ideal-slots: the chance that a written token's key names another kind "
+                    "of its group")
     ap.add_argument("--ideal-cont", type=float, default=None, help="with --ideal-slots B: "
                     "the gate at a value's later tokens (default B); B at its first token")
     ap.add_argument("--answer-steps", action="store_true", help="with --bag or "
@@ -289,7 +305,8 @@ def main():
                                                args.ideal_cont, args.ideal_keys, steps,
                                                args.ideal_dims,
                                                None if not args.ideal_split else
-                                               ("first" if li % 2 else "rest"))
+                                               ("first" if li % 2 else "rest"),
+                                               args.ideal_key_error)
                             inject_at[li] = (bdir[li], vals)
                             continue
                         if args.bag is not None:
