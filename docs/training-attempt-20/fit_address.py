@@ -331,8 +331,8 @@ def fit(train, held, rt, args, save=None):
                       flush=True)
             if last:
                 break
-        result[li] = {**write_side(addr), "wv": wv.cpu(), "basis": basis.float(), "held_acc": float(acc_h.mean()),
-                      "rel": float(rel_h), "steps": step + 1}
+        result[li] = {**write_side(addr), "wv": wv.cpu(), "basis": basis.float(),
+                      "held_acc": float(acc_h.mean()), "rel": float(rel_h), "steps": step + 1}
         if save:
             save(result)
     return result

@@ -39,8 +39,7 @@ Added by attempt 25 (ideal keyed states, docs/training-attempt-25), all with --a
   --ideal-cont (gate at later tokens), --ideal-dims D (random keys in D dimensions),
   --ideal-split (first tokens in odd layers, later ones in even layers), --ideal-key-error
   P (a written token keyed by another kind with chance P);
-- --bag B: one mixture of the answer's token values at every decode step;
-- --answer-steps: --bag / --ideal-slots inject only while the answer's tokens are predicted.
+- --bag B: one mixture of the answer's token values at every decode step.
 
 A one-off (not project code). The runs of the record (README.md):
 - --cs 0.1 0.25 0.5 1, with and without --all-tokens, seeds 1234 and 1235 (oracle_seed*,
@@ -152,8 +151,8 @@ def ideal_reads(wv, hx, tok, full, facts, asked, groups: int, b: float,
         keys_of = {r: F.normalize(torch.randn(dims, generator=torch.Generator().manual_seed(
             zlib.crc32(str(r).encode()))), dim=0) for r in roles}
     else:
-        keys_of = {r: torch.eye(len(roles))[i] for i, r in enumerate(roles)}
-    S = torch.zeros(wv.shape[0], len(next(iter(keys_of.values()))))
+        keys_of = dict(zip(roles, torch.eye(len(roles)), strict=True))
+    S = torch.zeros(wv.shape[0], dims or len(roles))
     written = set()
     for y, r, bt in writes:
         k = keys_of[r]
@@ -216,9 +215,6 @@ def main():
                     "of its group")
     ap.add_argument("--ideal-cont", type=float, default=None, help="with --ideal-slots B: "
                     "the gate at a value's later tokens (default B); B at its first token")
-    ap.add_argument("--answer-steps", action="store_true", help="with --bag or "
-                    "--ideal-slots: inject only while the answer's tokens are predicted "
-                    "(as --all-tokens does), not at every decode step")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     tok, rt, fmt, ident = replay_runtime(args.adapter)
@@ -298,7 +294,7 @@ def main():
                             inject_at[li] = (ov[li], [hx[li][y] for y in ys])
                             continue
                         vals = [wv[li] @ hx[li][y] for y in ys]
-                        steps = len(ys) if args.answer_steps else 16  # 16: every decode step
+                        steps = 16  # --bag, --ideal-slots: every step of the greedy decode
                         if args.ideal_slots is not None:
                             vals = ideal_reads(wv[li], hx[li], tok, full, facts,
                                                fact_of[ans], args.groups, args.ideal_slots,

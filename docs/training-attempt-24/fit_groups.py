@@ -88,23 +88,28 @@ def group_of(slot: str) -> int:
     return SLOTS.index(slot) % GROUPS
 
 
-def add_groups(chats, tok, words, split: str, start: int):
-    """Each candidate's group and each written token's (-1: not a value), from the chats
-    regenerated with the collector's seeds."""
+def kind_group(kinds):
+    """The group of each kind index (-1 stays -1): kinds are dealt round-robin."""
+    return torch.where(kinds >= 0, kinds % GROUPS, -1)
+
+
+def add_kinds(chats, tok, words, split: str, start: int):
+    """Each candidate's fact kind and each written token's (index in SLOTS, -1: not a value),
+    from the chats regenerated with the collector's seeds."""
     pool, _ = FA.chat_source(split)
     for ci, chat in zip(range(start, start + len(chats)), chats, strict=True):
         conv = FA.fit_conversation(random.Random(f"att20:{split}:{ci}"), pool, words, split, ci)
         ids = chat["ids"].tolist()
         _, cand, _, cand_of = FA.candidates(tok, ids, conv)
         assert cand == chat["cand"].tolist(), "regenerated chat differs from the cached one"
-        cg = torch.empty(len(cand), dtype=torch.long)
-        hg = torch.full((len(ids),), -1)
+        ck = torch.empty(len(cand), dtype=torch.long)
+        hk = torch.full((len(ids),), -1)
         for (fi, v), k in cand_of.items():
-            g = group_of(conv.facts[fi].slot)
-            cg[k] = g
+            kind = SLOTS.index(conv.facts[fi].slot)
+            ck[k] = kind
             for a, b in P.value_spans(tok, ids, [v]):
-                hg[a:b] = g
-        chat["cand_group"], chat["hgroup"] = cg, hg
+                hk[a:b] = kind
+        chat["cand_kind"], chat["hkind"] = ck, hk
     return chats
 
 
@@ -115,19 +120,21 @@ def load_chats(cache: str, tok, words):
         for path in sorted(glob.glob(f"{cache}_*_{split}_*.pt"),
                            key=lambda p: int(p.rsplit("_", 2)[-2])):
             start = int(path.rsplit("_", 2)[-2])
-            out += add_groups(torch.load(path), tok, words, split, start)
+            out += add_kinds(torch.load(path), tok, words, split, start)
         return out
     return block("train"), block("heldout")
 
 
 class BatchG(FG.BatchIds):
-    """fit_gates.BatchIds with each read's group (its fact's kind) and each written token's."""
+    """fit_gates.BatchIds with each read's fact kind and group, and each written token's
+    (-1: not a value)."""
 
     def __init__(self, chats, li, first_only: bool = False):
         super().__init__(chats, li, first_only)
-        cg = FA.pad_stack([c["cand_group"] + 1 for c in chats]) - 1
-        self.tgroup = cg[self.chat, self.target]
-        self.hgroup = FA.pad_stack([c["hgroup"] + 1 for c in chats]) - 1
+        ck = FA.pad_stack([c["cand_kind"] + 1 for c in chats]) - 1
+        self.tkind = ck[self.chat, self.target]
+        self.hkind = FA.pad_stack([c["hkind"] + 1 for c in chats]) - 1
+        self.tgroup, self.hgroup = kind_group(self.tkind), kind_group(self.hkind)
 
 
 def group_losses(addr, wv, b: BatchG, tau: float, g: int, own_key: float = 0.0):
@@ -219,9 +226,16 @@ def fit(args):
 
 
 def install(args):
-    adapter = load_adapter(args.src)  # as it is: copy_runtime would widen it to 12 heads
+    install_fits(args.src, args.dst, [torch.load(p) for p in args.fits], args.gain,
+                 "copy heads in two groups of fact kinds, addressing fitted through the delta "
+                 "rule (docs/training-attempt-24)")
+
+
+def install_fits(src: str, dst: str, fits: list[dict], gain: float, note: str):
+    """The source adapter with its copy heads replaced by the groups' fits (fit's output),
+    read-out at `gain` of a full copy; `note` goes in the adapter's meta."""
+    adapter = load_adapter(src)  # as it is: copy_runtime would widen it to 12 heads
     scale = adapter.config.scale
-    fits = [torch.load(p) for p in args.fits]
     with torch.no_grad():
         for layer in adapter.module.layers.values():  # the old copy heads go
             for name in ("w_q", "w_k", "w_v", "w_beta"):
@@ -233,12 +247,9 @@ def install(args):
             g = fitted["group"]
             cols = slice((BASE_HEADS + g * HEADS) * R, (BASE_HEADS + (g + 1) * HEADS) * R)
             for li, f in fitted["layers"].items():
-                FA.install_heads(adapter.module.layer(li), f, cols, HEADS, R, args.gain, scale)
-    save_adapter(adapter, args.dst, {"programmed": "copy heads in two groups of fact kinds, "
-                                                      "addressing fitted through the delta rule "
-                                                      "(docs/training-attempt-24)"},
-                 dtype=torch.float16)
-    print("saved", args.dst, "gain", args.gain)
+                FA.install_heads(adapter.module.layer(li), f, cols, HEADS, R, gain, scale)
+    save_adapter(adapter, dst, {"programmed": note}, dtype=torch.float16)
+    print("saved", dst, "gain", gain)
 
 
 def main():

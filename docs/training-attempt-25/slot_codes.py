@@ -32,6 +32,7 @@ A one-off (not project code).
 """
 
 import argparse
+import functools
 import time
 
 import fit_address as FA
@@ -64,6 +65,7 @@ def split_layer(li: int) -> bool:
     return li % 2 == 1
 
 
+@functools.cache
 def code_table(g: int, seed: int = 0):
     """Group g's key codes (5 kinds × PLACES + 1 trash, R - 1): unit vectors in the key
     dimensions spread as evenly as they go (16 in 7 cannot be orthogonal: random ones, then
@@ -146,35 +148,38 @@ class Layer:
         gen = torch.Generator().manual_seed(seed)
         first = split_layer(li)
 
-        def held(kind, place):
+        def kept(kind, place):
             """--split: the kinds of the tokens this layer holds (first or later), -1 else."""
             return torch.where((place == 0) == first, kind, -1) if split else kind
+
         hx, hs, hp, rx, rs, rp = [], [], [], [], [], []
         for c in chats:
             x = c["x"][li].double()
-            s = c["hgroup"]  # the kind of each written token (configure(groups=10))
+            s = c["hkind"]  # the kind of each written token
+            p = places(s)
             keep = (s >= 0) | (torch.rand(len(s), generator=gen) < other_frac)
             hx.append(x[keep])
-            hs.append(held(s, places(s))[keep])
-            hp.append(places(s)[keep])
+            hs.append(kept(s, p)[keep])
+            hp.append(p[keep])
             for r in c["reads"]:
                 xr = r["x"][li].double()
                 kind, place = torch.full((len(xr),), -1), torch.full((len(xr),), -1)
                 n = int(c["cand_len"][r["target"]])
                 # the position before the answer's token j predicts it (fit_served.BatchJ)
                 lo = r["a_start"] - 1
-                kind[lo:lo + n] = int(c["cand_group"][r["target"]])
+                kind[lo:lo + n] = int(c["cand_kind"][r["target"]])
                 place[lo:lo + n] = torch.arange(n)
                 rx.append(xr)
-                rs.append(held(kind, place))
+                rs.append(kept(kind, place))
                 rp.append(place)
         self.hx, self.hs, self.hp = torch.cat(hx), torch.cat(hs), torch.cat(hp)
         self.rx, self.rs, self.rp = torch.cat(rx), torch.cat(rs), torch.cat(rp)
 
 
 def fit_layer(train: Layer, held: Layer, g: int, lam: float):
-    """Keys (7, d) and queries (8, d) of group g, with their held-out role accuracy: how
-    often a key (a query) is nearest its own role's code among the group's codes."""
+    """Keys (7, d) and queries (8, d) of group g, with their held-out role accuracy (how
+    often a key, a query, is nearest its own role's code among the group's codes) and the
+    median rest² of the held-out queries on the answer and off it."""
     table = code_table(g)
     tk, _ = key_targets(train.hs, train.hp, g)
     wk = ridge(train.hx, tk, lam)
@@ -190,7 +195,9 @@ def fit_layer(train: Layer, held: Layer, g: int, lam: float):
     q = F.normalize(torch.tanh(held.rx[own_r] @ wq.T), dim=1)[:, :R - 1]
     q_acc = float(((q @ table.T).argmax(1) == (tq_h[own_r, :R - 1] @ table.T).argmax(1))
                   .float().mean())
-    return wk.float(), wq.float(), k_acc, q_acc
+    rest = F.normalize(torch.tanh(held.rx.float() @ wq.float().T), dim=1)[:, REST].pow(2)
+    return (wk.float(), wq.float(), k_acc, q_acc,
+            (float(rest[own_r].median()), float(rest[~own_r].median())))
 
 
 def main():
@@ -217,14 +224,13 @@ def main():
     if args.split:
         PLACES = 1
     P.BETA_POS = args.beta
+    FGR.configure(R, GROUPS, 4)
     tok, _, words, _, rt = copy_runtime(args.src)
-    FGR.configure(R, len(SLOTS), 4)  # cand_group / hgroup = the kind's index
     train, held = FGR.load_chats(args.cache, tok, words)
     train = train[:args.chats]
     print(f"{len(train)} train chats, {len(held)} held out", flush=True)
     mc = rt.model.config
     fits = [{"group": g, "layers": {}} for g in range(GROUPS)]
-    FGR.configure(R, GROUPS, 4)
     for li in args.layers:
         t0 = time.time()
         tr = Layer(train, li, args.other_frac, li, args.split)
@@ -234,41 +240,39 @@ def main():
                        mc.num_key_value_heads).double()
         basis = torch.linalg.svd(xv @ ov.T, full_matrices=False)[2][:FGR.K]
         wv = (basis @ ov).float()
+        bh = FGR.BatchG(held, li)
         for g in range(GROUPS):
             own = torch.isin(tr.hs, torch.tensor([SLOTS.index(s) for s in mine(g)]))
             # the read pass's answer tokens are written too: they count as other tokens here
             wb, bb, _ = P.fit_gate(torch.cat([tr.hx, tr.rx]),
                                    torch.cat([own, torch.zeros(len(tr.rx), dtype=torch.bool)]))
-            wk, wq, k_acc, q_acc = fit_layer(tr, he, g, args.lam)
-            rest = torch.nn.functional.normalize(torch.tanh(he.rx.float() @ wq.T), dim=1)
-            _, on = query_targets(he.rs, he.rp, g)
+            wk, wq, k_acc, q_acc, (rest_on, rest_off) = fit_layer(tr, he, g, args.lam)
             f = {"wk": wk, "wq": wq, "wb": wb.float(), "bb": float(bb), "wv": wv,
-                 "basis": basis.float(), "rel": 1.0, "k_acc": k_acc, "q_acc": q_acc}
-            rel, acc, far, back = measure(f, held, li, g, args.split)
-            f["rel"] = rel
-            fits[g]["layers"][li] = f
+                 "basis": basis.float(), "k_acc": k_acc, "q_acc": q_acc}
+            rel, acc, far, back = measure(f, bh, li, g, args.split)
+            fits[g]["layers"][li] = {**f, "rel": rel}
             print(f"layer {li} group {g}: held-out key code {k_acc:.3f}, query code "
-                  f"{q_acc:.3f} (rest² on the answer {float(rest[on, REST].pow(2).median()):.2f}, "
-                  f"off it {float(rest[~on, REST].pow(2).median()):.3f}); read points at the asked token {acc:.3f} (far first "
-                  f"{far:.3f}), own key {back:.3f}, |m|/|v| {rel:.3f} "
-                  f"({time.time() - t0:.0f} s)", flush=True)
-    for g in range(GROUPS):
+                  f"{q_acc:.3f} (rest² on the answer {rest_on:.2f}, off it {rest_off:.3f}); "
+                  f"read points at the asked token {acc:.3f} (far first {far:.3f}), own key "
+                  f"{back:.3f}, |m|/|v| {rel:.3f} ({time.time() - t0:.0f} s)", flush=True)
+    for g in range(GROUPS):  # kept for installing at another gain (fit_groups.py install)
         torch.save(fits[g], f"{args.dst}.group{g}.pt")
-    FGR.install(argparse.Namespace(src=args.src, dst=args.dst, gain=args.gain,
-                                   fits=[f"{args.dst}.group{g}.pt" for g in range(GROUPS)]))
+    FGR.install_fits(args.src, args.dst, fits, args.gain, "copy heads in two groups of fact "
+                     "kinds, keys and queries by ridge onto fixed role codes "
+                     "(docs/training-attempt-25)")
 
 
-def measure(f, held, li, g, split: bool = False):
-    """On the held-out chats through the real rule (fit_address.write and read):
-    |read|/|value| of the group's own questions, how often the read points at the asked
-    token (and for far first tokens), and how often the own-key read comes back."""
+def measure(f, b, li, g, split: bool = False):
+    """On the held-out chats (b: their fit_groups.BatchG) through the real rule
+    (fit_address.write and read): |read|/|value| of the group's own questions, how often the
+    read points at the asked token (and for far first tokens), and how often the own-key
+    read comes back."""
     addr = FA.Addressing(f["wk"], f["wq"], f["wb"], f["bb"], torch.eye(f["wk"].shape[1]))
-    b = FGR.BatchG(held, li)
     with torch.no_grad():
-        k, qh, v, state = FA.write(addr, f["wv"], b)
+        k, _, v, state = FA.write(addr, f["wv"], b)
         reads, _ = FA.read(addr, f["wv"], b, state)
         ar = torch.arange(len(b.target))
-        own = (b.tgroup >= 0) & (b.tgroup % GROUPS == g)  # tgroup: the kind's index here
+        own = b.tgroup == g
         if split:  # the answer tokens this layer holds
             own &= b.first if split_layer(li) else ~b.first
         tpos = b.cand_q[ar, b.target]
