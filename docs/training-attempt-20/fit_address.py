@@ -407,6 +407,9 @@ def main(argv=None):
     ap.add_argument("--collect-block", type=int, default=None,
                     help="only cache train block B (chats 80B to 80B+79; B = -1: the held-out "
                          "chats), so that several processes collect side by side")
+    ap.add_argument("--block-size", type=int, default=80,
+                    help="train chats a --collect-block caches (attempt 26: smaller blocks "
+                         "for many processes on a GPU)")
     args = ap.parse_args(argv)
     args.t_start = time.time()
     tok, enc, words, source, rt = copy_runtime(args.src, args.device)
@@ -427,8 +430,8 @@ def main(argv=None):
         if args.collect_block < 0:
             cached("heldout", 0, args.held)
         else:
-            start = 80 * args.collect_block
-            cached("train", start, min(80, args.chats - start))
+            start = args.block_size * args.collect_block
+            cached("train", start, min(args.block_size, args.chats - start))
         return
     if args.from_fit:
         result = torch.load(args.from_fit)

@@ -93,10 +93,10 @@ def kind_group(kinds):
     return torch.where(kinds >= 0, kinds % GROUPS, -1)
 
 
-def add_kinds(chats, tok, words, split: str, start: int):
+def add_kinds(chats, tok, words, split: str, start: int, more_templates: bool = False):
     """Each candidate's fact kind and each written token's (index in SLOTS, -1: not a value),
-    from the chats regenerated with the collector's seeds."""
-    pool, _ = FA.chat_source(split)
+    from the chats regenerated with the collector's seeds (and templates)."""
+    pool, _ = FA.chat_source(split, more_templates)
     for ci, chat in zip(range(start, start + len(chats)), chats, strict=True):
         conv = FA.fit_conversation(random.Random(f"att20:{split}:{ci}"), pool, words, split, ci)
         ids = chat["ids"].tolist()
@@ -113,14 +113,16 @@ def add_kinds(chats, tok, words, split: str, start: int):
     return chats
 
 
-def load_chats(cache: str, tok, words):
-    """The cached served inputs: (train chats in order, held-out chats)."""
+def load_chats(cache: str, tok, words, more_templates: bool = False):
+    """The cached served inputs: (train chats in order, held-out chats). more_templates: the
+    train chats were collected with attempt 21's templates (--more-templates)."""
     def block(split):
         out = []
         for path in sorted(glob.glob(f"{cache}_*_{split}_*.pt"),
                            key=lambda p: int(p.rsplit("_", 2)[-2])):
             start = int(path.rsplit("_", 2)[-2])
-            out += add_kinds(torch.load(path), tok, words, split, start)
+            out += add_kinds(torch.load(path), tok, words, split, start,
+                             more_templates and split == "train")
         return out
     return block("train"), block("heldout")
 
