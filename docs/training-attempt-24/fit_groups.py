@@ -169,8 +169,9 @@ def group_losses(addr, wv, b: BatchG, tau: float, g: int, own_key: float = 0.0):
 
 def fit(args):
     tok, _, words, _, rt = copy_runtime(args.src)
-    train, held = load_chats(args.cache, tok, words)
+    train, held = load_chats(args.cache, tok, words, args.more_templates)
     train = train[:args.chats]
+    init = torch.load(args.init)["layers"] if args.init else {}
     print(f"group {args.group} ({[s for s in SLOTS if group_of(s) == args.group]}): "
           f"{len(train)} train chats, {len(held)} held out", flush=True)
     mc = rt.model.config
@@ -193,6 +194,10 @@ def fit(args):
         d = wv.shape[1]
         wk = torch.randn(R, d, generator=gen) * args.init_std
         wq = torch.randn(R, d, generator=gen) * args.init_std
+        if li in init:  # attempt 26: from a closed-form fit (role_keys.py), its values too
+            f0 = init[li]
+            wk, wq, wb, bb, wv, basis = (f0["wk"], f0["wq"], f0["wb"], torch.tensor(f0["bb"]),
+                                         f0["wv"], f0["basis"])
         cls = FA.Addressing if args.fixed_gate else FG.GateAddressing
         addr = cls(wk, wq, wb.detach().float(), float(bb.detach()), torch.eye(d))
         if args.fixed_gate:  # the probe's gate as it is: β 0.12 on its values, ~0 elsewhere
@@ -269,6 +274,10 @@ def main():
     f.add_argument("--answer-tokens", type=int, default=3)
     f.add_argument("--own-key", type=float, default=0.0, help="weight of the own-key loss: "
                    "each asked value read back through its own key from the history's state")
+    f.add_argument("--init", default=None, help="start each layer from a saved closed-form "
+                   "fit (attempt 26's role_keys.py DST.fit.pt): keys, queries, gate, values")
+    f.add_argument("--more-templates", action="store_true", help="the cached train chats "
+                   "were collected with attempt 21's templates")
     f.add_argument("--fixed-gate", action="store_true", help="keep the probe's gate (its "
                    "direction, scale and offset); learn keys and queries only")
     i = sub.add_parser("install")

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Attempt 26 on a lent GPU: rebuild the model, collect the served inputs of train chats
 # (attempt 21's templates) and the 32 held-out chats in parallel processes until a deadline,
-# then fit role_keys.py's copy heads (--fit-only) at each gate in $BETAS, side by side.
-# $OUT/rk_beta*.fit.pt come back (small); the adapters are built on the CPU with --from-fit.
+# then fit role_keys.py's copy heads (--fit-only, its defaults: run B) at each gate in $BETAS,
+# side by side. $OUT/rk_beta*.fit.pt come back (~2 MB each); the adapters are built on the CPU
+# with --from-fit. Tested on the CPU (DEVICE=cpu PROCS=2 BS=4 HELD=2 SKIP_UNPACK=1); not yet
+# run on a GPU: the one lease of 2026-11-28 was refused at its first call.
 # From the repository root with docs/ and deltamem/adapters/ moved out (the 64 MiB upload
 # limit) and in .dev/ (ignored, carried): the scripts of attempts 18-26 in .dev/scripts, the
 # shipped adapter's four base heads in .dev/base4 (the inputs depend on them alone: the copy

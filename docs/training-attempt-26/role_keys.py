@@ -13,16 +13,28 @@ dimension of its own, and a rank-8 state has 7. So here:
 - each layer holds one group of five kinds (layer % 2: the kinds dealt round-robin, as
   attempts 24-25): 5 kinds × places 0, 1, 2+ = 15 roles, one key dimension each;
 - keys: ridge regression of x at the group's value tokens onto tanh⁻¹ of their role's
-  one-hot code; queries: onto the asked role's code where the read predicts the answer's
-  token at that place, onto the rest dimension everywhere else (attempt 25's targets);
-- gates: attempt 18's probe for the group's value tokens, β = --beta at its median;
+  one-hot code, scaled by --hot-key (0.3: with tanh no longer flattening the role's own
+  dimension, the ridge's noise on the other 14 weighs less; held out, the keys' energy on
+  their role rises from 0.40-0.61 at 1.5 to 0.56-0.77); queries: onto the asked role's code
+  where the read predicts the answer's token at that place, onto the rest dimension
+  everywhere else (attempt 25's targets);
+- gates (--gate): the logit by least squares onto logit(β) at the group's value tokens, a
+  squared hinge at logit(--neg-beta) elsewhere (fit_gate_hinge; the default), or onto
+  logit(--neg-beta) everywhere else (flat), or attempt 18's probe (probe);
 - values and read-out: the top 32 directions of OV_L x at the group's value tokens.
 
-Nothing by gradient; a fit takes about a minute on 240 chats (CPU). On the served inputs
-(`fit_gates.py --collect-block`, attempt 21's train templates with --more-templates).
+Nothing by gradient; a fit takes ~20 s on 140 chats (CPU). On the served inputs
+(`fit_gates.py --collect-block`, attempt 21's train templates with --more-templates). The
+runs of the record (README.md): run A `--chats 140 --gate flat --neg-weight 0.8 --neg-beta
+1e-4 --gate-lam 0.01`, run B the defaults with `--chats 140` (both `--fit-only`, then
+`--from-fit OUT.fit.pt --gain G`); run C `fit_groups.py fit --init` from run B's fit, one
+process a group, then `--from-fit GROUP0.pt GROUP1.pt --gain G`.
 
-    PYTHONPATH=.:docs/training-attempt-18:docs/training-attempt-19:docs/training-attempt-20:docs/training-attempt-21:docs/training-attempt-22:docs/training-attempt-23:docs/training-attempt-24:docs/training-attempt-25:docs/training-attempt-26 \
-        .venv/bin/python docs/training-attempt-26/role_keys.py WIDE OUT --cache PREFIX --gain 0.5
+    PYTHONPATH=.:.dev/scripts .venv/bin/python docs/training-attempt-26/role_keys.py \
+        WIDE OUT --cache PREFIX --chats 140 --fit-only
+
+(.dev/scripts: the scripts of attempts 18-26 copied side by side; or the PYTHONPATH of
+attempt 25's scripts plus docs/training-attempt-26.)
 
 WIDE is the shipped adapter widened to rank 16 (fit_groups.py widen-rank SRC WIDE --heads 6).
 A one-off (not project code).
@@ -114,19 +126,65 @@ def fit_gate(x, y, x_cal, y_cal):
     return (s * w).detach(), float(hi_t - s * pos_m + s * b)
 
 
-def fit_layer(tr: SC.Layer, he: SC.Layer, g: int, lam: float):
+def fit_gate_flat(x, y, lam: float, beta: float, neg_weight: float = 0.5,
+                  neg_beta: float = P.BETA_NEG):
+    """A gate whose logit is fitted by least squares to logit(β) on the positives and to
+    logit(β_NEG) elsewhere, the two classes weighted alike, with a bias: its positives'
+    logits gather round one value, so β stays near `beta` on them. A probe's logits spread
+    its positives from β 0.0 to 0.98 (10th to 90th percentile); with keys that are not
+    exactly one-hot, the β ≈ 1 writes erase other roles and the β ≈ 0 ones write nothing,
+    and the own-key read falls from 0.66 (β 0.2 on every value token) to 0.20."""
+    x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    wt = torch.where(y, (1 - neg_weight) / y.sum(), neg_weight / (~y).sum()).to(x.dtype)
+    t = torch.where(y, torch.logit(torch.tensor(beta)),
+                    torch.logit(torch.tensor(neg_beta))).to(x.dtype)
+    xtx = x1.T @ (x1 * wt[:, None])
+    reg = lam * xtx.diagonal()[:-1].mean() * torch.eye(len(xtx), dtype=x.dtype)
+    reg[-1, -1] = 0  # the bias is not shrunk
+    w = torch.linalg.solve(xtx + reg, x1.T @ (wt * t))
+    return w[:-1].float(), float(w[-1])
+
+
+def fit_gate_hinge(x, y, lam: float, beta: float, neg_beta: float = 1e-3, iters: int = 8):
+    """The gate's logit by least squares onto logit(β) on the positives, and on the other
+    tokens only where it lies above logit(neg_beta) (a squared hinge, by reweighted least
+    squares): the positives' logits gather round logit(β), and the fit spends nothing on
+    negatives that are already shut. Every write decays its whole state row by (1 - β), so
+    one token at β ≈ 1 wipes the state (the probe's gate puts a tenth of the values above
+    0.98), and writes at β ~ 10⁻³ over a history's ~2,000 other tokens both decay the early
+    facts and pile junk on them (the flat fit's sum of β off the values is 2-8 a chat)."""
+    x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    t_pos = torch.logit(torch.tensor(beta, dtype=x.dtype))
+    t_neg = torch.logit(torch.tensor(neg_beta, dtype=x.dtype)) - 2.0  # aim below the hinge
+    hinge = torch.logit(torch.tensor(neg_beta, dtype=x.dtype))
+    active = torch.ones(len(x), dtype=torch.bool)
+    w = None
+    for _ in range(iters):
+        rows = y | active
+        wt = torch.where(y, 0.5 / y.sum(), 0.5 / max(int((rows & ~y).sum()), 1)).to(x.dtype)
+        xr, wr = x1[rows], wt[rows]
+        t = torch.where(y[rows], t_pos, t_neg)
+        xtx = xr.T @ (xr * wr[:, None])
+        reg = lam * xtx.diagonal()[:-1].mean() * torch.eye(len(xtx), dtype=x.dtype)
+        reg[-1, -1] = 0
+        w = torch.linalg.solve(xtx + reg, xr.T @ (wr * t))
+        active = (x1 @ w) > hinge
+    return w[:-1].float(), float(w[-1])
+
+
+def fit_layer(tr: Layer, he: Layer, g: int, lam: float, hot_key: float, hot_query: float):
     """Keys (15, d) and queries (16, d), with their held-out role accuracy (argmax of the
     key's 15 dimensions; the query's, on the group's own answer positions) and the median
     rest² of held-out queries on the answer and off it."""
     role = role_codes(tr.hs, tr.hp, g)
     own = role >= 0
-    wk = SC.ridge(tr.hx[own], SC.HOT * F.one_hot(role[own], REST).double(), lam)
+    wk = SC.ridge(tr.hx[own], hot_key * F.one_hot(role[own], REST).double(), lam)
     q_role = role_codes(tr.rs, tr.rp, g)
     tq = torch.zeros(len(tr.hx) + len(tr.rx), R, dtype=torch.float64)
     tq[:len(tr.hx), REST] = SC.HOT_REST
     rq = torch.zeros(len(tr.rx), R, dtype=torch.float64)
     on = q_role >= 0
-    rq[on, :REST] = SC.HOT * F.one_hot(q_role[on], REST).double()
+    rq[on, :REST] = hot_query * F.one_hot(q_role[on], REST).double()
     rq[~on, REST] = SC.HOT_REST
     tq[len(tr.hx):] = rq
     wq = SC.ridge(torch.cat([tr.hx, tr.rx]), tq, lam)
@@ -147,25 +205,42 @@ def main():
     ap.add_argument("src", help="the shipped adapter widened to rank 16 with 6 heads (its base "
                     "heads are what the inputs were collected with)")
     ap.add_argument("dst")
-    ap.add_argument("--cache", default="/tmp/att26s")
+    ap.add_argument("--cache", default="/tmp/att26c")
     ap.add_argument("--chats", type=int, default=240)
-    ap.add_argument("--beta", type=float, default=0.2, help="the gate at the median value "
+    ap.add_argument("--beta", type=float, default=0.2, help="the gate's β at the group's value "
                     "token of the layer's group")
     ap.add_argument("--gain", type=float, default=0.5, help="read-out relative to a full copy")
     ap.add_argument("--lam", type=float, default=1e-2, help="ridge penalty (relative)")
+    ap.add_argument("--gate", choices=("hinge", "flat", "probe"), default="hinge",
+                    help="hinge: fit_gate_hinge; flat: the gate's logit by least squares onto "
+                    "logit(β), negatives onto logit(--neg-beta) (fit_gate_flat); probe: attempt 18's probe, its scale and offset set on a fifth of the "
+                    "train chats")
+    ap.add_argument("--gate-lam", type=float, default=0.1, help="ridge penalty of the hinge "
+                    "and flat gates (relative)")
+    ap.add_argument("--neg-weight", type=float, default=0.5, help="flat gate: the other "
+                    "tokens' share of the least-squares weight")
+    ap.add_argument("--neg-beta", type=float, default=1e-3, help="hinge gate: the β above which"
+                    " another token's logit costs; flat gate: the β they are fitted to")
+    ap.add_argument("--hot-key", type=float, default=0.3, help="tanh⁻¹ target of a key's "
+                    "role dimension (smaller: the ridge's noise on the other 14 is smaller "
+                    "beside it once tanh no longer flattens the role's own)")
+    ap.add_argument("--hot-query", type=float, default=SC.HOT,
+                    help="the same for the queries' role dimension on the answer")
     ap.add_argument("--other-frac", type=float, default=0.1,
                     help="share of the non-value history tokens in the query and gate fits")
     ap.add_argument("--layers", type=int, nargs="*", default=FA.ALL_COPY_LAYERS)
     ap.add_argument("--fit-only", action="store_true", help="save DST.fit.pt and stop (the "
                     "GPU run: SRC is then any adapter of the backbone, e.g. the base heads)")
-    ap.add_argument("--from-fit", default=None, help="install a saved fit into SRC (the "
-                    "widened adapter) at --gain, nothing else")
+    ap.add_argument("--from-fit", nargs="+", default=None, help="install saved fits into "
+                    "SRC (the widened adapter) at --gain, nothing else: this script's, or "
+                    "fit_groups.py fit --init's, one a group, their layers merged")
     args = ap.parse_args()
     P.BETA_POS = args.beta
     SC.R, SC.REST, SC.PLACES = R, REST, PLACES
     FGR.configure(R, SC.GROUPS, HEADS)
     if args.from_fit:
-        return install(args.src, args.dst, torch.load(args.from_fit), args.gain)
+        layers = {li: f for path in args.from_fit for li, f in torch.load(path)["layers"].items()}
+        return install(args.src, args.dst, {"group": 0, "layers": layers}, args.gain)
     tok, _, words, _, rt = copy_runtime(args.src)
     train, held = FGR.load_chats(args.cache, tok, words, more_templates=True)
     train = train[:args.chats]
@@ -189,17 +264,27 @@ def main():
         gx = torch.cat([tr.hx, tr.rx])
         gy = torch.cat([own, torch.zeros(len(tr.rx), dtype=torch.bool)])
         cal = torch.cat([tr.hc, tr.rc]) >= int(len(train) * 0.8)  # the last fifth calibrates
-        wb, bb = fit_gate(gx[~cal], gy[~cal], gx[cal], gy[cal])
+        if args.gate == "hinge":
+            wb, bb = fit_gate_hinge(gx, gy, args.gate_lam, args.beta, args.neg_beta)
+        elif args.gate == "flat":
+            wb, bb = fit_gate_flat(gx, gy, args.gate_lam, args.beta, args.neg_weight,
+                                   args.neg_beta)
+        else:
+            wb, bb = fit_gate(gx[~cal], gy[~cal], gx[cal], gy[cal])
         del gx
-        wk, wq, k_acc, q_acc, (rest_on, rest_off) = fit_layer(tr, he, g, args.lam)
+        wk, wq, k_acc, q_acc, (rest_on, rest_off) = fit_layer(tr, he, g, args.lam,
+                                                              args.hot_key, args.hot_query)
         f = {"wk": wk, "wq": wq, "wb": wb.float(), "bb": bb, "wv": wv,
              "basis": basis.float(), "k_acc": k_acc, "q_acc": q_acc, "group": g}
         rel, acc, far, back = SC.measure(f, FGR.BatchG(held, li), li, g)
         fit["layers"][li] = {**f, "rel": rel}
         beta_h = torch.sigmoid(he.hx[torch.isin(he.hs, mine)].float() @ f["wb"] + f["bb"])
+        beta_o = torch.sigmoid(he.hx[~torch.isin(he.hs, mine)].float() @ f["wb"] + f["bb"])
         print(f"layer {li} group {g}: held-out key role {k_acc:.3f}, query role {q_acc:.3f} "
               f"(rest² on the answer {rest_on:.2f}, off it {rest_off:.3f}); β median on "
-              f"held-out values {float(beta_h.median()):.3f}; read points at the asked token "
+              f"held-out values {float(beta_h.median()):.3f} (10-90%: "
+              f"{float(beta_h.quantile(0.1)):.3f}-{float(beta_h.quantile(0.9)):.3f}; other "
+              f"tokens' mean {float(beta_o.mean()):.4f}); read points at the asked token "
               f"{acc:.3f} (far first {far:.3f}), own key {back:.3f}, |m|/|v| {rel:.3f} "
               f"({time.time() - t0:.0f} s)", flush=True)
     torch.save(fit, f"{args.dst}.fit.pt")
