@@ -57,7 +57,6 @@ R = 16
 HEADS = 2  # copy heads a layer, sharing keys, queries and gate
 REST = R - 1
 PLACES = 3
-KINDS = 5  # a group's kinds
 
 
 class Layer:
@@ -129,11 +128,11 @@ def fit_gate(x, y, x_cal, y_cal):
 def fit_gate_flat(x, y, lam: float, beta: float, neg_weight: float = 0.5,
                   neg_beta: float = P.BETA_NEG):
     """A gate whose logit is fitted by least squares to logit(β) on the positives and to
-    logit(β_NEG) elsewhere, the two classes weighted alike, with a bias: its positives'
-    logits gather round one value, so β stays near `beta` on them. A probe's logits spread
-    its positives from β 0.0 to 0.98 (10th to 90th percentile); with keys that are not
-    exactly one-hot, the β ≈ 1 writes erase other roles and the β ≈ 0 ones write nothing,
-    and the own-key read falls from 0.66 (β 0.2 on every value token) to 0.20."""
+    logit(neg_beta) elsewhere (the other tokens' share of the weight: neg_weight), with a
+    bias: its positives' logits gather round one value, so β stays near `beta` on them. A
+    probe's logits spread its positives from β 0.0 to 0.98 (10th to 90th percentile): a write
+    at β ≈ 1 decays the whole state row to nothing, one at β ≈ 0 writes nothing, and the
+    own-key read falls from 0.66 (β 0.2 on every value token) to 0.20."""
     x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
     wt = torch.where(y, (1 - neg_weight) / y.sum(), neg_weight / (~y).sum()).to(x.dtype)
     t = torch.where(y, torch.logit(torch.tensor(beta)),
@@ -207,8 +206,8 @@ def main():
     ap.add_argument("dst")
     ap.add_argument("--cache", default="/tmp/att26c")
     ap.add_argument("--chats", type=int, default=240)
-    ap.add_argument("--beta", type=float, default=0.2, help="the gate's β at the group's value "
-                    "token of the layer's group")
+    ap.add_argument("--beta", type=float, default=0.2, help="the gate's β at the layer "
+                    "group's value tokens (hinge, flat: their target; probe: their median)")
     ap.add_argument("--gain", type=float, default=0.5, help="read-out relative to a full copy")
     ap.add_argument("--lam", type=float, default=1e-2, help="ridge penalty (relative)")
     ap.add_argument("--gate", choices=("hinge", "flat", "probe"), default="hinge",
