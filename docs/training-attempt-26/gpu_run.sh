@@ -7,8 +7,8 @@
 # run on a GPU: the one lease of 2026-11-28 was refused at its first call.
 # From the repository root with docs/ and deltamem/adapters/ moved out (the 64 MiB upload
 # limit) and in .dev/ (ignored, carried): the scripts of attempts 18-26 in .dev/scripts, the
-# shipped adapter's four base heads in .dev/base4 (the inputs depend on them alone: the copy
-# heads are silent while collecting), tools/offline_gpu/pack.py's output. Call 1 (carry
+# shipped adapter's four base heads in .dev/base4 (role_keys.py SHIPPED .dev/base4 --narrow-base;
+# the inputs depend on them alone: the copy heads are silent while collecting), tools/offline_gpu/pack.py's output. Call 1 (carry
 # .dev/meta, .dev/meta-part0):
 #   mkdir -p /root/meta && cp .dev/meta/* /root/meta/ && cp .dev/meta-part0/blob /root/blob0
 # call 2 (carry .dev/meta-part1, .dev/base4, .dev/scripts): BUDGET=540 .dev/scripts/gpu_run.sh

@@ -51,7 +51,10 @@ import slot_codes as SC
 import torch
 import torch.nn.functional as F
 from oracle_copy import ov_matrix
-from program_copy import copy_runtime
+from program_copy import BASE_HEADS, copy_runtime
+
+from deltamem.adapter import Adapter, load_adapter, save_adapter
+from deltamem.layer import DeltaMem, DeltaMemConfig
 
 R = 16
 HEADS = 2  # copy heads a layer, sharing keys, queries and gate
@@ -233,7 +236,11 @@ def main():
     ap.add_argument("--from-fit", nargs="+", default=None, help="install saved fits into "
                     "SRC (the widened adapter) at --gain, nothing else: this script's, or "
                     "fit_groups.py fit --init's, one a group, their layers merged")
+    ap.add_argument("--narrow-base", action="store_true", help="write SRC's four base heads "
+                    "as an adapter at DST and stop (the GPU run's .dev/base4)")
     args = ap.parse_args()
+    if args.narrow_base:
+        return narrow_to_base(args.src, args.dst)
     P.BETA_POS = args.beta
     SC.R, SC.REST, SC.PLACES = R, REST, PLACES
     FGR.configure(R, SC.GROUPS, HEADS)
@@ -290,6 +297,26 @@ def main():
     if args.fit_only:
         return
     install(args.src, args.dst, fit, args.gain)
+
+
+def narrow_to_base(src: str, dst: str):
+    """SRC's first BASE_HEADS heads as an adapter of their own (6.7 MB): the heads the served
+    inputs depend on while the copy heads are silent, small enough to go with a GPU lease's
+    upload (gpu_run.sh's .dev/base4)."""
+    old = load_adapter(src)
+    cfg = DeltaMemConfig.from_dict({**old.config.to_dict(), "num_state_heads": BASE_HEADS})
+    mod, n = DeltaMem(cfg), BASE_HEADS * cfg.rank
+    with torch.no_grad():
+        for li in cfg.layers:
+            new, o = mod.layer(li), old.module.layer(li)
+            for name in ("w_q", "w_k", "w_v", "w_beta"):
+                getattr(new, name).weight.copy_(getattr(o, name).weight[:n])
+            new.w_beta.bias.copy_(o.w_beta.bias[:n])
+            new.b_q.weight.copy_(o.b_q.weight[:, :n])
+            new.b_o.weight.copy_(o.b_o.weight[:, :n])
+    save_adapter(Adapter(mod, old.backbone, {**old.meta, "narrowed_to_base_heads":
+                                             old.fingerprint()}), dst, dtype=torch.float16)
+    print("saved", dst)
 
 
 def install(src: str, dst: str, fit: dict, gain: float):
