@@ -180,27 +180,29 @@ def fit(args):
         t0 = time.time()
         batches = [BatchG(train[i:i + args.batch], li) for i in range(0, len(train), args.batch)]
         bh = BatchG(held, li)
-        x = torch.cat([b.hx[b.hmask] for b in batches]).double()
-        val = torch.cat([b.val[b.hmask] for b in batches])
-        hg = torch.cat([b.hgroup[b.hmask] for b in batches])
-        ov = ov_matrix(rt.model.model.layers[li].self_attn, mc.num_attention_heads,
-                       mc.num_key_value_heads).double()
-        # the same basis for both groups (all values), so their read-outs add up
-        basis = torch.linalg.svd(x[val] @ ov.T, full_matrices=False)[2][:K]
-        wv = (basis @ ov).float()
-        wb, bb, _ = P.fit_gate(x, hg == args.group)
-        del x
-        gen = torch.Generator().manual_seed(100 * li + args.group)
-        d = wv.shape[1]
-        wk = torch.randn(R, d, generator=gen) * args.init_std
-        wq = torch.randn(R, d, generator=gen) * args.init_std
         if li in init:  # attempt 26: from a closed-form fit (role_keys.py), its values too
             f0 = init[li]
             wk, wq, wb, bb, wv, basis = (f0["wk"], f0["wq"], f0["wb"], torch.tensor(f0["bb"]),
                                          f0["wv"], f0["basis"])
+        else:
+            x = torch.cat([b.hx[b.hmask] for b in batches]).double()
+            val = torch.cat([b.val[b.hmask] for b in batches])
+            hg = torch.cat([b.hgroup[b.hmask] for b in batches])
+            ov = ov_matrix(rt.model.model.layers[li].self_attn, mc.num_attention_heads,
+                           mc.num_key_value_heads).double()
+            # the same basis for both groups (all values), so their read-outs add up
+            basis = torch.linalg.svd(x[val] @ ov.T, full_matrices=False)[2][:K]
+            wv = (basis @ ov).float()
+            wb, bb, _ = P.fit_gate(x, hg == args.group)
+            del x
+            gen = torch.Generator().manual_seed(100 * li + args.group)
+            wk = torch.randn(R, wv.shape[1], generator=gen) * args.init_std
+            wq = torch.randn(R, wv.shape[1], generator=gen) * args.init_std
+        d = wv.shape[1]
         cls = FA.Addressing if args.fixed_gate else FG.GateAddressing
         addr = cls(wk, wq, wb.detach().float(), float(bb.detach()), torch.eye(d))
-        if args.fixed_gate:  # the probe's gate as it is: β 0.12 on its values, ~0 elsewhere
+        if args.fixed_gate:  # the gate as it is (the probe's: β 0.12 on its values, ~0
+            # elsewhere; or --init's)
             addr.gate_scale.requires_grad_(False)
             addr.gate_shift.requires_grad_(False)
         opt = torch.optim.Adam([p for p in addr.parameters() if p.requires_grad], lr=args.lr)
