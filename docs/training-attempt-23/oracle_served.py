@@ -107,7 +107,8 @@ def state_keeping(mod, hx, spans):
 def ideal_reads(wv, hx, tok, full, facts, asked, groups: int, b: float,
                 b_cont: float | None, keys: str, steps: int,
                 dims: int | None = None, split: str | None = None,
-                key_error: float = 0.0) -> list[torch.Tensor]:
+                key_error: float = 0.0, layer_group: int | None = None,
+                fitted: dict | None = None) -> list[torch.Tensor]:
     """Reads of an ideal keyed copy state (attempt 25), one per decode step: every value token
     (old values of updates too) of the asked fact's kind group written in order at gate b
     (b_cont at a value's later tokens) with a one-hot key of its role, every other token not
@@ -121,10 +122,29 @@ def ideal_reads(wv, hx, tok, full, facts, asked, groups: int, b: float,
     only their later tokens, all on one role per kind; it reads at the first decode step, or
     at the later ones. key_error: each written token's key is, with this chance, that of
     another kind of its group (at the same place and person), as a key map that names the
-    kind wrong would write it; the draw is seeded by the token's position."""
+    kind wrong would write it; the draw is seeded by the token's position.
+    layer_group (attempt 26): this layer holds only that group; others read nothing here.
+    fitted (attempt 26, keys "place"): the state written instead by a fitted write side, every
+    written token of the history with its fitted key normalize(tanh(W_k x)) and gate
+    sigmoid(w_β x + b_β) ({"wk", "wb", "bb"}, role_keys.py's layout: the key's dimension
+    3 · (the kind's index in its group) + min(place, 2)); the read stays ideal."""
     slots = sorted(D.SLOTS)
     group = slots.index(asked.slot) % groups
     b_cont = b if b_cont is None else b_cont
+    if layer_group is not None and layer_group != group:
+        return [torch.zeros(wv.shape[0]) for _ in range(steps)]
+    if fitted is not None:
+        mine = [s for s in slots if slots.index(s) % groups == group]
+        n_val = max(e - a for a, e in P.value_spans(tok, full, [str(asked.value)]))
+        xs = hx[:len(full)].float()
+        ks = F.normalize(torch.tanh(xs @ fitted["wk"].T), dim=-1)
+        bs = torch.sigmoid(xs @ fitted["wb"] + fitted["bb"])
+        vs = xs @ wv.T
+        S = torch.zeros(wv.shape[0], ks.shape[1])
+        for k, bt, v in zip(ks, bs, vs, strict=True):
+            S = (1 - bt) * S + bt * torch.outer(v - S @ k, k)
+        return [S[:, 3 * mine.index(asked.slot) + min(j, 2)] / b if j < n_val
+                else S.new_zeros(len(S)) for j in range(steps)]
 
     def role(f, j):
         if split:
@@ -215,6 +235,12 @@ def main():
                     "of its group")
     ap.add_argument("--ideal-cont", type=float, default=None, help="with --ideal-slots B: "
                     "the gate at a value's later tokens (default B); B at its first token")
+    ap.add_argument("--layer-groups", action="store_true", help="with --ideal-slots: each "
+                    "copy layer holds one group, layer % --groups (attempt 26's layout)")
+    ap.add_argument("--fitted-write", action="store_true", help="with --ideal-slots B "
+                    "--ideal-keys place --layer-groups: the state written by the adapter's "
+                    "own copy keys and gate (attempt 26's role_keys.py adapter) over the whole "
+                    "history, read ideally (the asked role's key dimension at decode step j)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     tok, rt, fmt, ident = replay_runtime(args.adapter)
@@ -226,6 +252,11 @@ def main():
                 for li in COPY_LAYERS}
         wv = {li: mods[li].w_v.weight[COPY][:args.value_dims].clone() for li in COPY_LAYERS}
         bdir = {li: b[:, :args.value_dims] for li, b in bdir.items()}
+        # attempt 26: the copy heads' own write side (one head's rows; the copy heads share it)
+        fitted = {li: {"wk": mods[li].w_k.weight[COPY][:c.rank].clone(),
+                       "wb": mods[li].w_beta.weight[COPY][0].clone(),
+                       "bb": float(mods[li].w_beta.bias[COPY][0])}
+                  for li in COPY_LAYERS} if args.fitted_write else {}
         for li in COPY_LAYERS:  # silence the copy heads: the oracle replaces their read
             mods[li].b_o.weight[:, COPY] = 0
 
@@ -302,7 +333,9 @@ def main():
                                                args.ideal_dims,
                                                None if not args.ideal_split else
                                                ("first" if li % 2 else "rest"),
-                                               args.ideal_key_error)
+                                               args.ideal_key_error,
+                                               li % args.groups if args.layer_groups else None,
+                                               fitted.get(li))
                             inject_at[li] = (bdir[li], vals)
                             continue
                         if args.bag is not None:
