@@ -142,9 +142,14 @@ def query_targets(kinds, place, g: int):
 class Layer:
     """One layer's training rows: x at history tokens with their kind (-1: not a value) and
     place in the value, and at read-pass tokens with the asked kind and the place of the
-    answer token they predict (-1: where queries rest)."""
+    answer token they predict (-1: where queries rest). hc and rc: each row's chat.
 
-    def __init__(self, chats, li, other_frac: float, seed: int, split: bool = False):
+    read_frac < 1 (attempt 26): of the read pass's rows, those where a query reads and that
+    share of the others (a question's read pass holds ~300 tokens, nearly all rest targets),
+    so that hundreds of chats fit in memory; at 1 nothing is drawn, as attempt 25 ran."""
+
+    def __init__(self, chats, li, other_frac: float, seed: int, split: bool = False,
+                 read_frac: float = 1.0):
         gen = torch.Generator().manual_seed(seed)
         first = split_layer(li)
 
@@ -152,28 +157,31 @@ class Layer:
             """--split: the kinds of the tokens this layer holds (first or later), -1 else."""
             return torch.where((place == 0) == first, kind, -1) if split else kind
 
-        hx, hs, hp, rx, rs, rp = [], [], [], [], [], []
-        for c in chats:
-            x = c["x"][li].double()
+        hx, hs, hp, hc, rx, rs, rp, rc = [], [], [], [], [], [], [], []
+        for ci, c in enumerate(chats):
             s = c["hkind"]  # the kind of each written token
             p = places(s)
             keep = (s >= 0) | (torch.rand(len(s), generator=gen) < other_frac)
-            hx.append(x[keep])
+            hx.append(c["x"][li][keep].double())
             hs.append(kept(s, p)[keep])
             hp.append(p[keep])
+            hc.append(torch.full((int(keep.sum()),), ci))
             for r in c["reads"]:
-                xr = r["x"][li].double()
-                kind, place = torch.full((len(xr),), -1), torch.full((len(xr),), -1)
+                n_r = len(r["x"][li])
+                kind, place = torch.full((n_r,), -1), torch.full((n_r,), -1)
                 n = int(c["cand_len"][r["target"]])
                 # the position before the answer's token j predicts it (fit_served.BatchJ)
                 lo = r["a_start"] - 1
                 kind[lo:lo + n] = int(c["cand_kind"][r["target"]])
                 place[lo:lo + n] = torch.arange(n)
-                rx.append(xr)
-                rs.append(kept(kind, place))
-                rp.append(place)
-        self.hx, self.hs, self.hp = torch.cat(hx), torch.cat(hs), torch.cat(hp)
-        self.rx, self.rs, self.rp = torch.cat(rx), torch.cat(rs), torch.cat(rp)
+                keep = torch.ones(n_r, dtype=torch.bool) if read_frac >= 1 else (
+                    (place >= 0) | (torch.rand(n_r, generator=gen) < read_frac))
+                rx.append(r["x"][li][keep].double())
+                rs.append(kept(kind, place)[keep])
+                rp.append(place[keep])
+                rc.append(torch.full((int(keep.sum()),), ci))
+        self.hx, self.hs, self.hp, self.hc = (torch.cat(t) for t in (hx, hs, hp, hc))
+        self.rx, self.rs, self.rp, self.rc = (torch.cat(t) for t in (rx, rs, rp, rc))
 
 
 def fit_layer(train: Layer, held: Layer, g: int, lam: float):

@@ -12,7 +12,7 @@ held-out chats (disjoint names, values and templates).
 x is what the layer's δ-mem sees (the input of w_beta) in one history pass of the shipped
 adapter with its copy heads silenced, the pass attempts 20-25 cached for layers 16-23.
 
-    PYTHONPATH=.:docs/training-attempt-18:docs/training-attempt-19:docs/training-attempt-20:docs/training-attempt-21 \
+    PYTHONPATH=.:docs/training-attempt-18:docs/training-attempt-19:docs/training-attempt-20:docs/training-attempt-21:docs/training-attempt-22:docs/training-attempt-23:docs/training-attempt-24:docs/training-attempt-25 \
         .venv/bin/python docs/training-attempt-26/probe_layers.py deltamem/adapters/smollm2-135m-instruct \
         --chats 240 --held 32 --cache /tmp/att26 --json docs/training-attempt-26/probe_layers.json
 
@@ -26,6 +26,7 @@ import time
 
 import fit_address as FA
 import program_memory as P
+import slot_codes as SC
 import torch
 import torch.nn.functional as F
 from program_copy import copy_runtime
@@ -113,10 +114,8 @@ def roles_report(tr, te, layers=(12, 14, 16, 18, 20, 22), lam=1e-2):
     first sixth and half of the train tokens (~40 and ~120 chats)."""
     def fit(x, y, n, rows=None):
         rows = slice(None) if rows is None else rows
-        a, t = x[rows], F.one_hot(y[rows], n).double()
-        w = torch.linalg.solve(a.T @ a + lam * (a.T @ a).diagonal().mean()
-                               * torch.eye(a.shape[1], dtype=a.dtype), a.T @ t)
-        return lambda z: z @ w
+        w = SC.ridge(x[rows], F.one_hot(y[rows], n).double(), lam)  # the keys' fit
+        return lambda z: z @ w.T
 
     role_tr = tr["kind"] * 3 + tr["place"]
     role_te = te["kind"] * 3 + te["place"]

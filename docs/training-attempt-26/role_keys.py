@@ -60,50 +60,22 @@ R = 16
 HEADS = 2  # copy heads a layer, sharing keys, queries and gate
 REST = R - 1
 PLACES = 3
-
-
-class Layer:
-    """slot_codes.Layer's rows (x at history tokens with their kind, -1: not a value, and
-    place in the value; at read-pass tokens the asked kind and the place of the answer token
-    they predict, -1: where queries rest), with the read pass cut like the history: every
-    row where a query reads and a share `read_frac` of the others, so that a fit on hundreds
-    of chats fits a GPU lease (a question's read pass holds ~300 tokens, nearly all rest
-    targets). hc and rc: each row's chat."""
-
-    def __init__(self, chats, li, other_frac: float, seed: int, read_frac: float = 0.3):
-        gen = torch.Generator().manual_seed(seed)
-        hx, hs, hp, hc, rx, rs, rp, rc = [], [], [], [], [], [], [], []
-        for ci, c in enumerate(chats):
-            s = c["hkind"]
-            keep = (s >= 0) | (torch.rand(len(s), generator=gen) < other_frac)
-            hx.append(c["x"][li][keep].double())
-            hs.append(s[keep])
-            hp.append(SC.places(s)[keep])
-            hc.append(torch.full((int(keep.sum()),), ci))
-            for r in c["reads"]:
-                n_r = len(r["x"][li])
-                kind, place = torch.full((n_r,), -1), torch.full((n_r,), -1)
-                n = int(c["cand_len"][r["target"]])
-                lo = r["a_start"] - 1  # the position before answer token j predicts it
-                kind[lo:lo + n] = int(c["cand_kind"][r["target"]])
-                place[lo:lo + n] = torch.arange(n)
-                keep = (place >= 0) | (torch.rand(n_r, generator=gen) < read_frac)
-                rx.append(r["x"][li][keep].double())
-                rs.append(kind[keep])
-                rp.append(place[keep])
-                rc.append(torch.full((int(keep.sum()),), ci))
-        self.hx, self.hs, self.hp, self.hc = (torch.cat(t) for t in (hx, hs, hp, hc))
-        self.rx, self.rs, self.rp, self.rc = (torch.cat(t) for t in (rx, rs, rp, rc))
+READ_FRAC = 0.3  # the read pass's rest rows kept (slot_codes.Layer's read_frac)
 
 
 def layer_group(li: int) -> int:
     return li % SC.GROUPS
 
 
+def group_kinds(g: int) -> torch.Tensor:
+    """Group g's kinds as indices in SLOTS (kinds are dealt round-robin, slot_codes.mine)."""
+    return torch.tensor([SC.SLOTS.index(s) for s in SC.mine(g)])
+
+
 def role_codes(kind, place, g: int):
     """Row of each token's role among group g's 15 (kind, place) codes, -1 for tokens of no
     kind of the group."""
-    mine = torch.tensor([SC.SLOTS.index(s) for s in SC.mine(g)])
+    mine = group_kinds(g)
     hit = kind[:, None] == mine[None, :]
     row = hit.float().argmax(1) * PLACES + place.clamp(0, PLACES - 1)
     return torch.where(hit.any(1), row, -1)
@@ -128,6 +100,17 @@ def fit_gate(x, y, x_cal, y_cal):
     return (s * w).detach(), float(hi_t - s * pos_m + s * b)
 
 
+def ridge_with_bias(x1, wt, t, lam: float):
+    """Weighted least squares of x1 (rows with a trailing 1) onto t, row weights wt, the ridge
+    penalty lam · the mean weighted diagonal on every column but the bias: (w, b), in x1's
+    dtype."""
+    xtx = x1.T @ (x1 * wt[:, None])
+    reg = lam * xtx.diagonal()[:-1].mean() * torch.eye(len(xtx), dtype=x1.dtype)
+    reg[-1, -1] = 0  # the bias is not shrunk
+    w = torch.linalg.solve(xtx + reg, x1.T @ (wt * t))
+    return w[:-1], w[-1]
+
+
 def fit_gate_flat(x, y, lam: float, beta: float, neg_weight: float = 0.5,
                   neg_beta: float = P.BETA_NEG):
     """A gate whose logit is fitted by least squares to logit(β) on the positives and to
@@ -140,11 +123,8 @@ def fit_gate_flat(x, y, lam: float, beta: float, neg_weight: float = 0.5,
     wt = torch.where(y, (1 - neg_weight) / y.sum(), neg_weight / (~y).sum()).to(x.dtype)
     t = torch.where(y, torch.logit(torch.tensor(beta)),
                     torch.logit(torch.tensor(neg_beta))).to(x.dtype)
-    xtx = x1.T @ (x1 * wt[:, None])
-    reg = lam * xtx.diagonal()[:-1].mean() * torch.eye(len(xtx), dtype=x.dtype)
-    reg[-1, -1] = 0  # the bias is not shrunk
-    w = torch.linalg.solve(xtx + reg, x1.T @ (wt * t))
-    return w[:-1].float(), float(w[-1])
+    w, b = ridge_with_bias(x1, wt, t, lam)
+    return w.float(), float(b)
 
 
 def fit_gate_hinge(x, y, lam: float, beta: float, neg_beta: float = 1e-3, iters: int = 8):
@@ -160,21 +140,15 @@ def fit_gate_hinge(x, y, lam: float, beta: float, neg_beta: float = 1e-3, iters:
     t_neg = torch.logit(torch.tensor(neg_beta, dtype=x.dtype)) - 2.0  # aim below the hinge
     hinge = torch.logit(torch.tensor(neg_beta, dtype=x.dtype))
     active = torch.ones(len(x), dtype=torch.bool)
-    w = None
     for _ in range(iters):
         rows = y | active
         wt = torch.where(y, 0.5 / y.sum(), 0.5 / max(int((rows & ~y).sum()), 1)).to(x.dtype)
-        xr, wr = x1[rows], wt[rows]
-        t = torch.where(y[rows], t_pos, t_neg)
-        xtx = xr.T @ (xr * wr[:, None])
-        reg = lam * xtx.diagonal()[:-1].mean() * torch.eye(len(xtx), dtype=x.dtype)
-        reg[-1, -1] = 0
-        w = torch.linalg.solve(xtx + reg, xr.T @ (wr * t))
-        active = (x1 @ w) > hinge
-    return w[:-1].float(), float(w[-1])
+        w, b = ridge_with_bias(x1[rows], wt[rows], torch.where(y[rows], t_pos, t_neg), lam)
+        active = (x @ w + b) > hinge
+    return w.float(), float(b)
 
 
-def fit_layer(tr: Layer, he: Layer, g: int, lam: float, hot_key: float, hot_query: float):
+def fit_layer(tr: SC.Layer, he: SC.Layer, g: int, lam: float, hot_key: float, hot_query: float):
     """Keys (15, d) and queries (16, d), with their held-out role accuracy (argmax of the
     key's 15 dimensions; the query's, on the group's own answer positions) and the median
     rest² of held-out queries on the answer and off it."""
@@ -215,8 +189,9 @@ def main():
     ap.add_argument("--lam", type=float, default=1e-2, help="ridge penalty (relative)")
     ap.add_argument("--gate", choices=("hinge", "flat", "probe"), default="hinge",
                     help="hinge: fit_gate_hinge; flat: the gate's logit by least squares onto "
-                    "logit(β), negatives onto logit(--neg-beta) (fit_gate_flat); probe: attempt 18's probe, its scale and offset set on a fifth of the "
-                    "train chats")
+                    "logit(β), negatives onto logit(--neg-beta) (fit_gate_flat); probe: "
+                    "attempt 18's probe, its scale and offset set on a fifth of the train "
+                    "chats")
     ap.add_argument("--gate-lam", type=float, default=0.1, help="ridge penalty of the hinge "
                     "and flat gates (relative)")
     ap.add_argument("--neg-weight", type=float, default=0.5, help="flat gate: the other "
@@ -256,9 +231,9 @@ def main():
     for li in args.layers:
         t0 = time.time()
         g = layer_group(li)
-        tr = Layer(train, li, args.other_frac, li)
-        he = Layer(held, li, args.other_frac, 1000 + li)
-        mine = torch.tensor([SC.SLOTS.index(s) for s in SC.mine(g)])
+        tr = SC.Layer(train, li, args.other_frac, li, read_frac=READ_FRAC)
+        he = SC.Layer(held, li, args.other_frac, 1000 + li, read_frac=READ_FRAC)
+        mine = group_kinds(g)
         own = torch.isin(tr.hs, mine)
         ov = ov_matrix(rt.model.model.layers[li].self_attn, mc.num_attention_heads,
                        mc.num_key_value_heads).double()
@@ -269,13 +244,13 @@ def main():
         # the read pass's own tokens (the answer included) are written too: other tokens here
         gx = torch.cat([tr.hx, tr.rx])
         gy = torch.cat([own, torch.zeros(len(tr.rx), dtype=torch.bool)])
-        cal = torch.cat([tr.hc, tr.rc]) >= int(len(train) * 0.8)  # the last fifth calibrates
         if args.gate == "hinge":
             wb, bb = fit_gate_hinge(gx, gy, args.gate_lam, args.beta, args.neg_beta)
         elif args.gate == "flat":
             wb, bb = fit_gate_flat(gx, gy, args.gate_lam, args.beta, args.neg_weight,
                                    args.neg_beta)
         else:
+            cal = torch.cat([tr.hc, tr.rc]) >= int(len(train) * 0.8)  # the last fifth
             wb, bb = fit_gate(gx[~cal], gy[~cal], gx[cal], gy[cal])
         del gx
         wk, wq, k_acc, q_acc, (rest_on, rest_off) = fit_layer(tr, he, g, args.lam,
@@ -284,8 +259,8 @@ def main():
              "basis": basis.float(), "k_acc": k_acc, "q_acc": q_acc, "group": g}
         rel, acc, far, back = SC.measure(f, FGR.BatchG(held, li), li, g)
         fit["layers"][li] = {**f, "rel": rel}
-        beta_h = torch.sigmoid(he.hx[torch.isin(he.hs, mine)].float() @ f["wb"] + f["bb"])
-        beta_o = torch.sigmoid(he.hx[~torch.isin(he.hs, mine)].float() @ f["wb"] + f["bb"])
+        beta = torch.sigmoid(he.hx.float() @ f["wb"] + f["bb"])
+        beta_h, beta_o = beta[torch.isin(he.hs, mine)], beta[~torch.isin(he.hs, mine)]
         print(f"layer {li} group {g}: held-out key role {k_acc:.3f}, query role {q_acc:.3f} "
               f"(rest² on the answer {rest_on:.2f}, off it {rest_off:.3f}); β median on "
               f"held-out values {float(beta_h.median()):.3f} (10-90%: "
