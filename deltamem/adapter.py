@@ -4,7 +4,11 @@ Project format (a folder):
     adapter_config.json    {"format": "deltamem-adapter", "version": 1, "config": {...},
                             "backbone": {"name": ..., "fingerprint": ...}, "meta": {...}}
     adapter.safetensors    the δ-mem parameters, keys "layers.<i>.<w_q|w_k|w_v|w_beta|b_q|b_o>.*",
-                           stored as float32 (or float16 / bfloat16); always loaded as float32
+                           stored as float32 (or float16 / bfloat16); always loaded as float32.
+                           Version 2: a weight whose rows along the memory dimension (the
+                           columns of b_q and b_o) are partly zero is stored without them,
+                           with "<key>.rows" (int32) naming the rows kept; the rest load as 0.
+                           So heads that only some layers use cost nothing elsewhere.
 
 Reference format (the public release):
     delta_mem_config.json  rank, alpha, num_state_heads, memory_write_granularity, delta_heads,
@@ -30,7 +34,8 @@ WEIGHTS_FILE = "adapter.safetensors"
 REF_CONFIG_FILE = "delta_mem_config.json"
 REF_WEIGHTS_FILE = "delta_mem_adapter.pt"
 FORMAT_NAME = "deltamem-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written only when rows are left out; version 1 files load as they are
+ROWS_SUFFIX = ".rows"
 
 # Module names of the reference release, per attention layer, mapped to ours. The release
 # documents `delta_q_proj` (the Δq up-projection B_q); the others follow the same naming.
@@ -208,10 +213,11 @@ def save_adapter(adapter: Adapter, path: str | Path, meta: dict | None = None,
         if torch.isfinite(v).all() and not torch.isfinite(tensors[k]).all():
             raise AdapterError(f"adapter weight {k} is out of {dtype}'s range "
                                f"(|w| up to {float(v.abs().max()):.3g}): store it as float32")
+    tensors = _leave_out_zero_rows(tensors)
     save_file(tensors, str(path / WEIGHTS_FILE))
     doc = {
         "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
+        "version": FORMAT_VERSION if any(k.endswith(ROWS_SUFFIX) for k in tensors) else 1,
         "config": adapter.config.to_dict(),
         "backbone": None if adapter.backbone is None else {
             "name": adapter.backbone.name, "fingerprint": adapter.backbone.fingerprint},
@@ -221,9 +227,53 @@ def save_adapter(adapter: Adapter, path: str | Path, meta: dict | None = None,
     return path
 
 
+def _memory_axis(key: str) -> int:
+    """The axis of a δ-mem weight that runs over the state heads' rows: B_q and B_o read the
+    memory (its columns), the rest write it."""
+    return 1 if key.endswith(("b_q.weight", "b_o.weight")) else 0
+
+
+def _leave_out_zero_rows(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each weight without its all-zero rows along the memory axis, plus the rows kept, where
+    that saves space: an adapter whose extra heads live in a few layers (zero elsewhere), or
+    whose heads were widened to a higher rank, is stored at the size of what it holds."""
+    out = {}
+    for k, t in tensors.items():
+        ax = _memory_axis(k)
+        other = [d for d in range(t.dim()) if d != ax]
+        nonzero = (t != 0).any(dim=other) if other else t != 0
+        if t.dim() == 0 or bool(nonzero.all()) or t.numel() <= 2 * t.shape[ax]:
+            out[k] = t
+            continue
+        rows = nonzero.nonzero().flatten()
+        out[k] = t.index_select(ax, rows).contiguous()
+        out[k + ROWS_SUFFIX] = rows.to(torch.int32)
+    return out
+
+
+def _restore_zero_rows(stored: dict[str, torch.Tensor],
+                       expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of _leave_out_zero_rows, given the module's own shapes."""
+    state = {k: v for k, v in stored.items() if not k.endswith(ROWS_SUFFIX)}
+    for key in [k for k in stored if k.endswith(ROWS_SUFFIX)]:
+        name = key[:-len(ROWS_SUFFIX)]
+        if name not in state or name not in expected:
+            raise AdapterError(f"adapter file has rows {key} for no weight it holds")
+        ax, rows = _memory_axis(name), stored[key].long()
+        full = torch.zeros(expected[name].shape, dtype=state[name].dtype)
+        if (rows.numel() != state[name].shape[ax] or rows.numel() and (
+                rows.min() < 0 or rows.max() >= full.shape[ax])):
+            raise AdapterError(f"adapter weight {name}: its stored rows do not match "
+                               f"{key} or its shape {tuple(full.shape)}")
+        full.index_copy_(ax, rows, state[name])
+        state[name] = full
+    return state
+
+
 def _module_from_state(cfg: DeltaMemConfig, state: dict[str, torch.Tensor]) -> DeltaMem:
     mod = DeltaMem(cfg)
     expected = mod.state_dict()
+    state = _restore_zero_rows(state, expected)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -243,7 +293,7 @@ def load_adapter(path: str | Path, hf_config=None) -> Adapter:
     path = Path(path)
     if (path / CONFIG_FILE).is_file():
         doc = json.loads((path / CONFIG_FILE).read_text())
-        if doc.get("format") != FORMAT_NAME or doc.get("version") != FORMAT_VERSION:
+        if doc.get("format") != FORMAT_NAME or doc.get("version") not in (1, FORMAT_VERSION):
             raise AdapterError(f"{path / CONFIG_FILE}: unknown adapter format "
                                f"{doc.get('format')!r} v{doc.get('version')!r}")
         cfg = DeltaMemConfig.from_dict(doc["config"])

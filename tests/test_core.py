@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from deltamem.adapter import (
     AdapterError,
@@ -245,6 +246,42 @@ def test_reference_format_import_and_project_format_round_trip(tmp_path, hf_runt
     torch.save(sd, ref_dir / "delta_mem_adapter.pt")
     with pytest.raises(AdapterError, match="unrecognised"):
         load_adapter(ref_dir, model.config)
+
+
+def test_heads_some_layers_leave_zero_are_stored_without_their_rows(tmp_path, hf_runtime):
+    """Format v2: rows of the memory (and B_q/B_o columns) that are zero in a layer are left
+    out of the file and come back as zeros, bit for bit; a file whose kept rows do not match
+    its weights is refused. An adapter without such rows is still written as version 1."""
+    ad = new_adapter(hf_runtime.model, BackboneIdentity("m", "sha256:x"), seed=2,
+                     num_state_heads=3)
+    with torch.no_grad():  # the reference initialisation's W_β is all zero: give it weights
+        for layer in ad.module.layers.values():
+            layer.w_beta.weight.normal_(0, 0.01)
+    plain = save_adapter(ad, tmp_path / "plain", dtype=torch.float16)
+    assert json.loads((plain / "adapter_config.json").read_text())["version"] == 1
+    with torch.no_grad():  # head 2 lives in layer 5 only; head 1's value rows 4-7 are unused
+        for i, layer in ad.module.layers.items():
+            if i != "5":
+                for lin in (layer.w_q, layer.w_k, layer.w_v, layer.w_beta):
+                    lin.weight[16:] = 0
+                for lin in (layer.b_q, layer.b_o):
+                    lin.weight[:, 16:] = 0
+            layer.w_v.weight[12:16] = 0
+    sparse = save_adapter(ad, tmp_path / "sparse", dtype=torch.float16)
+    assert json.loads((sparse / "adapter_config.json").read_text())["version"] == 2
+    size = lambda p: (p / "adapter.safetensors").stat().st_size  # noqa: E731
+    assert size(sparse) < 0.75 * size(plain)
+    back = load_adapter(sparse)
+    for k, v in ad.module.state_dict().items():
+        assert torch.equal(back.module.state_dict()[k], v.half().float()), k
+    stored = load_file(str(sparse / "adapter.safetensors"))
+    assert stored["layers.0.w_v.weight.rows"].tolist() == list(range(12))
+    assert stored["layers.5.w_v.weight.rows"].tolist() == [*range(12), *range(16, 24)]
+    assert "layers.5.w_q.weight.rows" not in stored  # nothing to leave out
+    stored["layers.0.w_v.weight.rows"] = stored["layers.0.w_v.weight.rows"][:-1]
+    save_file(stored, str(sparse / "adapter.safetensors"))
+    with pytest.raises(AdapterError, match="stored rows do not match"):
+        load_adapter(sparse)
 
 
 def test_widened_adapter_computes_the_same_function(hf_runtime, model_dir):
