@@ -41,6 +41,13 @@ Added by attempt 25 (ideal keyed states, docs/training-attempt-25), all with --a
   P (a written token keyed by another kind with chance P);
 - --bag B: one mixture of the answer's token values at every decode step.
 
+Added by attempt 26: --layer-groups (each copy layer holds one group) and --fitted-write (the
+state written by the adapter's own copy keys and gate, read ideally). Added by attempt 27:
+--group-values N (the adapter's copy heads are N a group in every copy layer, group_heads.py:
+the asked group's heads supply values, read-out and, with --fitted-write, keys and gate) and
+--fitted-read (that fitted state read by the adapter's own query of the live x, only where
+the answer is said).
+
 A one-off (not project code). The runs of the record (README.md):
 - --cs 0.1 0.25 0.5 1, with and without --all-tokens, seeds 1234 and 1235 (oracle_seed*,
   oracle_all_seed*);
@@ -127,7 +134,10 @@ def ideal_reads(wv, hx, tok, full, facts, asked, groups: int, b: float,
     fitted (attempt 26, keys "place"): the state written instead by a fitted write side, every
     written token of the history with its fitted key normalize(tanh(W_k x)) and gate
     sigmoid(w_β x + b_β) ({"wk", "wb", "bb"}, role_keys.py's layout: the key's dimension
-    3 · (the kind's index in its group) + min(place, 2)); the read stays ideal."""
+    3 · (the kind's index in its group) + min(place, 2)); the read stays ideal, or with
+    fitted["state_only"] (attempt 27's --fitted-read) the state itself is returned, and with
+    fitted["ideal_gate"] (--ideal-gate) the fitted keys write at b on the group's value tokens
+    only."""
     slots = sorted(D.SLOTS)
     group = slots.index(asked.slot) % groups
     b_cont = b if b_cont is None else b_cont
@@ -139,10 +149,19 @@ def ideal_reads(wv, hx, tok, full, facts, asked, groups: int, b: float,
         xs = hx[:len(full)].float()
         ks = F.normalize(torch.tanh(xs @ fitted["wk"].T), dim=-1)
         bs = torch.sigmoid(xs @ fitted["wb"] + fitted["bb"])
+        if fitted.get("ideal_gate"):  # attempt 27: b on the group's value tokens, 0 elsewhere
+            bs = torch.zeros(len(xs))
+            for f in facts:
+                if slots.index(f.slot) % groups == group:
+                    for v in [*f.history, f.value]:
+                        for a, e in P.value_spans(tok, full, [str(v)]):
+                            bs[a:e] = b
         vs = xs @ wv.T
         S = torch.zeros(wv.shape[0], ks.shape[1])
         for k, bt, v in zip(ks, bs, vs, strict=True):
             S = (1 - bt) * S + bt * torch.outer(v - S @ k, k)
+        if fitted.get("state_only"):
+            return S
         return [S[:, 3 * mine.index(asked.slot) + min(j, 2)] / b if j < n_val
                 else S.new_zeros(len(S)) for j in range(steps)]
 
@@ -181,6 +200,15 @@ def ideal_reads(wv, hx, tok, full, facts, asked, groups: int, b: float,
     return [S @ keys_of[role(asked, j)] / b if role(asked, j) in written
             and (split is None or (j == 0) == (split == "first"))
             else S.new_zeros(len(S)) for j in range(steps)]
+
+
+def fitted_query(wq, x, how: str) -> torch.Tensor:
+    """The adapter's query of x (--fitted-read query), or the one-hot of its largest role
+    dimension, the last (the rest) excluded (argmax)."""
+    q = F.normalize(torch.tanh(wq @ x), dim=0)
+    if how == "argmax":
+        return F.one_hot(q[:-1].argmax(), len(q)).to(q.dtype)
+    return q
 
 
 def main():
@@ -241,6 +269,20 @@ def main():
                     "--ideal-keys place --layer-groups: the state written by the adapter's "
                     "own copy keys and gate (attempt 26's role_keys.py adapter) over the whole "
                     "history, read ideally (the asked role's key dimension at decode step j)")
+    ap.add_argument("--group-values", type=int, default=0, metavar="N", help="with "
+                    "--ideal-slots: the adapter's copy heads are N a group in every copy layer "
+                    "(attempt 27's group_heads.py: group g's from head 4 + g · N); the ideal "
+                    "state of the asked kind's group uses its heads' values and read-out "
+                    "(and, with --fitted-write, their keys and gate)")
+    ap.add_argument("--fitted-read", choices=["query", "argmax"], default=None,
+                    help="with --fitted-write --group-values N: read that state with the "
+                    "adapter's own query of the live x, normalize(tanh(W_q x)) (query), or "
+                    "only the key dimension where it is largest among the roles (argmax), at "
+                    "the prompt's last position and each decode step (attempt 27: the served "
+                    "read, but only where the answer is said), scaled c / B as the ideal read")
+    ap.add_argument("--ideal-gate", action="store_true", help="with --fitted-write: the "
+                    "adapter's keys, but the gate B on the asked group's value tokens and 0 "
+                    "elsewhere (attempt 27)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     tok, rt, fmt, ident = replay_runtime(args.adapter)
@@ -252,10 +294,19 @@ def main():
                 for li in COPY_LAYERS}
         wv = {li: mods[li].w_v.weight[COPY][:args.value_dims].clone() for li in COPY_LAYERS}
         bdir = {li: b[:, :args.value_dims] for li, b in bdir.items()}
+        # attempt 27 (--group-values): group g's copy head is the g-th of the copy heads, with
+        # its own values, read-out (normalised apart: each has its own |m|/|v|) and write side
+        per = c.rank * args.group_values or COPY.stop - COPY.start
+        n_g = args.groups if args.group_values else 1
+        gcols = [slice(COPY.start + g * per, COPY.start + (g + 1) * per) for g in range(n_g)]
+        wv_g = {li: [mods[li].w_v.weight[cc].clone() for cc in gcols] for li in COPY_LAYERS}
+        bdir_g = {li: [mods[li].b_o.weight[:, cc] / mods[li].b_o.weight[:, cc][:, 0].norm()
+                       for cc in gcols] for li in COPY_LAYERS}
         # attempt 26: the copy heads' own write side (one head's rows; the copy heads share it)
-        fitted = {li: {"wk": mods[li].w_k.weight[COPY][:c.rank].clone(),
-                       "wb": mods[li].w_beta.weight[COPY][0].clone(),
-                       "bb": float(mods[li].w_beta.bias[COPY][0])}
+        fitted = {li: [{"wk": mods[li].w_k.weight[cc][:c.rank].clone(),
+                        "wq": mods[li].w_q.weight[cc][:c.rank].clone(),
+                        "wb": mods[li].w_beta.weight[cc][0].clone(),
+                        "bb": float(mods[li].w_beta.bias[cc][0])} for cc in gcols]
                   for li in COPY_LAYERS} if args.fitted_write else {}
         for li in COPY_LAYERS:  # silence the copy heads: the oracle replaces their read
             mods[li].b_o.weight[:, COPY] = 0
@@ -269,6 +320,10 @@ def main():
         def hook(mod, inp, out):
             k = calls[li]
             calls[li] += 1
+            if li in add and callable(add[li]):  # --fitted-read: a read of the live x
+                out = out.clone()
+                out[0, -1] += add[li](xs[li][-1]).to(out.dtype)
+                return out
             if li in add and k < len(add[li]):  # the prompt's last position, then each step
                 out = out.clone()
                 out[0, -1] += add[li][k].to(out.dtype)
@@ -327,7 +382,10 @@ def main():
                         vals = [wv[li] @ hx[li][y] for y in ys]
                         steps = 16  # --bag, --ideal-slots: every step of the greedy decode
                         if args.ideal_slots is not None:
-                            vals = ideal_reads(wv[li], hx[li], tok, full, facts,
+                            g = (slots.index(fact_of[ans].slot) % args.groups
+                                 if args.group_values else 0)
+                            vals = ideal_reads(wv_g[li][g] if args.group_values else wv[li],
+                                               hx[li], tok, full, facts,
                                                fact_of[ans], args.groups, args.ideal_slots,
                                                args.ideal_cont, args.ideal_keys, steps,
                                                args.ideal_dims,
@@ -335,8 +393,14 @@ def main():
                                                ("first" if li % 2 else "rest"),
                                                args.ideal_key_error,
                                                li % args.groups if args.layer_groups else None,
-                                               fitted.get(li))
-                            inject_at[li] = (bdir[li], vals)
+                                               {**fitted[li][g],
+                                                "state_only": bool(args.fitted_read),
+                                                "ideal_gate": args.ideal_gate}
+                                               if fitted else None)
+                            inject_at[li] = (bdir_g[li][g] if args.group_values else bdir[li],
+                                             vals)
+                            if args.fitted_read:
+                                inject_at[li] = (bdir_g[li][g], vals, fitted[li][g]["wq"])
                             continue
                         if args.bag is not None:
                             mix = vals[0]
@@ -366,8 +430,11 @@ def main():
                 add.clear()
                 if cval:
                     with torch.no_grad():
-                        for li, (mat, us) in inject_at.items():
-                            add[li] = [cval * mat @ u for u in us]
+                        for li, (mat, us, *wq) in inject_at.items():
+                            add[li] = [cval * mat @ u for u in us] if not wq else (
+                                lambda x, mat=mat, S=us, wq=wq[0], cval=cval:
+                                cval * mat @ (S @ fitted_query(wq, x, args.fitted_read))
+                                / args.ideal_slots)
                 for li in hooked:
                     calls[li] = 0
                 r = rt.run(plan.prompt, plan.initial_state, plan.write_start, 12, eos)
