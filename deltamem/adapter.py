@@ -1,12 +1,12 @@
 """Adapter files: the project's format, the reference release's format, and identities.
 
 Project format (a folder):
-    adapter_config.json    {"format": "deltamem-adapter", "version": 1, "config": {...},
+    adapter_config.json    {"format": "deltamem-adapter", "version": 1 | 2, "config": {...},
                             "backbone": {"name": ..., "fingerprint": ...}, "meta": {...}}
     adapter.safetensors    the δ-mem parameters, keys "layers.<i>.<w_q|w_k|w_v|w_beta|b_q|b_o>.*",
                            stored as float32 (or float16 / bfloat16); always loaded as float32.
-                           Version 2: a weight whose rows along the memory dimension (the
-                           columns of b_q and b_o) are partly zero is stored without them,
+                           Version 2: a weight some of whose rows along the memory dimension
+                           (the columns of b_q and b_o) are all zero is stored without them,
                            with "<key>.rows" (int32) naming the rows kept; the rest load as 0.
                            So heads that only some layers use cost nothing elsewhere.
 
@@ -261,8 +261,10 @@ def _restore_zero_rows(stored: dict[str, torch.Tensor],
             raise AdapterError(f"adapter file has rows {key} for no weight it holds")
         ax, rows = _memory_axis(name), stored[key].long()
         full = torch.zeros(expected[name].shape, dtype=state[name].dtype)
-        if (rows.numel() != state[name].shape[ax] or rows.numel() and (
-                rows.min() < 0 or rows.max() >= full.shape[ax])):
+        kept = list(state[name].shape)
+        if (kept[:ax] + kept[ax + 1:] != list(full.shape[:ax] + full.shape[ax + 1:])
+                or rows.numel() != kept[ax] or rows.numel() and (
+                    rows.min() < 0 or rows.max() >= full.shape[ax])):
             raise AdapterError(f"adapter weight {name}: its stored rows do not match "
                                f"{key} or its shape {tuple(full.shape)}")
         full.index_copy_(ax, rows, state[name])
