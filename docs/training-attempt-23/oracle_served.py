@@ -45,8 +45,9 @@ Added by attempt 26: --layer-groups (each copy layer holds one group) and --fitt
 state written by the adapter's own copy keys and gate, read ideally). Added by attempt 27:
 --group-values N (the adapter's copy heads are N a group in every copy layer, group_heads.py:
 the asked group's heads supply values, read-out and, with --fitted-write, keys and gate) and
---fitted-read (that fitted state read by the adapter's own query of the live x, only where
-the answer is said).
+--fitted-read query|argmax (that fitted state read by the adapter's own query of the live x,
+or at its largest role dimension, only where the answer is said) and --ideal-gate (the
+fitted keys written at B on the asked group's value tokens only).
 
 A one-off (not project code). The runs of the record (README.md):
 - --cs 0.1 0.25 0.5 1, with and without --all-tokens, seeds 1234 and 1235 (oracle_seed*,
