@@ -97,13 +97,15 @@ def main():
                     "read-out scaled by the first place's |m|/|v| (the later places' reads at "
                     "their own answer token are 0.01-0.06 of a value, so their own scale makes "
                     "their read-out 3-10 times louder, everywhere)")
+    ap.add_argument("--places", type=int, default=PLACES, help="install the first N places' "
+                    "heads only (1: a read at the answer's first token alone)")
     args = ap.parse_args()
     SC.R, SC.REST, SC.PLACES = R, R - 1, PLACES
     FGR.configure(R, 1, HEADS)
     FA.R = R
     if args.from_fit:
         return install(args.src, args.dst, torch.load(args.from_fit), args.gains,
-                       args.first_place_scale)
+                       args.first_place_scale, args.places)
     tok, _, words, _, rt = copy_runtime(args.base)
     train, held = FGR.load_chats(args.cache, tok, words, more_templates=True)
     train = train[:args.chats]
@@ -148,15 +150,16 @@ def main():
                   flush=True)
         del gx
     torch.save(fits, f"{args.dst}.fit.pt")
-    install(args.src, args.dst, fits, args.gains, args.first_place_scale)
+    install(args.src, args.dst, fits, args.gains, args.first_place_scale, args.places)
 
 
-def install(src: str, dst: str, fits: dict, gains: list[float], first_place_scale: bool):
+def install(src: str, dst: str, fits: dict, gains: list[float], first_place_scale: bool,
+            places: int = PLACES):
     for gain in gains:
         adapter = load_adapter(src)
         with torch.no_grad():
             for li, fl in fits.items():
-                for p, f in enumerate(fl):
+                for p, f in enumerate(fl[:places]):
                     if first_place_scale:
                         f = {**f, "rel": fl[0]["rel"]}
                     cols = slice((BASE_HEADS + p * HEADS) * R, (BASE_HEADS + (p + 1) * HEADS) * R)
