@@ -240,9 +240,8 @@ def _leave_out_zero_rows(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
     out = {}
     for k, t in tensors.items():
         ax = _memory_axis(k)
-        other = [d for d in range(t.dim()) if d != ax]
-        nonzero = (t != 0).any(dim=other) if other else t != 0
-        if t.dim() == 0 or bool(nonzero.all()) or t.numel() <= 2 * t.shape[ax]:
+        nonzero = (t != 0).any(dim=1 - ax) if t.dim() == 2 else None
+        if nonzero is None or bool(nonzero.all()):  # biases are kept whole: rows cost more
             out[k] = t
             continue
         rows = nonzero.nonzero().flatten()

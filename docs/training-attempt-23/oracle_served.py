@@ -291,18 +291,18 @@ def main():
     mods = {li: rt.adapter.module.layer(li) for li in COPY_LAYERS}
     COPY = copy_columns(c.rank)
     with torch.no_grad():
-        bdir = {li: mods[li].b_o.weight[:, COPY] / mods[li].b_o.weight[:, COPY][:, 0].norm()
-                for li in COPY_LAYERS}
-        wv = {li: mods[li].w_v.weight[COPY][:args.value_dims].clone() for li in COPY_LAYERS}
-        bdir = {li: b[:, :args.value_dims] for li, b in bdir.items()}
-        # attempt 27 (--group-values): group g's copy head is the g-th of the copy heads, with
-        # its own values, read-out (normalised apart: each has its own |m|/|v|) and write side
+        # the copy heads' values (first --value-dims rows) and read-out directions, one pair a
+        # group with --group-values (attempt 27: group g's heads are the g-th N of the copy
+        # heads, normalised apart: each has its own |m|/|v|), else one for all copy heads
         per = c.rank * args.group_values or COPY.stop - COPY.start
         n_g = args.groups if args.group_values else 1
         gcols = [slice(COPY.start + g * per, COPY.start + (g + 1) * per) for g in range(n_g)]
-        wv_g = {li: [mods[li].w_v.weight[cc].clone() for cc in gcols] for li in COPY_LAYERS}
-        bdir_g = {li: [mods[li].b_o.weight[:, cc] / mods[li].b_o.weight[:, cc][:, 0].norm()
-                       for cc in gcols] for li in COPY_LAYERS}
+        wv_g = {li: [mods[li].w_v.weight[cc][:args.value_dims].clone() for cc in gcols]
+                for li in COPY_LAYERS}
+        bdir_g = {li: [(mods[li].b_o.weight[:, cc] / mods[li].b_o.weight[:, cc][:, 0].norm())
+                       [:, :args.value_dims] for cc in gcols] for li in COPY_LAYERS}
+        wv = {li: v[0] for li, v in wv_g.items()}
+        bdir = {li: b[0] for li, b in bdir_g.items()}
         # attempt 26: the copy heads' own write side (one head's rows; the copy heads share it)
         fitted = {li: [{"wk": mods[li].w_k.weight[cc][:c.rank].clone(),
                         "wq": mods[li].w_q.weight[cc][:c.rank].clone(),
@@ -385,8 +385,7 @@ def main():
                         if args.ideal_slots is not None:
                             g = (slots.index(fact_of[ans].slot) % args.groups
                                  if args.group_values else 0)
-                            vals = ideal_reads(wv_g[li][g] if args.group_values else wv[li],
-                                               hx[li], tok, full, facts,
+                            vals = ideal_reads(wv_g[li][g], hx[li], tok, full, facts,
                                                fact_of[ans], args.groups, args.ideal_slots,
                                                args.ideal_cont, args.ideal_keys, steps,
                                                args.ideal_dims,
@@ -398,10 +397,8 @@ def main():
                                                 "state_only": bool(args.fitted_read),
                                                 "ideal_gate": args.ideal_gate}
                                                if fitted else None)
-                            inject_at[li] = (bdir_g[li][g] if args.group_values else bdir[li],
-                                             vals)
-                            if args.fitted_read:
-                                inject_at[li] = (bdir_g[li][g], vals, fitted[li][g]["wq"])
+                            inject_at[li] = (bdir_g[li][g], vals, *(
+                                [fitted[li][g]["wq"]] if args.fitted_read else []))
                             continue
                         if args.bag is not None:
                             mix = vals[0]

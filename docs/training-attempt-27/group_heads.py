@@ -49,6 +49,16 @@ def layer_rows(rt, train, held, li: int, other_frac: float):
     return tr, he, FGR.BatchG(held, li), ov, torch.cat([tr.hx, tr.rx])
 
 
+def values_and_gate(tr, gx, ov, own, n_dirs: int, args):
+    """A head group's values and gate from the train rows `own` marks as its value tokens:
+    the top n_dirs directions of OV_L x there (the read-out's basis, and W_v = basis · OV_L),
+    and the hinge gate (role_keys.fit_gate_hinge) with every other row a negative."""
+    basis = torch.linalg.svd(tr.hx[own] @ ov.T, full_matrices=False)[2][:n_dirs]
+    gy = torch.cat([own, torch.zeros(len(tr.rx), dtype=torch.bool)])
+    wb, bb = RK.fit_gate_hinge(gx, gy, args.gate_lam, args.beta, args.neg_beta)
+    return {"wv": (basis @ ov).float(), "basis": basis.float(), "wb": wb, "bb": bb}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("src", help="the shipped adapter widened to rank 16 with 6 heads")
@@ -103,18 +113,15 @@ def main():
         for g in range(SC.GROUPS):
             t0 = time.time()
             mine = RK.group_kinds(g)
-            own = torch.isin(tr.hs, mine)
-            basis = torch.linalg.svd(tr.hx[own] @ ov.T, full_matrices=False)[2][:n_dirs]
-            gy = torch.cat([own, torch.zeros(len(tr.rx), dtype=torch.bool)])
-            wb, bb = RK.fit_gate_hinge(gx, gy, args.gate_lam, args.beta, args.neg_beta)
+            f = values_and_gate(tr, gx, ov, torch.isin(tr.hs, mine), n_dirs, args)
             wk, wq, k_acc, q_acc, (rest_on, rest_off) = RK.fit_layer(
                 tr, he, g, args.lam, args.hot_key, args.hot_query)
-            f = {"wk": wk, "wq": wq, "wb": wb.float(), "bb": bb, "wv": (basis @ ov).float(),
-                 "basis": basis.float(), "k_acc": k_acc, "q_acc": q_acc, "group": g}
+            f.update(wk=wk, wq=wq, k_acc=k_acc, q_acc=q_acc, group=g)
             rel, acc, far, back = SC.measure(f, hb, li, g)
             fits[g]["layers"][li] = {**f, "rel": rel}
             beta = torch.sigmoid(he.hx.float() @ f["wb"] + f["bb"])
-            b_own, b_other = beta[torch.isin(he.hs, mine)], beta[~torch.isin(he.hs, mine)]
+            held_own = torch.isin(he.hs, mine)
+            b_own, b_other = beta[held_own], beta[~held_own]
             print(f"layer {li} group {g}: held-out key role {k_acc:.3f}, query role "
                   f"{q_acc:.3f} (rest² on the answer {rest_on:.2f}, off it {rest_off:.3f}); "
                   f"β median on held-out values {float(b_own.median()):.3f} (10-90%: "

@@ -31,13 +31,10 @@ import fit_address as FA
 import fit_groups as FGR
 import fit_served as FS
 import group_heads as GH
-import role_keys as RK
 import slot_codes as SC
 import torch
 import torch.nn.functional as F
-from program_copy import BASE_HEADS, copy_runtime
-
-from deltamem.adapter import load_adapter, save_adapter
+from program_copy import copy_runtime
 
 R = 16
 PLACES = 3  # first token, second, later
@@ -101,8 +98,7 @@ def main():
                     "heads only (1: a read at the answer's first token alone)")
     args = ap.parse_args()
     SC.R, SC.REST, SC.PLACES = R, R - 1, PLACES
-    FGR.configure(R, 1, HEADS)
-    FA.R = R
+    FGR.configure(R, PLACES, HEADS)  # a place's heads from 4 + p · HEADS, as a group's
     if args.from_fit:
         return install(args.src, args.dst, torch.load(args.from_fit), args.gains,
                        args.first_place_scale, args.places)
@@ -117,17 +113,13 @@ def main():
         fits[li] = []
         for p in range(PLACES):
             t0 = time.time()
-            own = (tr.hs >= 0) & (place == p)
-            basis = torch.linalg.svd(tr.hx[own] @ ov.T, full_matrices=False)[2][:HEADS * R]
-            gy = torch.cat([own, torch.zeros(len(tr.rx), dtype=torch.bool)])
-            wb, bb = RK.fit_gate_hinge(gx, gy, args.gate_lam, args.beta, args.neg_beta)
+            f = GH.values_and_gate(tr, gx, ov, (tr.hs >= 0) & (place == p), HEADS * R, args)
             wk, wq, k_acc, q_acc, (rest_mine, rest_other, rest_off) = fit_layer(
                 tr, he, p, args.lam, args.hot_key, args.hot_query)
-            f = {"wk": wk, "wq": wq, "wb": wb, "bb": bb, "wv": (basis @ ov).float(),
-                 "basis": basis.float()}
+            f.update(wk=wk, wq=wq)
             # |m|/|v| of the held-out reads at the answer token of this place (the read-out's
             # scale: the gain is relative to a full copy at that median)
-            addr = FA.Addressing(wk, wq, f["wb"], bb, torch.eye(wk.shape[1]))
+            addr = FA.Addressing(wk, wq, f["wb"], f["bb"], torch.eye(wk.shape[1]))
             with torch.no_grad():
                 _, _, v, state = FA.write(addr, f["wv"], hb)
                 reads, _ = FA.read(addr, f["wv"], hb, state)
@@ -155,21 +147,15 @@ def main():
 
 def install(src: str, dst: str, fits: dict, gains: list[float], first_place_scale: bool,
             places: int = PLACES):
+    """Each place's fits as fit_groups.install_fits' group p (heads from 4 + p · HEADS), one
+    adapter DST_gG a gain."""
+    groups = [{"group": p, "layers": {
+        li: {**fl[p], "rel": fl[0]["rel"]} if first_place_scale else fl[p]
+        for li, fl in fits.items()}} for p in range(places)]
     for gain in gains:
-        adapter = load_adapter(src)
-        with torch.no_grad():
-            for li, fl in fits.items():
-                for p, f in enumerate(fl[:places]):
-                    if first_place_scale:
-                        f = {**f, "rel": fl[0]["rel"]}
-                    cols = slice((BASE_HEADS + p * HEADS) * R, (BASE_HEADS + (p + 1) * HEADS) * R)
-                    FA.install_heads(adapter.module.layer(li), f, cols, HEADS, R, gain,
-                                     adapter.config.scale)
-        save_adapter(adapter, f"{dst}_g{gain}", {
-            "programmed": "copy heads by token place (4 a place), keyed by fact kind, queries "
-                          "by kind plus a rest for other places (docs/training-attempt-27)"},
-            dtype=torch.float16)
-        print("saved", f"{dst}_g{gain}")
+        FGR.install_fits(src, f"{dst}_g{gain}", groups, gain,
+                         "copy heads by token place (4 a place), keyed by fact kind, queries "
+                         "by kind plus a rest for other places (docs/training-attempt-27)")
 
 
 if __name__ == "__main__":
