@@ -1,0 +1,329 @@
+"""Attempt 28: the copy heads trained by gradient through the served answer's loss, on the CPU.
+
+Attempts 20-27 fitted the copy heads (layers 16-23, heads 4-11 of the shipped adapter) to
+surrogates: the read at the answer must point at the asked value's v̂, or name its (kind,
+place) code. Attempt 27's oracles put the loss in the keys and queries, which a linear map of
+x realises only in part, and proposed learning them end to end instead. That was thought to
+need a GPU. It does not if the parts that the copy heads barely move are cached once:
+
+- the served turn flow of each train chat is replayed in the HF runtime with the shipped
+  adapter (server.sessions.plan_turn / finish_turn, W = 256, as diagnose.py), keeping x of
+  layers 16-23 over every written token;
+- per question, the served prompt minus its last token is run once and kept: its KV cache
+  (float16), the state after it, and x of its written tokens (the question);
+- a step recomputes, for the copy heads only, the state at the answer from the cached x with
+  the current W_k, W_q, W_β (and optionally W_v, B_o's copy columns), puts it beside the
+  cached state of the other heads, and runs the tail (the prompt's last token, " " + value,
+  <|im_end|>) on the cached KV through all 30 layers; the loss is cross-entropy on the
+  answer's tokens and <|im_end|>, so the gradient reaches the copy heads through their reads
+  at the answer and every layer above.
+
+What the cache freezes: x at the written tokens and the prompt's KV depend on the copy heads'
+reads there, which attempt 20's queries keep at rest off the answer; the replay
+(diagnose.py) is the check that serves the trained heads for real.
+
+The held-out measure is teacher-forced: a far question (its value's last mention more than W
+written tokens before the question) counts when every answer token and <|im_end|> is the
+argmax. A one-off (not project code).
+
+    PYTHONPATH=.:docs/training-attempt-18:docs/training-attempt-19:docs/training-attempt-20:docs/training-attempt-21:docs/training-attempt-22 \
+        .venv/bin/python docs/training-attempt-28/e2e_copy.py collect --split train --start 0 --n 40 --cache /tmp/att28
+    ... e2e_copy.py train IN OUT --cache /tmp/att28 --train-blocks 0:40 40:80 --held-block 0:32
+"""
+
+import argparse
+import copy
+import glob
+import random
+import time
+
+import fit_address as FA
+import program_memory as P
+import torch
+import torch.nn.functional as F
+from diagnose import replay_history
+from program_copy import copy_columns
+from transformers import AutoTokenizer, DynamicCache
+
+from deltamem import data as D
+from deltamem import evaluate as E
+from deltamem import scan
+from deltamem.adapter import load_adapter, save_adapter
+from deltamem.hf_runtime import DeltaMemHF
+from deltamem.model_fetch import resolve_model
+from memory_store import StateIdentity
+from server.sessions import ChatFormat, plan_turn
+
+WINDOW = 256
+LAYERS = list(range(16, 24))
+R = 8
+COPY = copy_columns(R)  # rows 32:96 of W_q/W_k/W_v/W_β, columns of B_o
+H0, H1 = COPY.start // R, COPY.stop // R  # copy heads 4..11
+
+
+def runtime(adapter: str):
+    scan.USE_CPU_KERNEL = False
+    torch.manual_seed(0)
+    md = resolve_model(None)
+    tok = AutoTokenizer.from_pretrained(md)
+    rt = DeltaMemHF.from_pretrained(md, adapter=load_adapter(adapter))
+    c = rt.adapter.config
+    ident = StateIdentity("b", "a", len(c.layers), c.num_state_heads, c.rank)
+    return tok, rt, ChatFormat(tok), ident
+
+
+def collect(args):
+    tok, rt, fmt, ident = runtime(args.adapter)
+    words = D.copy_word_lists(list(tok.get_vocab()))
+    xs = {}
+
+    def keep(li):  # x of the last forward, as w_beta reads it
+        def hook(mod, inp, out):
+            xs[li] = inp[0].detach()[0]
+        return hook
+
+    for li in LAYERS:
+        rt.adapter.module.layer(li).w_beta.register_forward_hook(keep(li))
+    pool, questions = FA.chat_source(args.split, args.more_templates)
+    chats = []
+    t0 = time.time()
+    for ci in range(args.start, args.start + args.n):
+        rng = random.Random(f"att28:{args.split}:{ci}")
+        conv = FA.fit_conversation(rng, pool, words, args.split, ci)
+        turns = E.session_turns({"conversation": D.locomo_layout(conv)[0]})
+        with torch.no_grad():
+            rec, hx = replay_history(rt, fmt, ident, turns, WINDOW, xs, LAYERS)
+        ids = rec.transcript[:rec.tokens_absorbed]
+        qs = []
+        for fact in conv.facts:
+            spans = P.value_spans(tok, ids, [fact.value])
+            if not spans:
+                continue
+            question = rng.choice(questions(fact.slot)).format(p=fact.person)
+            plan = plan_turn(fmt, copy.deepcopy(rec), [{"role": "user", "content": question}],
+                             WINDOW, 8192, 16)
+            answer = tok(D.ANSWER_PREFIX + fact.value, add_special_tokens=False).input_ids
+            n = len(plan.prompt) - 1
+            cache = DynamicCache()
+            with torch.no_grad():
+                mask = (torch.arange(n) >= plan.write_start)[None]
+                _, state, _ = rt.forward(torch.tensor([plan.prompt[:n]]),
+                                         plan.initial_state[None], mask, past_key_values=cache)
+            kv = [(lay.keys.half(), lay.values.half()) for lay in cache.layers]
+            qs.append({"kv": kv, "state": state[0], "n": n,
+                       "px": {li: xs[li][plan.write_start:n].half() for li in LAYERS},
+                       "tail": [plan.prompt[-1], *answer, fmt.im_end],
+                       "far": len(ids) - spans[-1][0] > WINDOW,
+                       "category": fact.category, "answer": fact.value})
+        chats.append({"hx": {li: x.half() for li, x in hx.items()}, "qs": qs})
+        print(f"  {args.split} chat {ci}: {len(ids)} tokens, {len(qs)} questions "
+              f"({sum(q['far'] for q in qs)} far), {time.time() - t0:.0f} s", flush=True)
+    path = f"{args.cache}_{args.split}_{args.start}_{args.n}.pt"
+    torch.save(chats, path)
+    print("saved", path)
+
+
+def trainable(rt, parts: str):
+    """The copy heads' parameters that train, as (module weight, its rows or columns)."""
+    out = []
+    for li in LAYERS:
+        m = rt.adapter.module.layer(li)
+        if "k" in parts:
+            out.append((m.w_k.weight, 0))
+        if "q" in parts:
+            out.append((m.w_q.weight, 0))
+        if "b" in parts:
+            out += [(m.w_beta.weight, 0), (m.w_beta.bias, 0)]
+        if "v" in parts:
+            out.append((m.w_v.weight, 0))
+        if "o" in parts:
+            out.append((m.b_o.weight, 1))
+    return out
+
+
+def copy_states(rt, chat, q):
+    """The copy heads' state (8 layers, 8 heads, r, r) after the history and the question's
+    written tokens, from the cached x with the current weights (differentiable), and the
+    mean squared norm of their read-out Δo over those tokens: what the copy heads add to the
+    residual stream off the answer, which the cache holds fixed."""
+    out, off = [], 0.0
+    for li in LAYERS:
+        m = rt.adapter.module.layer(li)
+        x = torch.cat([chat["hx"][li], q["px"][li]]).float()[None]
+        p = m.project(x)
+        sl = slice(H0, H1)
+        s0 = x.new_zeros(1, H1 - H0, R, R)
+        reads, s = scan.delta_rule_scan(p.q[:, :, sl], p.k[:, :, sl], p.v[:, :, sl],
+                                        p.beta[:, :, sl], s0)
+        do = m.cfg.scale * reads[0].flatten(-2) @ m.b_o.weight[:, COPY].T
+        off = off + do.square().sum(-1).mean() / len(LAYERS)
+        out.append(s[0])
+    return out, off
+
+
+def tail_loss(rt, chat, q, slots, grad: bool):
+    """Cross-entropy of the answer's tokens and <|im_end|> given the cached prompt, whether
+    every one of them is the argmax, whether the first is, and copy_states' off-answer Δo."""
+    states, off = copy_states(rt, chat, q)
+    full = q["state"].clone()
+    for li, s in zip(LAYERS, states, strict=True):
+        full[slots[li], H0:H1] = s
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(q["kv"]):
+        cache.update(k.float(), v.float(), i)
+    ids = torch.tensor([q["tail"]])
+    T = ids.shape[1]
+    with torch.set_grad_enabled(grad):  # positions follow the cache's length
+        logits, _, _ = rt.forward(ids, full[None], torch.ones(1, T, dtype=torch.bool),
+                                  past_key_values=cache)
+    lg = logits[0, :-1]
+    tgt = ids[0, 1:]
+    ce = F.cross_entropy(lg, tgt)
+    return ce, bool((lg.argmax(-1) == tgt).all()), int(lg[0].argmax() == tgt[0]), off
+
+
+def load_blocks(prefix, split, specs):
+    chats = []
+    for s in specs:
+        a, b = map(int, s.split(":"))
+        chats += torch.load(f"{prefix}_{split}_{a}_{b - a}.pt")
+    return chats
+
+
+def evaluate(rt, chats, slots):
+    far_ok = far_first = far = near_ok = near = 0
+    ce_far = off_sum = 0.0
+    with torch.no_grad():
+        for c in chats:
+            for q in c["qs"]:
+                ce, ok, first, off = tail_loss(rt, c, q, slots, False)
+                off_sum += float(off)
+                if q["far"]:
+                    far += 1
+                    far_ok += ok
+                    far_first += first
+                    ce_far += float(ce)
+                else:
+                    near += 1
+                    near_ok += ok
+    return {"far": far, "far_exact": far_ok, "far_first": far_first,
+            "far_ce": round(ce_far / max(far, 1), 4), "near": near, "near_exact": near_ok,
+            "off_answer_do2": round(off_sum / max(far + near, 1), 5)}
+
+
+def train(args):
+    tok, rt, fmt, ident = runtime(args.adapter)
+    c = rt.adapter.config
+    slots = {li: c.layers.index(li) for li in LAYERS}
+    train_chats = load_blocks(args.cache, "train", args.train_blocks)
+    held = load_blocks(args.cache, "heldout", args.held_blocks)
+    if args.held_far_only:  # the measure that matters, at 40% of the cost
+        held = [{**c, "qs": [q for q in c["qs"] if q["far"]]} for c in held]
+    qs = [(ci, qi) for ci, ch in enumerate(train_chats) for qi, q in enumerate(ch["qs"])
+          if q["far"] or not args.far_only]
+    print(f"{len(train_chats)} train chats, {len(qs)} questions; {len(held)} held-out chats",
+          flush=True)
+    for w in rt.adapter.module.parameters():
+        w.requires_grad_(False)
+    params = trainable(rt, args.parts)
+    for w, _ in params:
+        w.requires_grad_(True)
+    init = [w.detach().clone() for w, _ in params]
+    opt = torch.optim.Adam([w for w, _ in params], lr=args.lr)
+    res = evaluate(rt, held, slots)
+    print(f"step 0: held {res}", flush=True)
+    # The copy heads' read-out off the answer, relative to the source adapter's (whose queries
+    # rest there), is penalised: the cached history and prompt KV assume it stays small, and
+    # served, it feeds every later layer.
+    off0 = res["off_answer_do2"]
+    best = (res["far_exact"], -res["far_ce"])
+    rng = random.Random(0)
+    t0 = time.time()
+    step = 0
+    for epoch in range(args.epochs):
+        rng.shuffle(qs)
+        for i in range(0, len(qs), args.batch):
+            opt.zero_grad()
+            tot = tot_rest = 0.0
+            for ci, qi in qs[i:i + args.batch]:
+                ce, _, _, off = tail_loss(rt, train_chats[ci], train_chats[ci]["qs"][qi],
+                                          slots, True)
+                rest = off / off0
+                ((ce + args.rest * rest) / args.batch).backward()
+                tot_rest += float(rest.detach())
+                tot += float(ce.detach())
+            with torch.no_grad():
+                for (w, axis), w0 in zip(params, init, strict=True):
+                    g = w.grad
+                    keep = torch.zeros_like(g, dtype=torch.bool)
+                    if axis == 0:
+                        keep[COPY] = True
+                    else:
+                        keep[:, COPY] = True
+                    g[~keep] = 0
+                    if args.l2:
+                        g += args.l2 * (w - w0) * keep
+            opt.step()
+            step += 1
+            if step % args.log == 0:
+                print(f"epoch {epoch} step {step}: train ce {tot / args.batch:.3f} "
+                      f"rest {tot_rest / args.batch:.3f} "
+                      f"({time.time() - t0:.0f} s)", flush=True)
+            if step % args.eval_every == 0:
+                res = evaluate(rt, held, slots)
+                print(f"step {step}: held {res}", flush=True)
+                key = (res["far_exact"], -res["far_ce"])
+                if key > best:
+                    best = key
+                    save(rt, params, args.out, step, res)
+    res = evaluate(rt, held, slots)
+    print(f"end, step {step}: held {res}", flush=True)
+    if (res["far_exact"], -res["far_ce"]) > best or not glob.glob(args.out + "/*"):
+        save(rt, params, args.out, step, res)
+
+
+def save(rt, params, out, step, res):
+    for w, _ in params:
+        w.requires_grad_(False)
+    save_adapter(rt.adapter, out, {"trained": f"attempt 28: copy heads by gradient through "
+                                              f"the served answer loss, step {step}, held {res}"},
+                 dtype=torch.float16)
+    for w, _ in params:
+        w.requires_grad_(True)
+    print("saved", out, "at step", step, flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("collect")
+    c.add_argument("--adapter", default="deltamem/adapters/smollm2-135m-instruct")
+    c.add_argument("--split", default="train")
+    c.add_argument("--start", type=int, default=0)
+    c.add_argument("--n", type=int, default=20)
+    c.add_argument("--more-templates", action="store_true")
+    c.add_argument("--cache", default="/tmp/att28")
+    t = sub.add_parser("train")
+    t.add_argument("--adapter", default="deltamem/adapters/smollm2-135m-instruct")
+    t.add_argument("--out", required=True)
+    t.add_argument("--cache", default="/tmp/att28")
+    t.add_argument("--train-blocks", nargs="+", required=True)
+    t.add_argument("--held-blocks", nargs="+", required=True)
+    t.add_argument("--parts", default="kqb", help="which copy-head weights train: k q b v o")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--l2", type=float, default=0.0)
+    t.add_argument("--rest", type=float, default=1.0,
+                   help="weight of the off-answer read-out (mean |Δo|², over the source's)")
+    t.add_argument("--batch", type=int, default=16)
+    t.add_argument("--epochs", type=int, default=3)
+    t.add_argument("--log", type=int, default=5)
+    t.add_argument("--eval-every", type=int, default=20)
+    t.add_argument("--far-only", action="store_true", help="train on far questions only")
+    t.add_argument("--held-far-only", action="store_true",
+                   help="measure the far held-out questions only")
+    args = ap.parse_args()
+    collect(args) if args.cmd == "collect" else train(args)
+
+
+if __name__ == "__main__":
+    main()
