@@ -12,23 +12,29 @@ need a GPU. It does not if the parts that the copy heads barely move are cached 
 - per question, the served prompt minus its last token is run once and kept: its KV cache
   (float16), the state after it, and x of its written tokens (the question);
 - a step recomputes, for the copy heads only, the state at the answer from the cached x with
-  the current W_k, W_q, W_β (and optionally W_v, B_o's copy columns), puts it beside the
+  the current weights (--parts: W_k, W_q, W_β, and W_v, B_o's copy columns), puts it beside the
   cached state of the other heads, and runs the tail (the prompt's last token, " " + value,
   <|im_end|>) on the cached KV through all 30 layers; the loss is cross-entropy on the
   answer's tokens and <|im_end|>, so the gradient reaches the copy heads through their reads
   at the answer and every layer above.
 
 What the cache freezes: x at the written tokens and the prompt's KV depend on the copy heads'
-reads there, which attempt 20's queries keep at rest off the answer; the replay
-(diagnose.py) is the check that serves the trained heads for real.
+reads there. So the loss adds --rest times the copy read-out's mean |Δo|² over the written
+tokens, relative to the source adapter's on the held-out questions (without it, run 2 of the
+README, the served history moved). The replay (diagnose.py) is the check that serves the
+trained heads for real.
 
 The held-out measure is teacher-forced: a far question (its value's last mention more than W
 written tokens before the question) counts when every answer token and <|im_end|> is the
 argmax. A one-off (not project code).
 
     PYTHONPATH=.:docs/training-attempt-18:docs/training-attempt-19:docs/training-attempt-20:docs/training-attempt-21:docs/training-attempt-22 \
-        .venv/bin/python docs/training-attempt-28/e2e_copy.py collect --split train --start 0 --n 40 --cache /tmp/att28
-    ... e2e_copy.py train IN OUT --cache /tmp/att28 --train-blocks 0:40 40:80 --held-block 0:32
+        .venv/bin/python docs/training-attempt-28/e2e_copy.py collect --split train --start 0 --n 20 \
+        --more-templates --cache /tmp/att28
+    ... e2e_copy.py train --out OUT --cache /tmp/att28 --train-blocks 0:20 20:40 \
+        --held-blocks 0:16 16:32 --held-far-only --parts kqbo
+
+The runs of the record are in README.md (runs 1 and 2 predate --rest: --rest 0).
 """
 
 import argparse
@@ -218,7 +224,7 @@ def train(args):
     train_chats = load_blocks(args.cache, "train", args.train_blocks)
     held = load_blocks(args.cache, "heldout", args.held_blocks)
     if args.held_far_only:  # the measure that matters, at 40% of the cost
-        held = [{**c, "qs": [q for q in c["qs"] if q["far"]]} for c in held]
+        held = [{**ch, "qs": [q for q in ch["qs"] if q["far"]]} for ch in held]
     qs = [(ci, qi) for ci, ch in enumerate(train_chats) for qi, q in enumerate(ch["qs"])
           if q["far"] or not args.far_only]
     print(f"{len(train_chats)} train chats, {len(qs)} questions; {len(held)} held-out chats",
