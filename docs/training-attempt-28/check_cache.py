@@ -14,8 +14,7 @@ import random
 import e2e_copy as X
 import fit_address as FA
 import torch
-from diagnose import replay_history
-from transformers import DynamicCache
+from diagnose import keep_inputs, replay_history, replay_runtime
 
 from deltamem import data as D
 from deltamem import evaluate as E
@@ -23,12 +22,9 @@ from server.sessions import plan_turn
 
 
 def main():
-    tok, rt, fmt, ident = X.runtime("deltamem/adapters/smollm2-135m-instruct")
+    tok, rt, fmt, ident = replay_runtime("deltamem/adapters/smollm2-135m-instruct")
     words = D.copy_word_lists(list(tok.get_vocab()))
-    xs = {}
-    for li in X.LAYERS:
-        rt.adapter.module.layer(li).w_beta.register_forward_hook(
-            lambda m, i, o, li=li: xs.__setitem__(li, i[0].detach()[0]))
+    xs = keep_inputs(rt, X.LAYERS)
     pool, questions = FA.chat_source("heldout")
     conv = FA.fit_conversation(random.Random("att28:heldout:0"), pool, words, "heldout", 0)
     turns = E.session_turns({"conversation": D.locomo_layout(conv)[0]})
@@ -43,33 +39,18 @@ def main():
         ids = plan.prompt + answer + [fmt.im_end]
         mask = (torch.arange(len(ids)) >= plan.write_start)[None]
         full_logits, _, _ = rt.forward(torch.tensor([ids]), plan.initial_state[None], mask)
-        n = len(plan.prompt) - 1
-        cache = DynamicCache()
-        _, state, _ = rt.forward(torch.tensor([plan.prompt[:n]]), plan.initial_state[None],
-                                 mask[:, :n], past_key_values=cache)
-        q = {"kv": [(lay.keys.half(), lay.values.half()) for lay in cache.layers],
-             "state": state[0], "n": n, "tail": ids[n:],
-             "px": {li: xs[li][plan.write_start:n].half() for li in X.LAYERS}}
+        q = X.cache_question(rt, fmt, plan, answer, xs)
         chat = {"hx": {li: x.half() for li, x in hx.items()}}
         states, _ = X.copy_states(rt, chat, q)
         for li, s in zip(X.LAYERS, states, strict=True):
-            ref = state[0, slots[li], X.H0:X.H1]
+            ref = q["state"][slots[li], X.H0:X.H1]
             print(f"layer {li}: copy state relative error {float((s - ref).norm() / ref.norm()):.2e}")
         _, ok, _, _ = X.tail_loss(rt, chat, q, slots, False)
-        # the tail's logits themselves, as tail_loss computes them
-        full = q["state"].clone()
-        for li, s in zip(X.LAYERS, states, strict=True):
-            full[slots[li], X.H0:X.H1] = s
-        cache = DynamicCache()
-        for i, (k, v) in enumerate(q["kv"]):
-            cache.update(k.float(), v.float(), i)
-        tail = torch.tensor([q["tail"]])
-        tail_logits, _, _ = rt.forward(tail, full[None], torch.ones_like(tail, dtype=torch.bool),
-                                       past_key_values=cache)
-        ref = full_logits[0, n:]
-        print(f"tail logits: max |Δ| {float((tail_logits[0] - ref).abs().max()):.4f} "
+        tail_logits, _ = X.tail_logits(rt, chat, q, slots)
+        ref = full_logits[0, q["n"]:]
+        print(f"tail logits: max |Δ| {float((tail_logits - ref).abs().max()):.4f} "
               f"(largest logit {float(ref.abs().max()):.1f}); same argmax "
-              f"{bool((tail_logits[0].argmax(-1) == ref.argmax(-1)).all())}; answer exact {ok}")
+              f"{bool((tail_logits.argmax(-1) == ref.argmax(-1)).all())}; answer exact {ok}")
 
 
 if __name__ == "__main__":

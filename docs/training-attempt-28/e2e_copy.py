@@ -47,18 +47,15 @@ import fit_address as FA
 import program_memory as P
 import torch
 import torch.nn.functional as F
-from diagnose import replay_history
+from diagnose import keep_inputs, replay_history, replay_runtime
 from program_copy import copy_columns
-from transformers import AutoTokenizer, DynamicCache
+from transformers import DynamicCache
 
 from deltamem import data as D
 from deltamem import evaluate as E
 from deltamem import scan
-from deltamem.adapter import load_adapter, save_adapter
-from deltamem.hf_runtime import DeltaMemHF
-from deltamem.model_fetch import resolve_model
-from memory_store import StateIdentity
-from server.sessions import ChatFormat, plan_turn
+from deltamem.adapter import save_adapter
+from server.sessions import plan_turn
 
 WINDOW = 256
 LAYERS = list(range(16, 24))
@@ -67,29 +64,27 @@ COPY = copy_columns(R)  # rows 32:96 of W_q/W_k/W_v/W_β, columns of B_o
 H0, H1 = COPY.start // R, COPY.stop // R  # copy heads 4..11
 
 
-def runtime(adapter: str):
-    scan.USE_CPU_KERNEL = False
-    torch.manual_seed(0)
-    md = resolve_model(None)
-    tok = AutoTokenizer.from_pretrained(md)
-    rt = DeltaMemHF.from_pretrained(md, adapter=load_adapter(adapter))
-    c = rt.adapter.config
-    ident = StateIdentity("b", "a", len(c.layers), c.num_state_heads, c.rank)
-    return tok, rt, ChatFormat(tok), ident
+@torch.no_grad()
+def cache_question(rt, fmt, plan, answer: list[int], xs: dict) -> dict:
+    """A question's cached prompt: the served prompt minus its last token run once from the
+    session's state (xs filled by diagnose.keep_inputs), keeping its KV (float16), the state
+    after it, x of its written tokens, and the tail a step runs (the prompt's last token, the
+    answer, <|im_end|>)."""
+    n = len(plan.prompt) - 1
+    cache = DynamicCache()
+    mask = (torch.arange(n) >= plan.write_start)[None]
+    _, state, _ = rt.forward(torch.tensor([plan.prompt[:n]]), plan.initial_state[None], mask,
+                             past_key_values=cache)
+    return {"kv": [(lay.keys.half(), lay.values.half()) for lay in cache.layers],
+            "state": state[0], "n": n,
+            "px": {li: xs[li][plan.write_start:n].half() for li in LAYERS},
+            "tail": [plan.prompt[-1], *answer, fmt.im_end]}
 
 
 def collect(args):
-    tok, rt, fmt, ident = runtime(args.adapter)
+    tok, rt, fmt, ident = replay_runtime(args.adapter)
     words = D.copy_word_lists(list(tok.get_vocab()))
-    xs = {}
-
-    def keep(li):  # x of the last forward, as w_beta reads it
-        def hook(mod, inp, out):
-            xs[li] = inp[0].detach()[0]
-        return hook
-
-    for li in LAYERS:
-        rt.adapter.module.layer(li).w_beta.register_forward_hook(keep(li))
+    xs = keep_inputs(rt, LAYERS)
     pool, questions = FA.chat_source(args.split, args.more_templates)
     chats = []
     t0 = time.time()
@@ -109,16 +104,7 @@ def collect(args):
             plan = plan_turn(fmt, copy.deepcopy(rec), [{"role": "user", "content": question}],
                              WINDOW, 8192, 16)
             answer = tok(D.ANSWER_PREFIX + fact.value, add_special_tokens=False).input_ids
-            n = len(plan.prompt) - 1
-            cache = DynamicCache()
-            with torch.no_grad():
-                mask = (torch.arange(n) >= plan.write_start)[None]
-                _, state, _ = rt.forward(torch.tensor([plan.prompt[:n]]),
-                                         plan.initial_state[None], mask, past_key_values=cache)
-            kv = [(lay.keys.half(), lay.values.half()) for lay in cache.layers]
-            qs.append({"kv": kv, "state": state[0], "n": n,
-                       "px": {li: xs[li][plan.write_start:n].half() for li in LAYERS},
-                       "tail": [plan.prompt[-1], *answer, fmt.im_end],
+            qs.append({**cache_question(rt, fmt, plan, answer, xs),
                        "far": len(ids) - spans[-1][0] > WINDOW,
                        "category": fact.category, "answer": fact.value})
         chats.append({"hx": {li: x.half() for li, x in hx.items()}, "qs": qs})
@@ -167,9 +153,9 @@ def copy_states(rt, chat, q):
     return out, off
 
 
-def tail_loss(rt, chat, q, slots, grad: bool):
-    """Cross-entropy of the answer's tokens and <|im_end|> given the cached prompt, whether
-    every one of them is the argmax, whether the first is, and copy_states' off-answer Δo."""
+def tail_logits(rt, chat, q, slots):
+    """The tail's logits on the cached prompt, with the copy heads' state recomputed (the
+    other heads' as cached), and copy_states' off-answer Δo. Differentiable when grad is on."""
     states, off = copy_states(rt, chat, q)
     full = q["state"].clone()
     for li, s in zip(LAYERS, states, strict=True):
@@ -177,13 +163,19 @@ def tail_loss(rt, chat, q, slots, grad: bool):
     cache = DynamicCache()
     for i, (k, v) in enumerate(q["kv"]):
         cache.update(k.float(), v.float(), i)
-    ids = torch.tensor([q["tail"]])
-    T = ids.shape[1]
-    with torch.set_grad_enabled(grad):  # positions follow the cache's length
-        logits, _, _ = rt.forward(ids, full[None], torch.ones(1, T, dtype=torch.bool),
-                                  past_key_values=cache)
-    lg = logits[0, :-1]
-    tgt = ids[0, 1:]
+    ids = torch.tensor([q["tail"]])  # positions follow the cache's length
+    logits, _, _ = rt.forward(ids, full[None], torch.ones_like(ids, dtype=torch.bool),
+                              past_key_values=cache)
+    return logits[0], off
+
+
+def tail_loss(rt, chat, q, slots, grad: bool):
+    """Cross-entropy of the answer's tokens and <|im_end|> given the cached prompt, whether
+    every one of them is the argmax, whether the first is, and copy_states' off-answer Δo."""
+    with torch.set_grad_enabled(grad):
+        logits, off = tail_logits(rt, chat, q, slots)
+    lg = logits[:-1]
+    tgt = torch.tensor(q["tail"][1:])
     ce = F.cross_entropy(lg, tgt)
     return ce, bool((lg.argmax(-1) == tgt).all()), int(lg[0].argmax() == tgt[0]), off
 
@@ -218,15 +210,14 @@ def evaluate(rt, chats, slots):
 
 
 def train(args):
-    tok, rt, fmt, ident = runtime(args.adapter)
+    tok, rt, fmt, ident = replay_runtime(args.adapter)
     c = rt.adapter.config
     slots = {li: c.layers.index(li) for li in LAYERS}
     train_chats = load_blocks(args.cache, "train", args.train_blocks)
     held = load_blocks(args.cache, "heldout", args.held_blocks)
     if args.held_far_only:  # the measure that matters, at 40% of the cost
         held = [{**ch, "qs": [q for q in ch["qs"] if q["far"]]} for ch in held]
-    qs = [(ci, qi) for ci, ch in enumerate(train_chats) for qi, q in enumerate(ch["qs"])
-          if q["far"] or not args.far_only]
+    qs = [(ci, qi) for ci, ch in enumerate(train_chats) for qi in range(len(ch["qs"]))]
     print(f"{len(train_chats)} train chats, {len(qs)} questions; {len(held)} held-out chats",
           flush=True)
     for w in rt.adapter.module.parameters():
@@ -234,7 +225,6 @@ def train(args):
     params = trainable(rt, args.parts)
     for w, _ in params:
         w.requires_grad_(True)
-    init = [w.detach().clone() for w, _ in params]
     opt = torch.optim.Adam([w for w, _ in params], lr=args.lr)
     res = evaluate(rt, held, slots)
     print(f"step 0: held {res}", flush=True)
@@ -259,16 +249,13 @@ def train(args):
                 tot_rest += float(rest.detach())
                 tot += float(ce.detach())
             with torch.no_grad():
-                for (w, axis), w0 in zip(params, init, strict=True):
-                    g = w.grad
-                    keep = torch.zeros_like(g, dtype=torch.bool)
+                for w, axis in params:  # only the copy heads' rows (columns of B_o) move
+                    keep = torch.zeros_like(w.grad, dtype=torch.bool)
                     if axis == 0:
                         keep[COPY] = True
                     else:
                         keep[:, COPY] = True
-                    g[~keep] = 0
-                    if args.l2:
-                        g += args.l2 * (w - w0) * keep
+                    w.grad[~keep] = 0
             opt.step()
             step += 1
             if step % args.log == 0:
@@ -317,14 +304,12 @@ def main():
     t.add_argument("--held-blocks", nargs="+", required=True)
     t.add_argument("--parts", default="kqb", help="which copy-head weights train: k q b v o")
     t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--l2", type=float, default=0.0)
     t.add_argument("--rest", type=float, default=1.0,
                    help="weight of the off-answer read-out (mean |Δo|², over the source's)")
     t.add_argument("--batch", type=int, default=16)
     t.add_argument("--epochs", type=int, default=3)
     t.add_argument("--log", type=int, default=5)
     t.add_argument("--eval-every", type=int, default=20)
-    t.add_argument("--far-only", action="store_true", help="train on far questions only")
     t.add_argument("--held-far-only", action="store_true",
                    help="measure the far held-out questions only")
     args = ap.parse_args()
