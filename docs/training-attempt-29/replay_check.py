@@ -1,0 +1,55 @@
+"""Attempt 29: an adapter served in the HF runtime on what issue 6 measures, without a server:
+outside-window exact matches of the evaluation's δ-mem@W mode per held-out seed (as
+e2e_grouped.replay_exact), and the general-ability set asked sessionless as the evaluator
+does (the server's path for a request without a session: zero state, every token written).
+A one-off (not project code).
+
+    PYTHONPATH=<as e2e_grouped.py> .venv/bin/python docs/training-attempt-29/replay_check.py \\
+        --adapter A --seeds 1234 1235 1236 [--general]
+"""
+
+import argparse
+
+import torch
+from diagnose import keep_inputs, replay_runtime
+from e2e_copy import LAYERS
+from e2e_grouped import replay_exact
+
+from deltamem import evaluate as E
+from memory_store import SessionRecord
+from server.sessions import plan_turn
+
+
+@torch.no_grad()
+def general_ability(rt, fmt, ident) -> int:
+    ok = 0
+    eos = [fmt.im_end, fmt.tok.eos_token_id]
+    for q, a in E.GENERAL_SET:
+        plan = plan_turn(fmt, SessionRecord("ephemeral", "t", ident),
+                         [{"role": "user", "content": q}], -1, 8192, 24)
+        r = rt.run(plan.prompt, plan.initial_state, 0, 24, eos)
+        ok += bool(E.contains(fmt.decode(r.tokens), a))
+    return ok
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--adapter", default="deltamem/adapters/smollm2-135m-instruct")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235, 1236])
+    ap.add_argument("--general", action="store_true")
+    args = ap.parse_args()
+    _, rt, fmt, ident = replay_runtime(args.adapter)
+    xs = keep_inputs(rt, LAYERS)
+    total = 0
+    for seed in args.seeds:
+        ok, n = replay_exact(rt, fmt, ident, xs, [seed])
+        total += ok
+        print(f"{args.adapter} seed {seed}: outside W exact {ok} of {n}", flush=True)
+    print(f"{args.adapter}: outside W exact {total} over seeds {args.seeds}", flush=True)
+    if args.general:
+        print(f"{args.adapter}: general ability {general_ability(rt, fmt, ident)} of "
+              f"{len(E.GENERAL_SET)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
