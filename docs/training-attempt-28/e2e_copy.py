@@ -133,6 +133,28 @@ def trainable(rt, parts: str):
     return out
 
 
+def copy_scan(m, x, s0):
+    """The copy heads of layer module m over x (1, T, d) from state s0: their read-out Δo
+    (T, d) and the state after."""
+    p = m.project(x)
+    sl = slice(H0, H1)
+    reads, s = scan.delta_rule_scan(p.q[:, :, sl], p.k[:, :, sl], p.v[:, :, sl],
+                                    p.beta[:, :, sl], s0)
+    return m.cfg.scale * reads[0].flatten(-2) @ m.b_o.weight[:, COPY].T, s
+
+
+@torch.no_grad()
+def copy_grads_only(params):
+    """Zero the gradient outside the copy heads' rows (columns of B_o): only they move."""
+    for w, axis in params:
+        keep = torch.zeros_like(w.grad, dtype=torch.bool)
+        if axis == 0:
+            keep[COPY] = True
+        else:
+            keep[:, COPY] = True
+        w.grad[~keep] = 0
+
+
 def copy_states(rt, chat, q):
     """The copy heads' state (8 layers, 8 heads, r, r) after the history and the question's
     written tokens, from the cached x with the current weights (differentiable), and the
@@ -140,14 +162,8 @@ def copy_states(rt, chat, q):
     residual stream off the answer, which the cache holds fixed."""
     out, off = [], 0.0
     for li in LAYERS:
-        m = rt.adapter.module.layer(li)
         x = torch.cat([chat["hx"][li], q["px"][li]]).float()[None]
-        p = m.project(x)
-        sl = slice(H0, H1)
-        s0 = x.new_zeros(1, H1 - H0, R, R)
-        reads, s = scan.delta_rule_scan(p.q[:, :, sl], p.k[:, :, sl], p.v[:, :, sl],
-                                        p.beta[:, :, sl], s0)
-        do = m.cfg.scale * reads[0].flatten(-2) @ m.b_o.weight[:, COPY].T
+        do, s = copy_scan(rt.adapter.module.layer(li), x, x.new_zeros(1, H1 - H0, R, R))
         off = off + do.square().sum(-1).mean() / len(LAYERS)
         out.append(s[0])
     return out, off
@@ -248,14 +264,7 @@ def train(args):
                 ((ce + args.rest * rest) / args.batch).backward()
                 tot_rest += float(rest.detach())
                 tot += float(ce.detach())
-            with torch.no_grad():
-                for w, axis in params:  # only the copy heads' rows (columns of B_o) move
-                    keep = torch.zeros_like(w.grad, dtype=torch.bool)
-                    if axis == 0:
-                        keep[COPY] = True
-                    else:
-                        keep[:, COPY] = True
-                    w.grad[~keep] = 0
+            copy_grads_only(params)
             opt.step()
             step += 1
             if step % args.log == 0:
@@ -286,6 +295,22 @@ def save(rt, params, out, step, res):
     print("saved", out, "at step", step, flush=True)
 
 
+def train_flags(ap, parts: str, eval_every: int):
+    """The flags a training run over the cache takes (this script's and attempt 29's)."""
+    ap.add_argument("--adapter", default="deltamem/adapters/smollm2-135m-instruct")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--cache", default="/tmp/att28")
+    ap.add_argument("--train-blocks", nargs="+", required=True)
+    ap.add_argument("--held-blocks", nargs="+", required=True)
+    ap.add_argument("--parts", default=parts, help="which copy-head weights train: k q b v o")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--rest", type=float, default=1.0,
+                    help="weight of the off-answer read-out (mean |Δo|², over the source's)")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--log", type=int, default=5)
+    ap.add_argument("--eval-every", type=int, default=eval_every)
+
+
 def main():
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -297,19 +322,8 @@ def main():
     c.add_argument("--more-templates", action="store_true")
     c.add_argument("--cache", default="/tmp/att28")
     t = sub.add_parser("train")
-    t.add_argument("--adapter", default="deltamem/adapters/smollm2-135m-instruct")
-    t.add_argument("--out", required=True)
-    t.add_argument("--cache", default="/tmp/att28")
-    t.add_argument("--train-blocks", nargs="+", required=True)
-    t.add_argument("--held-blocks", nargs="+", required=True)
-    t.add_argument("--parts", default="kqb", help="which copy-head weights train: k q b v o")
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--rest", type=float, default=1.0,
-                   help="weight of the off-answer read-out (mean |Δo|², over the source's)")
+    train_flags(t, parts="kqb", eval_every=20)
     t.add_argument("--batch", type=int, default=16)
-    t.add_argument("--epochs", type=int, default=3)
-    t.add_argument("--log", type=int, default=5)
-    t.add_argument("--eval-every", type=int, default=20)
     t.add_argument("--held-far-only", action="store_true",
                    help="measure the far held-out questions only")
     args = ap.parse_args()

@@ -29,11 +29,22 @@ import time
 import torch
 import torch.nn.functional as F
 from diagnose import keep_inputs, replay_history, replay_runtime
-from e2e_copy import COPY, H0, H1, LAYERS, WINDOW, R, evaluate, save, trainable
+from e2e_copy import (
+    H0,
+    H1,
+    LAYERS,
+    WINDOW,
+    R,
+    copy_grads_only,
+    copy_scan,
+    evaluate,
+    save,
+    train_flags,
+    trainable,
+)
 from transformers import DynamicCache
 
 from deltamem import evaluate as E
-from deltamem import scan
 from server.sessions import plan_turn
 
 
@@ -44,16 +55,6 @@ def load_blocks(prefix, split, specs):
         a, b = map(int, s.split(":"))
         chats += torch.load(f"{prefix}_{split}_{a}_{b - a}.pt", mmap=True)
     return chats
-
-
-def copy_scan(m, x, s0):
-    """The copy heads of layer module m over x (1, T, d) from state s0: their read-out Δo
-    (T, d) and the state after."""
-    p = m.project(x)
-    sl = slice(H0, H1)
-    reads, s = scan.delta_rule_scan(p.q[:, :, sl], p.k[:, :, sl], p.v[:, :, sl],
-                                    p.beta[:, :, sl], s0)
-    return m.cfg.scale * reads[0].flatten(-2) @ m.b_o.weight[:, COPY].T, s
 
 
 def off_answer(rt, src, li, x, s0, s0_src):
@@ -135,15 +136,7 @@ def replay_exact(rt, fmt, ident, xs, seeds, conversations=12):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--adapter", default="deltamem/adapters/smollm2-135m-instruct")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--cache", default="/tmp/att28")
-    ap.add_argument("--train-blocks", nargs="+", required=True)
-    ap.add_argument("--held-blocks", nargs="+", required=True)
-    ap.add_argument("--parts", default="kqbo", help="which copy-head weights train: k q b v o")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--rest", type=float, default=1.0,
-                    help="weight of the off-answer read-out (mean |Δo|², over the source's)")
+    train_flags(ap, parts="kqbo", eval_every=25)
     ap.add_argument("--anchor", action="store_true",
                     help="the off-answer term penalises the read-out's change from the source "
                          "adapter's, not its size")
@@ -151,9 +144,6 @@ def main():
                     help="weight of the answer's tokens after the first")
     ap.add_argument("--far", type=float, default=2.0, help="weight of far questions")
     ap.add_argument("--chats", type=int, default=3, help="chats a step (all their questions)")
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--log", type=int, default=5)
-    ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--select-seeds", type=int, nargs="+", default=[1237, 1238])
     ap.add_argument("--select-conversations", type=int, default=12)
     ap.add_argument("--max-minutes", type=float, default=1e9)
@@ -213,14 +203,7 @@ def main():
                     tot += qw * float(ce.detach())
                     tot_rest += qw * float(rest.detach())
             loss.backward()
-            with torch.no_grad():
-                for w, axis in params:  # only the copy heads' rows (columns of B_o) move
-                    keep = torch.zeros_like(w.grad, dtype=torch.bool)
-                    if axis == 0:
-                        keep[COPY] = True
-                    else:
-                        keep[:, COPY] = True
-                    w.grad[~keep] = 0
+            copy_grads_only(params)
             opt.step()
             step += 1
             if step % args.log == 0:
