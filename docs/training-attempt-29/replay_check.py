@@ -2,7 +2,9 @@
 outside-window exact matches of the evaluation's δ-mem@W mode per held-out seed (as
 e2e_grouped.replay_exact), and the general-ability set asked sessionless as the evaluator
 does (the server's path for a request without a session: zero state, every token written).
-A one-off (not project code).
+The runtime is float32 and the engine bf16: general answers differed by 1 (shipped) to 4
+(attempt 29's run A) of 54 between the two, so a candidate's general ability is measured
+live. A one-off (not project code).
 
     PYTHONPATH=<as e2e_grouped.py> .venv/bin/python docs/training-attempt-29/replay_check.py \\
         --adapter A --seeds 1234 1235 1236 [--general]
