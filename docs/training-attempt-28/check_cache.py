@@ -28,7 +28,7 @@ def main():
     pool, questions = FA.chat_source("heldout")
     conv = FA.fit_conversation(random.Random("att28:heldout:0"), pool, words, "heldout", 0)
     turns = E.session_turns({"conversation": D.locomo_layout(conv)[0]})
-    slots = {li: rt.adapter.config.layers.index(li) for li in X.LAYERS}
+    slots = X.copy_slots(rt)
     with torch.no_grad():
         rec, hx = replay_history(rt, fmt, ident, turns, X.WINDOW, xs, X.LAYERS)
         fact = conv.facts[0]

@@ -169,12 +169,16 @@ def copy_states(rt, chat, q):
     return out, off
 
 
-def tail_logits(rt, chat, q, slots):
-    """The tail's logits on the cached prompt, with the copy heads' state recomputed (the
-    other heads' as cached), and copy_states' off-answer Δo. Differentiable when grad is on."""
-    states, off = copy_states(rt, chat, q)
+def copy_slots(rt) -> dict[int, int]:
+    """{copy layer: its row in the adapter's state}."""
+    return {li: rt.adapter.config.layers.index(li) for li in LAYERS}
+
+
+def tail_forward(rt, q, slots, states: dict):
+    """The tail's logits on a question's cached prompt KV, with the copy heads' state of each
+    copy layer replaced by states[layer] (8 heads, r, r) and the other heads' as cached."""
     full = q["state"].clone()
-    for li, s in zip(LAYERS, states, strict=True):
+    for li, s in states.items():
         full[slots[li], H0:H1] = s
     cache = DynamicCache()
     for i, (k, v) in enumerate(q["kv"]):
@@ -182,7 +186,14 @@ def tail_logits(rt, chat, q, slots):
     ids = torch.tensor([q["tail"]])  # positions follow the cache's length
     logits, _, _ = rt.forward(ids, full[None], torch.ones_like(ids, dtype=torch.bool),
                               past_key_values=cache)
-    return logits[0], off
+    return logits[0]
+
+
+def tail_logits(rt, chat, q, slots):
+    """The tail's logits on the cached prompt, with the copy heads' state recomputed (the
+    other heads' as cached), and copy_states' off-answer Δo. Differentiable when grad is on."""
+    states, off = copy_states(rt, chat, q)
+    return tail_forward(rt, q, slots, dict(zip(LAYERS, states, strict=True))), off
 
 
 def tail_loss(rt, chat, q, slots, grad: bool):
@@ -197,11 +208,28 @@ def tail_loss(rt, chat, q, slots, grad: bool):
 
 
 def load_blocks(prefix, split, specs):
+    """Cache blocks ("a:b" chats of a split), memory-mapped: runs side by side share one copy
+    in the page cache."""
     chats = []
     for s in specs:
         a, b = map(int, s.split(":"))
-        chats += torch.load(f"{prefix}_{split}_{a}_{b - a}.pt")
+        chats += torch.load(f"{prefix}_{split}_{a}_{b - a}.pt", mmap=True)
     return chats
+
+
+def far_only(chats):
+    """The chats with their far questions only: the measure that matters, at 40% of the cost."""
+    return [{**ch, "qs": [q for q in ch["qs"] if q["far"]]} for ch in chats]
+
+
+def trainable_adam(rt, parts: str, lr: float):
+    """Freeze the adapter but the copy-head weights `parts` names: (trainable, Adam on them)."""
+    for w in rt.adapter.module.parameters():
+        w.requires_grad_(False)
+    params = trainable(rt, parts)
+    for w, _ in params:
+        w.requires_grad_(True)
+    return params, torch.optim.Adam([w for w, _ in params], lr=lr)
 
 
 def evaluate(rt, chats, slots):
@@ -227,21 +255,15 @@ def evaluate(rt, chats, slots):
 
 def train(args):
     tok, rt, fmt, ident = replay_runtime(args.adapter)
-    c = rt.adapter.config
-    slots = {li: c.layers.index(li) for li in LAYERS}
+    slots = copy_slots(rt)
     train_chats = load_blocks(args.cache, "train", args.train_blocks)
     held = load_blocks(args.cache, "heldout", args.held_blocks)
-    if args.held_far_only:  # the measure that matters, at 40% of the cost
-        held = [{**ch, "qs": [q for q in ch["qs"] if q["far"]]} for ch in held]
+    if args.held_far_only:
+        held = far_only(held)
     qs = [(ci, qi) for ci, ch in enumerate(train_chats) for qi in range(len(ch["qs"]))]
     print(f"{len(train_chats)} train chats, {len(qs)} questions; {len(held)} held-out chats",
           flush=True)
-    for w in rt.adapter.module.parameters():
-        w.requires_grad_(False)
-    params = trainable(rt, args.parts)
-    for w, _ in params:
-        w.requires_grad_(True)
-    opt = torch.optim.Adam([w for w, _ in params], lr=args.lr)
+    params, opt = trainable_adam(rt, args.parts, args.lr)
     res = evaluate(rt, held, slots)
     print(f"step 0: held {res}", flush=True)
     # The copy heads' read-out off the answer, relative to the source adapter's (whose queries

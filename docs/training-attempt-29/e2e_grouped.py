@@ -37,24 +37,18 @@ from e2e_copy import (
     R,
     copy_grads_only,
     copy_scan,
+    copy_slots,
     evaluate,
+    far_only,
+    load_blocks,
     save,
+    tail_forward,
     train_flags,
-    trainable,
+    trainable_adam,
 )
-from transformers import DynamicCache
 
 from deltamem import evaluate as E
 from server.sessions import plan_turn
-
-
-def load_blocks(prefix, split, specs):
-    """attempt 28's cache blocks, memory-mapped: two runs share one copy in the page cache."""
-    chats = []
-    for s in specs:
-        a, b = map(int, s.split(":"))
-        chats += torch.load(f"{prefix}_{split}_{a}_{b - a}.pt", mmap=True)
-    return chats
 
 
 def off_answer(rt, src, li, x, s0, s0_src):
@@ -84,8 +78,7 @@ def history_scan(rt, src, chat):
 def question_logits(rt, src, hist, q, slots):
     """The tail's logits for one question, its copy state continued from the history's, and
     off_answer's term as a mean over history and question tokens."""
-    full = q["state"].clone()
-    off = 0.0
+    states, off = {}, 0.0
     for li in LAYERS:
         s_h, s_h_src, do2_h, n_h = hist[li]
         x = q["px"][li].float()[None]
@@ -94,14 +87,8 @@ def question_logits(rt, src, hist, q, slots):
         else:
             s, do2 = s_h, 0.0
         off = off + (do2_h + do2) / (n_h + x.shape[1]) / len(LAYERS)
-        full[slots[li], H0:H1] = s[0]
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(q["kv"]):
-        cache.update(k.float(), v.float(), i)
-    ids = torch.tensor([q["tail"]])
-    logits, _, _ = rt.forward(ids, full[None], torch.ones_like(ids, dtype=torch.bool),
-                              past_key_values=cache)
-    return logits[0], off
+        states[li] = s[0]
+    return tail_forward(rt, q, slots, states), off
 
 
 def token_weights(n_targets: int, later: float) -> torch.Tensor:
@@ -149,21 +136,14 @@ def main():
     ap.add_argument("--max-minutes", type=float, default=1e9)
     args = ap.parse_args()
 
-    tok, rt, fmt, ident = replay_runtime(args.adapter)
+    _, rt, fmt, ident = replay_runtime(args.adapter)
     xs = keep_inputs(rt, LAYERS)
-    c = rt.adapter.config
-    slots = {li: c.layers.index(li) for li in LAYERS}
+    slots = copy_slots(rt)
     train_chats = load_blocks(args.cache, "train", args.train_blocks)
-    held = load_blocks(args.cache, "heldout", args.held_blocks)
-    held = [{**ch, "qs": [q for q in ch["qs"] if q["far"]]} for ch in held]
+    held = far_only(load_blocks(args.cache, "heldout", args.held_blocks))
     print(f"{len(train_chats)} train chats, {sum(len(ch['qs']) for ch in train_chats)} "
           f"questions; {len(held)} held-out chats", flush=True)
-    for w in rt.adapter.module.parameters():
-        w.requires_grad_(False)
-    params = trainable(rt, args.parts)
-    for w, _ in params:
-        w.requires_grad_(True)
-    opt = torch.optim.Adam([w for w, _ in params], lr=args.lr)
+    params, opt = trainable_adam(rt, args.parts, args.lr)
     src = copy.deepcopy(rt.adapter.module) if args.anchor else None
 
     def measure(step):
@@ -181,8 +161,10 @@ def main():
     rng = random.Random(0)
     order = list(range(len(train_chats)))
     t0 = time.time()
-    step = 0
+    step, measured, out_of_time = 0, True, False
     for epoch in range(args.epochs):
+        if out_of_time:
+            break
         rng.shuffle(order)
         for i in range(0, len(order), args.chats):
             opt.zero_grad()
@@ -209,20 +191,20 @@ def main():
             if step % args.log == 0:
                 print(f"epoch {epoch} step {step}: train ce {tot:.3f} rest {tot_rest:.3f} "
                       f"({time.time() - t0:.0f} s)", flush=True)
-            if step % args.eval_every == 0:
+            measured = step % args.eval_every == 0
+            if measured:
                 res = measure(step)
                 if (res["replay_exact"], res["far_exact"]) > best:
                     best = (res["replay_exact"], res["far_exact"])
                     save(rt, params, args.out, step, res)
-            if (time.time() - t0) / 60 > args.max_minutes:
+            out_of_time = (time.time() - t0) / 60 > args.max_minutes
+            if out_of_time:
                 break
-        else:
-            continue
-        break
-    res = measure(step)
+    if not measured:
+        res = measure(step)
+        if (res["replay_exact"], res["far_exact"]) > best:
+            save(rt, params, args.out, step, res)
     save(rt, params, args.out + "-last", step, res)
-    if (res["replay_exact"], res["far_exact"]) > best:
-        save(rt, params, args.out, step, res)
 
 
 if __name__ == "__main__":

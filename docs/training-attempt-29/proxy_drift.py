@@ -11,7 +11,7 @@ import argparse
 
 import torch
 from diagnose import replay_runtime
-from e2e_copy import LAYERS, evaluate
+from e2e_copy import copy_slots, evaluate, far_only
 
 
 def main():
@@ -20,11 +20,9 @@ def main():
     ap.add_argument("--caches", nargs="+", required=True)
     args = ap.parse_args()
     _, rt, _, _ = replay_runtime(args.adapter)
-    c = rt.adapter.config
-    slots = {li: c.layers.index(li) for li in LAYERS}
+    slots = copy_slots(rt)
     for path in args.caches:
-        held = torch.load(path, mmap=True)
-        held = [{**ch, "qs": [q for q in ch["qs"] if q["far"]]} for ch in held]
+        held = far_only(torch.load(path, mmap=True))
         print(f"{args.adapter} on {path}: {evaluate(rt, held, slots)}", flush=True)
 
 

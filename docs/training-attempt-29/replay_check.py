@@ -22,22 +22,28 @@ from memory_store import SessionRecord
 from server.sessions import plan_turn
 
 
-@torch.no_grad()
-def general_ability(rt, fmt, ident) -> int:
-    ok = 0
-    eos = [fmt.im_end, fmt.tok.eos_token_id]
-    for q, a in E.GENERAL_SET:
-        plan = plan_turn(fmt, SessionRecord("ephemeral", "t", ident),
-                         [{"role": "user", "content": q}], -1, 8192, 24)
-        r = rt.run(plan.prompt, plan.initial_state, 0, 24, eos)
-        ok += bool(E.contains(fmt.decode(r.tokens), a))
-    return ok
+class SessionlessReplay:
+    """The evaluator's client (deltamem.evaluate.Client) for sessionless requests, served by
+    the HF runtime the way the server serves them (zero state, every token written), so that
+    evaluate.general_ability asks and scores as it does live."""
+
+    def __init__(self, rt, fmt, ident):
+        self.rt, self.fmt, self.ident = rt, fmt, ident
+
+    @torch.no_grad()
+    def chat(self, messages, session_id=None, window=None, max_tokens=32) -> str:
+        assert session_id is None, "sessionless requests only"
+        plan = plan_turn(self.fmt, SessionRecord("ephemeral", "t", self.ident), messages, -1,
+                         8192, max_tokens)
+        r = self.rt.run(plan.prompt, plan.initial_state, 0, max_tokens,
+                        [self.fmt.im_end, self.fmt.tok.eos_token_id])
+        return self.fmt.decode(r.tokens)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--adapter", default="deltamem/adapters/smollm2-135m-instruct")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235, 1236])
+    ap.add_argument("--seeds", type=int, nargs="*", default=[1234, 1235, 1236])
     ap.add_argument("--general", action="store_true")
     args = ap.parse_args()
     _, rt, fmt, ident = replay_runtime(args.adapter)
@@ -49,8 +55,9 @@ def main():
         print(f"{args.adapter} seed {seed}: outside W exact {ok} of {n}", flush=True)
     print(f"{args.adapter}: outside W exact {total} over seeds {args.seeds}", flush=True)
     if args.general:
-        print(f"{args.adapter}: general ability {general_ability(rt, fmt, ident)} of "
-              f"{len(E.GENERAL_SET)}", flush=True)
+        rows = E.general_ability(SessionlessReplay(rt, fmt, ident))
+        print(f"{args.adapter}: general ability {int(sum(r['ok'] for r in rows))} of {len(rows)}",
+              flush=True)
 
 
 if __name__ == "__main__":
