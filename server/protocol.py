@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .errors import APIError
+
 # Fields OpenAI defines that this server does not implement: refused with a 400 naming the
 # field, never silently ignored.
 UNSUPPORTED_FIELDS = {
@@ -21,17 +23,6 @@ UNSUPPORTED_FIELDS = {
 }
 # Fields that change nothing here and that clients send routinely.
 IGNORED_FIELDS = {"user", "metadata", "store", "service_tier"}
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
 
 
 class TextPart(BaseModel):
@@ -104,6 +95,33 @@ class ChatCompletionRequest(BaseModel):
         if self.logprobs:
             bad.append("logprobs")
         return bad
+
+    def check_supported(self, max_messages: int) -> None:
+        """Refuse, with a 400 naming the field, what this server does not implement."""
+        bad = self.unsupported()
+        if bad:
+            raise APIError(400, f"unsupported field(s): {', '.join(bad)}", param=bad[0],
+                           code="unsupported_parameter")
+        if len(self.messages) > max_messages:
+            raise APIError(400, f"{len(self.messages)} messages exceed the limit of "
+                           f"{max_messages}", param="messages")
+        if self.n != 1:
+            raise APIError(400, "only n = 1 is supported", param="n")
+
+    def to_sampling_params(self, default_max_tokens: int, max_tokens_limit: int):
+        """vLLM's SamplingParams for this request (OpenAI's defaults where unset)."""
+        from vllm import SamplingParams
+
+        max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
+        if max_tokens > max_tokens_limit:
+            raise APIError(400, f"max_tokens {max_tokens} exceeds this server's limit "
+                           f"{max_tokens_limit}", param="max_tokens")
+        kw = dict(max_tokens=max_tokens, stop=self.stop, seed=self.seed,
+                  temperature=1.0 if self.temperature is None else self.temperature)
+        for f in ("top_p", "presence_penalty", "frequency_penalty"):
+            if getattr(self, f) is not None:
+                kw[f] = getattr(self, f)
+        return SamplingParams(**kw)
 
 
 class SessionInfo(BaseModel):

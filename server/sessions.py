@@ -1,5 +1,5 @@
 """Turn orchestration for sessions: the transcript as tokens, the context window, the write
-start, and the atomic commit (DESIGN.md §2).
+start, and the atomic commit (docs/design.md §2 and §3).
 
 A session's transcript is an append-only token stream: every message is rendered on its own
 (ChatML), so earlier tokens never change when the conversation grows. After a turn,

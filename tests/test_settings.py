@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from server.settings import Settings, add_arguments, from_args
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,21 +52,21 @@ def test_every_setting_is_documented_in_help_and_readme():
 
 def test_default_adapter_resolution(tmp_path, model_dir, caplog, monkeypatch):
     from deltamem.adapter import backbone_fingerprint, load_adapter, new_adapter_from_checkpoint
-    from server import cli
-    from server.cli import resolve_adapter
+    from server.engine import build
+    from server.engine.build import resolve_adapter
 
     assert resolve_adapter(Settings(no_memory=True, data_dir=tmp_path), model_dir) is None
     assert resolve_adapter(Settings(adapter="/x/y", data_dir=tmp_path), model_dir) == Path("/x/y")
     # The default model has a trained adapter in the package, made for this very backbone.
     with caplog.at_level("INFO"):
         shipped = resolve_adapter(Settings(data_dir=tmp_path), model_dir)
-    assert shipped.parent == cli.SHIPPED_ADAPTERS and "using the shipped adapter" in caplog.text
+    assert shipped.parent == build.SHIPPED_ADAPTERS and "using the shipped adapter" in caplog.text
     ad = load_adapter(shipped)
     assert ad.meta["trained"] and ad.backbone == backbone_fingerprint(model_dir)
     assert (shipped / "TRAINING_CARD.md").is_file()
     assert (shipped / "adapter.safetensors").stat().st_size < 20 * 2**20
     # A backbone without one gets an untrained adapter, made once, with a loud warning.
-    monkeypatch.setattr(cli, "SHIPPED_ADAPTERS", tmp_path / "no-shipped-adapters")
+    monkeypatch.setattr(build, "SHIPPED_ADAPTERS", tmp_path / "no-shipped-adapters")
     caplog.clear()
     with caplog.at_level("WARNING"):
         path = resolve_adapter(Settings(data_dir=tmp_path), model_dir)
@@ -74,3 +76,13 @@ def test_default_adapter_resolution(tmp_path, model_dir, caplog, monkeypatch):
     mtime = (path / "adapter.safetensors").stat().st_mtime_ns
     assert resolve_adapter(Settings(data_dir=tmp_path), model_dir) == path  # made once
     assert (path / "adapter.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_plugin_refuses_a_vllm_it_was_not_written_for():
+    from server.engine.plugin import VLLMVersionError, check_vllm_version
+
+    check_vllm_version("0.32.0")
+    check_vllm_version("0.32.0+cpu")
+    for other in ("0.32.1", "0.31.0", "1.0.0"):
+        with pytest.raises(VLLMVersionError, match="0.32.0"):
+            check_vllm_version(other)

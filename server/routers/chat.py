@@ -1,0 +1,125 @@
+"""POST /v1/chat/completions: one turn, as JSON or as a server-sent event stream.
+
+A client that goes away before the turn finished aborts it, and nothing is committed; once the
+turn finished, the commit goes through whatever the client does (the service shields it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response, StreamingResponse
+
+from ..chat_service import ChatService
+from ..errors import APIError, error_body
+from ..protocol import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    Usage,
+    new_completion_id,
+)
+from . import service, tenant
+
+log = logging.getLogger("deltamem.server")
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, request: Request,
+                           s: ChatService = Depends(service),
+                           tenant_id: str = Depends(tenant)):
+    req.check_supported(s.s.max_messages)
+    session_id = req.session_id or request.headers.get("x-session-id") or None
+    if req.model and req.model != s.model_name:
+        raise APIError(404, f"model {req.model!r} does not exist; this server serves "
+                       f"{s.model_name!r}", code="model_not_found", param="model")
+    cid, created = new_completion_id(), int(time.time())
+    if not req.stream:
+        return await _complete(s, req, tenant_id, session_id, request, cid, created)
+    return StreamingResponse(_stream(s, req, tenant_id, session_id, cid, created),
+                             media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+def _usage(gen) -> Usage:
+    return Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=len(gen.tokens),
+                 total_tokens=gen.prompt_tokens + len(gen.tokens))
+
+
+async def _complete(s: ChatService, req, tenant_id, session_id, request, cid, created):
+    s.metrics.in_flight.inc()
+    task = asyncio.create_task(s.run_turn(req, tenant_id, session_id))
+    try:
+        # A client that goes away aborts the turn: nothing is committed.
+        while not task.done():
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if not done and await request.is_disconnected():
+                task.cancel()
+                log.info("client disconnected; turn aborted (session %s)", session_id)
+                return Response(status_code=499)
+        gen, rec = task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+        s.metrics.in_flight.dec()
+    return ChatCompletion(
+        id=cid, created=created, model=s.model_name,
+        choices=[Choice(message=AssistantMessage(content=gen.text),
+                        finish_reason=gen.finish_reason)],
+        usage=_usage(gen), session=s.session_info(rec))
+
+
+async def _stream(s: ChatService, req, tenant_id, session_id, cid, created
+                  ) -> AsyncIterator[str]:
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def event(delta: Delta | None, finish=None, usage=None, session=None) -> str:
+        c = ChatCompletionChunk(id=cid, created=created, model=s.model_name,
+                                choices=[ChunkChoice(delta=delta, finish_reason=finish)]
+                                if delta is not None else [],
+                                usage=usage, session=session)
+        return "data: " + c.model_dump_json(exclude_none=False) + "\n\n"
+
+    s.metrics.in_flight.inc()
+    task = asyncio.create_task(s.run_turn(req, tenant_id, session_id, queue.put))
+    try:
+        yield event(Delta(role="assistant", content=""))
+        while True:
+            getter = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                if text := getter.result():
+                    yield event(Delta(content=text))
+                continue
+            getter.cancel()
+            while not queue.empty():
+                if text := queue.get_nowait():
+                    yield event(Delta(content=text))
+            break
+        if (exc := task.exception()) is not None:
+            _, body = error_body(exc)
+            yield "data: " + json.dumps(body) + "\n\n"
+            yield "data: [DONE]\n\n"
+            return
+        gen, rec = task.result()
+        yield event(Delta(), finish=gen.finish_reason, session=s.session_info(rec))
+        if req.stream_options and req.stream_options.include_usage:
+            yield event(None, usage=_usage(gen))
+        yield "data: [DONE]\n\n"
+    finally:
+        if not task.done():
+            # The client went away mid-stream: abort the turn, commit nothing.
+            task.cancel()
+            log.info("stream closed before the turn finished; aborted (session %s)",
+                     session_id)
+        s.metrics.in_flight.dec()
