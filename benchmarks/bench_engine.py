@@ -144,7 +144,7 @@ async def bench_engine(engine, a, rng_seed: int) -> dict:
         "median_ttft_s": round(ttft, 3), "tok_per_s": round(a.prefill_tokens / ttft, 1)}
     print(f"  prefill {a.prefill_tokens}: median TTFT {ttft:.2f} s", flush=True)
 
-    # The cost of prefix caching off (δ-mem, DESIGN.md §2.3): a session turn re-sends its
+    # The cost of prefix caching off (δ-mem, docs/design.md, invariant 3): a session turn re-sends its
     # context. Plain vLLM serves the re-sent prefix from its cache; δ-mem recomputes it.
     ttfts = []
     for _ in range(2):

@@ -1,9 +1,9 @@
-"""Can the state learn to carry a fact at all? The probe of DESIGN.md §1, as a script.
+"""Can the state learn to carry a fact at all? The probe of docs/training.md, as a script.
 
 One fact (favourite colour or dog's name, 12 values each) in a user message among filler;
 write pass over it (gradients through the state); read pass with writes off over only the
 question and the answer; loss on the answer. State-only exact match on fresh episodes is
-printed every --eval-every steps. DESIGN.md measured 0% → 90% at step 300 on 2 cores.
+printed every --eval-every steps. It measured 0% → 90% at step 300 on 2 cores.
 A sanity check of the trainer's machinery (runtime, chunked scan gradients), not the task of
 issue 6: the values here are few and seen in training.
 

@@ -319,7 +319,7 @@ class Difficulty:
     p_reaction: float = 0.3  # chance the other speaker reacts to a fact
     n_sessions: int = 1
     value_subset: int = 0  # > 0: values only from the first N of each pool, no copy words
-    # Training in this stage (DESIGN.md's probe setting): no re-sent window, no written
+    # Training in this stage (the probe setting of docs/training.md): no re-sent window, no written
     # question, no general-ability episodes; the state is the only thing learned.
     state_only: bool = False
 
@@ -472,7 +472,7 @@ class Episode:
         return [m for m in self.history if m["role"] != "system"]
 
 
-# Curriculum: stage -> difficulty. Stage 0 is DESIGN.md's probe setting (one fact, a few
+# Curriculum: stage -> difficulty. Stage 0 is the probe setting of docs/training.md (one fact, a few
 # values per kind: the state learns to hold anything at all); stage 1 opens the value pools;
 # later ones add more facts, chatter, updates and same-kind distractors.
 STAGES: list[Difficulty] = [

@@ -1,5 +1,5 @@
 """The OpenAI-compatible API against live servers: real engine, real Redis, real HTTP, the
-`openai` client. Continuity (DESIGN.md §2.1) is checked against the HF reference runtime."""
+`openai` client. Continuity (docs/design.md, invariant 1) is checked against the HF reference runtime."""
 
 from __future__ import annotations
 
