@@ -13,11 +13,12 @@ MODEL_DIR := $(CACHE_DIR)/models/SmolLM2-135M-Instruct
 STAMP := $(VENV)/.installed-$(ENGINE)
 PYTEST_ARGS ?=
 
-.PHONY: install model serve test bench eval lint format load test-image compose-tool clean help
+.PHONY: install model serve test test-fast bench eval lint format load test-image compose-tool clean help
 
 help:
 	@echo "make serve   set up, fetch the default model, serve on the embedded defaults (port 8000)"
 	@echo "make test    set up, fetch the model, run the whole test suite (real engine, real Redis)"
+	@echo "make test-fast  the tests that need neither the model nor the engine (under 2 minutes)"
 	@echo "make bench   run the benchmarks (tables on stdout, JSON under results/)"
 	@echo "make eval    memory evaluation: a δ-mem and a --no-memory server, deltamem eval (EVAL_ARGS=...)"
 	@echo "make lint    ruff"
@@ -52,6 +53,11 @@ compose-tool:
 
 test: install model compose-tool
 	DELTAMEM_CACHE_DIR=$(CACHE_DIR) $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# Without the model: an empty model cache, so a test that needs the model and is not marked
+# `model` fails here instead of passing by luck.
+test-fast: install compose-tool
+	DELTAMEM_CACHE_DIR=$$(mktemp -d) $(PY) -m pytest -q -p no:cacheprovider -m "not model" $(PYTEST_ARGS)
 
 bench: install model
 	DELTAMEM_CACHE_DIR=$(CACHE_DIR) $(VENV)/bin/deltamem bench

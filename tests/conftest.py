@@ -28,6 +28,19 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.close()
 
 
+# --- test tiers ---------------------------------------------------------------------------------
+# `make test` runs everything. `make test-fast` runs `-m "not model"`: every test that needs
+# neither the downloaded model nor the vLLM engine. A test needs the model when it uses the
+# `model_dir` fixture (directly or through `tokenizer`, `hf_runtime`, `engine_host`, ...), and
+# is marked here; a test that finds the model some other way carries `@pytest.mark.model`.
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "model_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.model)
+
+
 # --- the default model and the HF reference runtime (shared by the whole session) -------------
 
 
