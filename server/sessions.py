@@ -94,6 +94,8 @@ def _same(a: dict, b: dict) -> bool:
 def plan_turn(fmt: ChatFormat, record: SessionRecord, messages: list[dict], window: int,
               max_model_len: int, max_tokens: int) -> TurnPlan:
     """Work out the new messages, the prompt and the write start of one turn."""
+    if not messages:
+        raise TurnError("the request has no new message for this session", param="messages")
     stored = record.messages
     T = record.transcript
     meta = record.meta
