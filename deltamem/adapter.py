@@ -164,7 +164,7 @@ def widen_state_heads(adapter: Adapter, heads: int, seed: int | None = 0,
     same function: the old heads keep their weights, the new ones get a fresh write side and
     zero read-out columns (B_q, B_o), so they start silent and learn from the first step on.
     Lets a trained TSW adapter grow into MSW without starting over. `beta_bias` sets the new
-    heads' b_β (default DESIGN's −1.5): a low one gives slow heads, whose rows keep a write
+    heads' b_β (default the reference's −1.5, docs/design.md §1): a low one gives slow heads, whose rows keep a write
     across hundreds of tokens where the trained heads keep it for tens."""
     old = adapter.config
     if heads < old.num_state_heads:

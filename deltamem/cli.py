@@ -1,8 +1,8 @@
 """`deltamem` command line: one entry point, a subcommand per job.
 
 Each subcommand lives in its own module, which provides `configure_parser(parser)` and
-`run(args) -> int`; this file only wires them, so `--help` is always complete and importing
-the CLI does not import torch or vLLM.
+`run(args) -> int`; this file only wires them, so `--help` is always complete. Subcommand
+modules import vLLM (and the model) only when they run, never at import.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from torch import nn
 
 from .adapter import Adapter
 from .layer import DeltaMemLayer
+from .scan import BACKENDS
 
 
 class _Context:
@@ -27,6 +28,7 @@ class _Context:
         self.states: list[torch.Tensor] = []  # per wrapped layer, (B, H_s, r, r)
         self.write_mask: torch.Tensor | None = None  # (B, T) bool
         self.message_ids: torch.Tensor | None = None  # (B, T) for SSW
+        self.scan_backend = "auto"  # delta_rule_scan's backend, set by the runtime per forward
         self.reads: dict[int, torch.Tensor] = {}
 
 
@@ -53,9 +55,11 @@ class _QProjWithMemory(_ProjWithMemory):
         mem = self._mem[0]
         p = mem.project(x)
         if mem.cfg.write_granularity == "message_mean" and ctx.message_ids is not None:
-            reads, state = mem.scan_messages(x, p, ctx.states[self.slot], ctx.message_ids)
+            reads, state = mem.scan_messages(x, p, ctx.states[self.slot], ctx.message_ids,
+                                             backend=ctx.scan_backend)
         else:
-            reads, state = mem.scan_tokens(p, ctx.states[self.slot], ctx.write_mask)
+            reads, state = mem.scan_tokens(p, ctx.states[self.slot], ctx.write_mask,
+                                           backend=ctx.scan_backend)
         ctx.states[self.slot] = state
         ctx.reads[self.slot] = reads
         dq = mem.delta_q(reads)
@@ -82,12 +86,16 @@ class RunResult:
 
 
 class DeltaMemHF:
-    """An HF causal LM with a δ-mem adapter attached."""
+    """An HF causal LM with a δ-mem adapter attached.
 
-    def __init__(self, model, adapter: Adapter):
+    `scan_backend` is the backend of every scan it runs (deltamem.scan.delta_rule_scan's:
+    "auto", "chunked", "reference", "cpu_kernel"); the trainer asks for "chunked"."""
+
+    def __init__(self, model, adapter: Adapter, scan_backend: str = "auto"):
         self.model = model
         self.adapter = adapter
         self.ctx = _Context()
+        self.scan_backend = scan_backend
         cfg = adapter.config
         for p in model.parameters():
             p.requires_grad_(False)
@@ -102,7 +110,7 @@ class DeltaMemHF:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, adapter: Adapter | None = None,
                         dtype=torch.float32, device: str | torch.device = "cpu",
-                        **adapter_kw) -> DeltaMemHF:
+                        scan_backend: str = "auto", **adapter_kw) -> DeltaMemHF:
         from transformers import AutoModelForCausalLM
 
         from .adapter import backbone_fingerprint, new_adapter
@@ -111,7 +119,17 @@ class DeltaMemHF:
         model.eval()
         if adapter is None:  # initialised from the backbone's weights while both are on the CPU
             adapter = new_adapter(model, backbone_fingerprint(model_dir), **adapter_kw)
-        return cls(model.to(device), adapter)
+        return cls(model.to(device), adapter, scan_backend=scan_backend)
+
+    @property
+    def scan_backend(self) -> str:
+        return self._scan_backend
+
+    @scan_backend.setter
+    def scan_backend(self, backend: str) -> None:
+        if backend not in BACKENDS:  # refused here, not at the first forward
+            raise ValueError(f"unknown scan backend {backend!r}: one of {', '.join(BACKENDS)}")
+        self._scan_backend = backend
 
     @property
     def device(self) -> torch.device:
@@ -136,6 +154,7 @@ class DeltaMemHF:
         ctx.active = memory
         ctx.states = [state[:, j].float() for j in range(len(self.layer_ids))]
         ctx.write_mask, ctx.message_ids, ctx.reads = write_mask, message_ids, {}
+        ctx.scan_backend = self.scan_backend
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                              past_key_values=past_key_values, use_cache=past_key_values is not None)

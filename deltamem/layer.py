@@ -1,6 +1,6 @@
 """δ-mem layer math, independent of HF and vLLM so that both runtimes share it.
 
-Per wrapped attention layer (DESIGN.md §1), x_t the attention input after the input RMSNorm:
+Per wrapped attention layer (docs/design.md §1), x_t the attention input after the input RMSNorm:
 
     q̂ = L2norm(tanh(W_q x))   k̂ = L2norm(tanh(W_k x))   v̂ = W_v x   β = sigmoid(W_β x + b_β)
     m_t = S_{t-1} q̂_t                                      (read before write)
@@ -111,7 +111,7 @@ class DeltaMemLayer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, w_q_backbone: torch.Tensor | None = None,
                          w_o_backbone: torch.Tensor | None = None) -> None:
-        """The reference initialisation (DESIGN.md §1)."""
+        """The reference initialisation (docs/design.md §1)."""
         for lin in (self.w_q, self.w_k, self.w_v):
             nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5))
         nn.init.zeros_(self.w_beta.weight)
@@ -148,17 +148,20 @@ class DeltaMemLayer(nn.Module):
         return self.cfg.scale * self.b_o(reads.flatten(-2).to(self.b_o.weight.dtype))
 
     def scan_tokens(self, p: MemoryProjections, state: torch.Tensor,
-                    write_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """TSW over a padded batch: p (B, T, H_s, r), state (B, H_s, r, r)."""
-        return delta_rule_scan(p.q, p.k, p.v, p.beta, state, write_mask)
+                    write_mask: torch.Tensor | None,
+                    backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        """TSW over a padded batch: p (B, T, H_s, r), state (B, H_s, r, r). `backend` is
+        delta_rule_scan's."""
+        return delta_rule_scan(p.q, p.k, p.v, p.beta, state, write_mask, backend=backend)
 
     def scan_messages(self, x: torch.Tensor, p: MemoryProjections, state: torch.Tensor,
-                      message_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                      message_ids: torch.Tensor,
+                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """SSW: one write per message, of the mean-pooled x of its tokens.
 
         x (B, T, d); message_ids (B, T) int, increasing along T, -1 for tokens that write
         nothing (system prompt, padding). Each token reads the state as it was before its own
-        message's write.
+        message's write. `backend` is delta_rule_scan's (for the scan over messages).
         """
         B, T, _ = x.shape
         H, r = self.cfg.num_state_heads, self.cfg.rank
@@ -180,7 +183,7 @@ class DeltaMemLayer(nn.Module):
         rep = lambda t: t.repeat_interleave(r, dim=0)  # noqa: E731
         q_basis = eye.view(r, 1, 1, r).expand(r, n_msg, H, r).repeat(B, 1, 1, 1)
         reads_b, final = delta_rule_scan(q_basis, rep(pm.k), rep(pm.v), rep(pm.beta),
-                                         rep(s), rep(write))
+                                         rep(s), rep(write), backend=backend)
         # reads_b[(b, c), m, h, :] = S_{m-1}[b, h] e_c  -> states_before[b, m, h, :, c]
         states_before = reads_b.view(B, r, n_msg, H, r).permute(0, 2, 3, 4, 1)
         final = final.view(B, r, H, r, r)[:, 0]

@@ -1,8 +1,10 @@
-"""The δ-mem delta-rule scan: a per-token reference loop and a chunked fast path.
+"""The δ-mem delta-rule scan: a per-token reference loop, a chunked fast path and a
+compiled CPU kernel, behind one dispatcher whose backend is an argument.
 
-Contract (shared by both implementations):
+Contract (shared by every implementation):
 
-    reads, final_state = delta_rule_scan(q, k, v, beta, initial_state, write_mask=None)
+    reads, final_state = delta_rule_scan(q, k, v, beta, initial_state, write_mask=None,
+                                         backend="auto")
 
     q, k, v, beta   (B, T, H, r); q, k already L2-normalised; beta in (0, 1)
     initial_state   (B, H, r, r); S maps keys to values, read = S @ q
@@ -210,29 +212,47 @@ def delta_rule_scan_cpu_kernel(q, k, v, beta, initial_state, write_mask=None):
     return reads.view(B, T, H, r), state
 
 
-# Whether the dispatcher may use the compiled CPU kernel. The trainer turns it off: on this
-# project's 2-core machine, once the numba kernel has run in a process, torch's own bf16
-# forward and backward there run 3-4x slower (one training batch: 10 + 15 s before, 31 + 71 s
-# after; thread counts, affinity and denormal flushing unchanged). Not diagnosed further. The
-# vLLM engine, which calls the kernel directly, does not show it: δ-mem/plain decode 0.93×.
-USE_CPU_KERNEL = True
+# Backends of `delta_rule_scan`. "auto" is the default choice: the compiled kernel for CPU
+# tensors that need no gradient (inference), else the chunked path.
+BACKENDS = ("auto", "reference", "chunked", "cpu_kernel")
 
 
-def delta_rule_scan(q, k, v, beta, initial_state, write_mask=None):
+def _needs_grad(*xs) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
+def delta_rule_scan(q, k, v, beta, initial_state, write_mask=None, backend: str = "auto"):
     """δ-mem scan; see the module docstring for the contract.
 
-    Dispatch: CPU tensors that need no gradient go to the compiled kernel (while
-    USE_CPU_KERNEL is on; the trainer turns it off); anything that needs autograd, or lives
-    on an accelerator, goes to the chunked path. With autograd the chunked path is
-    checkpointed: it keeps only its inputs and runs again in the backward pass. Its C×C
-    blocks carry a row axis: kept for backward they are ~80 KB a token and layer at C = 64
-    with five heads (315 MB for 4 × 1,000 tokens), and over 30 layers they took 46 GB of an
-    H100 at 16 stage-5 episodes (~7,000 history tokens). Recomputing them costs one more scan
-    per layer, a small part of a step.
+    `backend` picks the implementation, per call (nothing process-wide):
+      "auto"        CPU tensors that need no gradient go to the compiled kernel; anything that
+                    needs autograd, or lives on an accelerator, goes to the chunked path.
+      "chunked"     the chunked path, always (what training asks for; see deltamem/train.py).
+      "reference"   the per-token loop (the oracle; slow).
+      "cpu_kernel"  the compiled CPU kernel: CPU tensors only, no autograd.
+    An unknown backend is a ValueError.
+
+    With autograd the chunked path is checkpointed: it keeps only its inputs and runs again
+    in the backward pass. Its C×C blocks carry a row axis: kept for backward they are ~80 KB
+    a token and layer at C = 64 with five heads (315 MB for 4 × 1,000 tokens), and over 30
+    layers they took 46 GB of an H100 at 16 stage-5 episodes (~7,000 history tokens).
+    Recomputing them costs one more scan per layer, a small part of a step.
     """
-    needs_grad = torch.is_grad_enabled() and any(
-        x.requires_grad for x in (q, k, v, beta, initial_state))
-    if q.device.type == "cpu" and not needs_grad and USE_CPU_KERNEL:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown scan backend {backend!r}: one of {', '.join(BACKENDS)}")
+    needs_grad = _needs_grad(q, k, v, beta, initial_state)
+    if backend == "auto":
+        backend = "cpu_kernel" if q.device.type == "cpu" and not needs_grad else "chunked"
+    if backend == "reference":
+        return delta_rule_scan_reference(q, k, v, beta, initial_state, write_mask)
+    if backend == "cpu_kernel":
+        # The kernel works on detached numpy arrays: asked for under autograd it would cut
+        # the gradient silently, so that is refused rather than served.
+        if needs_grad:
+            raise ValueError("scan backend 'cpu_kernel' has no backward: use 'chunked' or "
+                             "'auto' under autograd")
+        if q.device.type != "cpu":
+            raise ValueError(f"scan backend 'cpu_kernel' runs on CPU tensors, got {q.device}")
         return delta_rule_scan_cpu_kernel(q, k, v, beta, initial_state, write_mask)
     if needs_grad:
         # Nothing in the scan is random: no RNG state to stash and restore.

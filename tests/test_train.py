@@ -110,7 +110,7 @@ def test_copy_words_leave_heldout_values_unseen(tokenizer):
 
 
 def test_read_pass_window_is_context_not_written(tokenizer):
-    from deltamem.train import Encoder, make_batch
+    from deltamem.episodes import Encoder, make_batch
 
     enc = Encoder(tokenizer)
     ep = D.make_episode("train", 0, 7, 2)
@@ -145,18 +145,16 @@ def test_outside_window_read_pass_leaves_the_fact_out():
 
 
 @pytest.fixture(scope="module")
-def runtime():
+def runtime(model_dir):
     import torch
     from transformers import AutoTokenizer
 
+    from deltamem.episodes import Encoder
     from deltamem.hf_runtime import DeltaMemHF
-    from deltamem.model_fetch import resolve_model
-    from deltamem.train import Encoder
 
     # One thread: the suite shares two cores, and oversubscribed threads crawl.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    model_dir = resolve_model(None)
     # The tiny config: δ-mem on the last 4 layers only, so backward stays shallow.
     rt = DeltaMemHF.from_pretrained(model_dir, seed=0, target_layers=[26, 27, 28, 29])
     yield rt, Encoder(AutoTokenizer.from_pretrained(model_dir))
@@ -164,7 +162,7 @@ def runtime():
 
 
 def test_time_budget_drives_the_schedule_and_the_curriculum():
-    from deltamem.train import lr_at, parse_curriculum, run_progress, scheduled_stage
+    from deltamem.train_config import lr_at, parse_curriculum, run_progress, scheduled_stage
 
     # Whichever of steps and time is further along sets the progress.
     assert run_progress(10, 100, 30.0, 60.0) == 0.5
@@ -186,7 +184,7 @@ def test_time_budget_drives_the_schedule_and_the_curriculum():
 def test_a_few_steps_lower_the_loss(runtime):
     import torch
 
-    from deltamem.train import BetaProbe, episode_loss, make_batch
+    from deltamem.episodes import BetaProbe, episode_loss, make_batch
 
     rt, enc = runtime
     eps = [D.make_episode("train", 0, i, 0) for i in range(2)]
@@ -215,7 +213,7 @@ def test_a_few_steps_lower_the_loss(runtime):
     assert float(after) < first - 0.5, (first, float(after))
     # The one-pass exact match of state_gain (periodic evaluations) is evaluate's; batch 2
     # over 3 episodes leaves a lone last episode, which has no other state to compare with.
-    from deltamem.train import evaluate, state_gain
+    from deltamem.episodes import evaluate, state_gain
 
     eps3 = [*eps, D.make_episode("train", 0, 2, 0)]
     g = state_gain(rt, enc, eps3, batch=2)
@@ -227,7 +225,7 @@ def test_general_kl_is_zero_without_corrections_and_pulls_back(runtime, zero_rea
     (zero read-out), positive and differentiable when it does; CE stays the greedy answer's."""
     import torch
 
-    from deltamem.train import general_loss
+    from deltamem.episodes import general_loss
 
     rt, enc = runtime
     rows = [([1, 42, 314, 2718, 28, 99, 1000, 7], 5), ([1, 5000, 12, 77, 80], 2)]
@@ -244,14 +242,27 @@ def test_general_kl_is_zero_without_corrections_and_pulls_back(runtime, zero_rea
         assert ce > 0 and ce != pytest.approx(float(kl.detach()))
 
 
-def test_cli_tiny_run_checkpoints_and_resume(tmp_path):
+@pytest.mark.model  # the run finds the default model itself
+def test_cli_tiny_run_checkpoints_and_resume(tmp_path, monkeypatch):
     import torch
 
     threads = torch.get_num_threads()
     from safetensors.torch import load_file
 
+    from deltamem import layer as layer_math
     from deltamem.adapter import load_adapter
     from deltamem.train import configure_parser, run
+
+    # Every scan of a training run asks for the chunked backend, its no-grad evaluations too
+    # (the compiled CPU kernel slows torch down once it has run; see deltamem/train.py).
+    backends = []
+
+    def recording_scan(*args, backend="auto", **kw):
+        backends.append(backend)
+        return scan_fn(*args, backend=backend, **kw)
+
+    scan_fn = layer_math.delta_rule_scan
+    monkeypatch.setattr(layer_math, "delta_rule_scan", recording_scan)
 
     def parse(*extra):
         p = argparse.ArgumentParser()
@@ -259,11 +270,8 @@ def test_cli_tiny_run_checkpoints_and_resume(tmp_path):
         return p.parse_args(["--tiny", "--no-progress", "--threads", "1",
                              "--out-dir", str(tmp_path), *extra])
 
-    from deltamem import scan
-
     assert run(parse("--steps", "2")) == 0
-    # The trainer keeps the compiled CPU kernel off only while it runs (it slows torch).
-    assert scan.USE_CPU_KERNEL
+    assert backends and set(backends) == {"chunked"}
     st = json.loads((tmp_path / "last" / "trainer_state.json").read_text())
     assert st["step"] == 2
     # A step the killed run took after its checkpoint is taken again, and recorded once.
@@ -346,7 +354,7 @@ def test_general_prompts_are_varied_and_leave_heldout_values_unseen():
 def test_batched_general_targets_match_one_prompt_greedy(runtime, tmp_path):
     """The batched (left-padded) targets against the reference: rt.run, one prompt at a time,
     memory off. Float32, short answers: no near-tie, so every token must agree."""
-    from deltamem.train import general_targets
+    from deltamem.episodes import general_targets
 
     rt, enc = runtime
     tok = enc.tok
@@ -362,3 +370,139 @@ def test_batched_general_targets_match_one_prompt_greedy(runtime, tmp_path):
     assert set(json.loads(cache.read_text())) == set(qs)
     # A second call reads the cache: the same rows without decoding (the runtime is not used).
     assert general_targets(None, tok, qs, cache, max_new=8) == rows
+
+
+# --- the config, its flags and the recipes ----------------------------------------------------
+
+
+def _train_parser():
+    from deltamem.train import configure_parser
+
+    p = argparse.ArgumentParser(prog="deltamem train")
+    configure_parser(p)
+    return p
+
+
+def test_help_lists_every_field_with_its_help_and_default():
+    import dataclasses
+
+    from deltamem.train_config import TrainConfig
+
+    def squeeze(text) -> str:  # argparse wraps lines, at spaces and after hyphens
+        return "".join(str(text).split())
+
+    text = squeeze(_train_parser().format_help())
+    assert "--recipe" in text
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in text, flag
+        assert squeeze(f.metadata["help"]) in text, flag
+        if not isinstance(f.default, bool):  # switches have no default to show
+            shown = f.metadata["default_text"] if f.default is None else f.default
+            assert shown is not None, f"{flag}: a None default needs words for --help"
+            assert squeeze(f"{f.metadata['help']} (default: {shown})") in text, flag
+    # The defaults the command line gives are the dataclass's.
+    assert TrainConfig.from_args(_train_parser().parse_args([])) == TrainConfig()
+
+
+def test_every_recipe_loads_into_a_train_config():
+    from pathlib import Path
+
+    from deltamem.train_config import TrainConfig
+
+    recipes = sorted((Path(__file__).parents[1] / "recipes").glob("*.toml"))
+    assert {r.name for r in recipes} >= {"smollm2-shipped-base.toml", "smollm2-probe.toml"}
+    for recipe in recipes:
+        cfg = TrainConfig.from_recipe(recipe)
+        assert cfg.as_flags(), recipe  # a recipe that sets nothing is a mistake
+        # Its flags give the same config: the recipe says nothing the flags cannot.
+        assert TrainConfig.from_args(_train_parser().parse_args(cfg.as_flags())) == cfg
+
+
+def test_shipped_base_recipe_is_the_recorded_command():
+    import re
+    import shlex
+    from pathlib import Path
+
+    from deltamem.train_config import TrainConfig
+
+    root = Path(__file__).parents[1]
+    card = (root / "deltamem/adapters/smollm2-135m-instruct/TRAINING_CARD.md").read_text()
+    base = card[card.index("# Base: attempt 12"):]
+    command = re.search(r"\(deltamem train (.*?)\)\.", base).group(1)
+    recorded = TrainConfig.from_args(_train_parser().parse_args(shlex.split(command)))
+    recipe = TrainConfig.from_recipe(root / "recipes/smollm2-shipped-base.toml")
+    assert recipe == recorded
+    assert recipe.device == "cuda" and recipe.max_minutes == 7 and recipe.general_loss == "kl"
+
+
+def test_recipe_values_land_in_the_config_and_flags_override_them(tmp_path):
+    from pathlib import Path
+
+    from deltamem.train_config import ConfigError, TrainConfig
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('steps = 7\nlr = 1\nfacts = [1, 2]\nchatter = "3,4"\n'
+                      'out_dir = "somewhere"\nno_progress = true\nbatch = 3\n')
+    p = _train_parser()
+    cfg = TrainConfig.from_args(p.parse_args(["--recipe", str(recipe)]))
+    assert (cfg.steps, cfg.lr, cfg.facts, cfg.chatter) == (7, 1.0, (1, 2), (3, 4))
+    assert cfg.out_dir == Path("somewhere") and cfg.no_progress and cfg.batch == 3
+    assert cfg.seed == 0  # not in the recipe: the default
+    # A flag given on the command line wins, even one that repeats the default value.
+    cfg = TrainConfig.from_args(p.parse_args(["--recipe", str(recipe), "--steps", "9",
+                                              "--batch", "4", "--facts", "2,2"]))
+    assert (cfg.steps, cfg.batch, cfg.facts, cfg.lr) == (9, 4, (2, 2), 1.0)
+    # An unknown key is an error that names it; so is a value of the wrong type.
+    recipe.write_text("steps = 7\nstepz = 8\n")
+    with pytest.raises(ConfigError, match="'stepz'"):
+        TrainConfig.from_recipe(recipe)
+    recipe.write_text("max-minutes = 7\n")
+    with pytest.raises(ConfigError, match="did you mean max_minutes"):
+        TrainConfig.from_recipe(recipe)
+    recipe.write_text('steps = "many"\n')
+    with pytest.raises(ConfigError, match="--steps"):
+        TrainConfig.from_recipe(recipe)
+
+
+def test_config_refuses_what_no_run_can_use(tmp_path):
+    from deltamem.train import run
+    from deltamem.train_config import ConfigError, TrainConfig
+
+    for bad, match in (({"p_copy": 1.5}, "--p-copy"), ({"steps": 0}, "--steps"),
+                       ({"facts": (3, 2)}, "--facts"), ({"chatter": "x"}, "--chatter"),
+                       ({"sessions": 11}, "--sessions"), ({"dtype": "float16"}, "--dtype"),
+                       ({"curriculum": "0:a"}, "--curriculum"), ({"layers": "last:x"}, "--layers"),
+                       ({"init_adapter": "a", "beta_bias_init": -5.0}, "--beta-bias-init")):
+        with pytest.raises(ConfigError, match=match):
+            TrainConfig(**bad)
+    # The command line reports it and exits 2, before any model loads.
+    p = _train_parser()
+    assert run(p.parse_args(["--p-multi", "2", "--out-dir", str(tmp_path)])) == 2
+    assert run(p.parse_args(["--recipe", str(tmp_path / "missing.toml")])) == 2
+    # --tiny makes a new config; --finalize resumes.
+    cfg = TrainConfig(tiny=True, finalize=True)
+    tiny = cfg.with_tiny_limits()
+    assert (tiny.steps, tiny.layers, tiny.max_stage) == (4, "last:4", 1) and cfg.steps == 1000
+    assert cfg.continues_run and not TrainConfig().continues_run
+
+
+def test_training_asks_for_the_chunked_scan_and_the_default_is_auto(runtime):
+    import inspect
+
+    from deltamem.hf_runtime import DeltaMemHF
+    from deltamem.layer import DeltaMemLayer
+    from deltamem.scan import delta_rule_scan
+    from deltamem.train import TRAIN_SCAN_BACKEND
+
+    assert TRAIN_SCAN_BACKEND == "chunked"
+    rt, _ = runtime  # built without a backend: the default
+    assert rt.scan_backend == "auto"
+    for fn in (delta_rule_scan, DeltaMemHF.from_pretrained, DeltaMemHF.__init__):
+        name = "backend" if fn is delta_rule_scan else "scan_backend"
+        assert inspect.signature(fn).parameters[name].default == "auto", fn
+    for fn in (DeltaMemLayer.scan_tokens, DeltaMemLayer.scan_messages):
+        assert inspect.signature(fn).parameters["backend"].default == "auto", fn
+    with pytest.raises(ValueError, match="unknown scan backend"):
+        rt.scan_backend = "fast"
+    assert rt.scan_backend == "auto"
