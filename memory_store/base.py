@@ -1,25 +1,114 @@
-"""The session store interface and the operations every backend shares."""
+"""The session store interface and the operations every backend shares.
+
+How a session is stored (both backends): every version has a **head** and most versions a
+**delta**.
+
+* The head holds what a version *is* apart from its append-only content: scalars, identity,
+  the states (``state`` and ``extra_states``), the small meta (every meta key but the
+  append-only lists), the content's lengths, and the version's **lineage**: the versions whose
+  deltas, in order, make its content, as inclusive ranges (``((1, 40), (43, 45))``). It also
+  has a **log lineage**: the versions whose turn-log parts hold its visible turn log.
+* The delta of version ``n`` holds what ``n`` appended to its parent: tokens, messages and
+  ``meta["boundaries"]`` entries. Its **turn-log part** holds the ``meta["turn_log"]``
+  entries it appended. A delta is kept while some kept head's lineage names it; a turn-log
+  part while some kept head's log lineage does (the server shows the last 64 entries, so the
+  parts of older turns go once every kept version has moved past them).
+
+A commit sends the new head and the new delta and turn-log part only: its cost follows the
+turn, not the conversation. Loading a version reads its head and the deltas and parts its
+lineages name in one round trip, and assembles an ordinary :class:`SessionRecord`.
+
+A record remembers what is stored of it (``SessionRecord.stored``, set by load and commit).
+If it was loaded as the version a commit expects, the commit's delta is what the record holds
+beyond that version (checked to extend it); otherwise, or if the record does not extend it,
+the commit stores the record's whole content as one delta with a lineage of the new version
+alone. Sessions stored whole by the previous layout (one record blob per version) still load;
+their first commit stores the whole content once.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
+import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
-from .codec import decode_record, encode_record
+from .codec import (
+    CONTENT_LISTS,
+    MAGIC,
+    WINDOW_LIST,
+    decode_delta,
+    decode_head,
+    decode_record,
+    decode_turns,
+    delta_tokens,
+    encode_delta,
+    encode_head,
+    encode_record,
+    encode_turns,
+    parse_delta_json,
+    parse_turns_json,
+)
 from .errors import CorruptRecord, SessionNotFound
 from .record import (
+    Lineage,
     SessionRecord,
     SessionSummary,
     StateIdentity,
+    StoredBase,
     validate_session_id,
     validate_tenant,
 )
 
 __all__ = ["SessionStore"]
 
+log = logging.getLogger(__name__)
+
 MAX_LIST_LIMIT = 1000
+
+
+@dataclass
+class Fetched:
+    """One consistent read of a session, as a backend hands it to the shared code."""
+
+    current_version: int
+    token: str  # the current head's id ("" for a session stored by the previous layout)
+    created_at: float  # the current version's
+    data: bytes | None  # head (or whole legacy record) of the version asked for; None: not kept
+    deltas: list[bytes]  # the deltas its lineage names, in order, as found
+    turns: list[bytes | None]  # the turn-log parts its log lineage names, in order, as found
+
+
+@dataclass
+class CommitPlan:
+    """What a commit writes; backends store it with one compare-and-set."""
+
+    record: SessionRecord  # as stored: version and updated_at set
+    head: bytes
+    lineage: Lineage
+    log_lineage: Lineage
+    delta: bytes  # b"" when the version appended no content
+    turns: bytes  # b"" when it appended no turn-log entry
+    token: str  # the new head's id
+    # The current head's id this commit builds on (its lineage names deltas stored under it);
+    # "" when the commit stores the whole content and needs no earlier delta.
+    base_token: str
+    new_base: StoredBase
+
+    @property
+    def lineage_text(self) -> str:
+        """Both lineages as ``"1-40,43-45|40-45"`` (what the Redis scripts read)."""
+        return lineage_text(self.lineage) + "|" + lineage_text(self.log_lineage)
+
+
+class StaleBase(Exception):
+    """The version matches but the current head is not the one the commit builds on (the
+    session was deleted and made again, or the record comes from another store)."""
 
 
 class SessionStore(ABC):
@@ -27,8 +116,9 @@ class SessionStore(ABC):
 
     Every write goes through :meth:`commit`, an atomic compare-and-set on the session's
     version, so a turn that started from version ``n`` lands only if nobody else committed
-    since. Backends implement the raw primitives (``_read``, ``_version``, ``_cas``) and the
-    listing/maintenance methods; rollback, fork, export and import are built on top here.
+    since. Backends implement the raw primitives (``_fetch``, ``_version``, ``_write``) and the
+    listing/maintenance methods; load, commit, rollback, fork, export and import are built on
+    top here.
     """
 
     def __init__(self, keep_versions: int = 5) -> None:
@@ -39,17 +129,20 @@ class SessionStore(ABC):
     # -- backend primitives ------------------------------------------------------------------
 
     @abstractmethod
-    async def _read(self, tenant: str, session_id: str, version: int | None) -> bytes | None:
-        """Raw bytes of the current record (``version`` None) or of a kept version."""
+    async def _fetch(self, tenant: str, session_id: str, version: int | None) -> Fetched | None:
+        """Read the current version (``version`` None) or a kept one, with what its lineages
+        name, in one consistent read; None when the session does not exist."""
 
     @abstractmethod
     async def _version(self, tenant: str, session_id: str) -> int:
         """Current version, 0 when the session does not exist."""
 
     @abstractmethod
-    async def _cas(self, record: SessionRecord, blob: bytes, expected_version: int) -> None:
-        """Store ``blob`` as version ``record.version`` iff the current version is
-        ``expected_version``; raise VersionConflict otherwise."""
+    async def _write(self, plan: CommitPlan, expected_version: int) -> None:
+        """Store ``plan`` as version ``plan.record.version`` iff the current version is
+        ``expected_version`` (VersionConflict otherwise) and, when ``plan.base_token`` is set,
+        the current head's id is that (StaleBase otherwise); then drop the heads beyond
+        ``keep_versions`` and the deltas and turn-log parts no kept head names."""
 
     @abstractmethod
     async def delete(self, tenant: str, session_id: str) -> bool:
@@ -83,10 +176,15 @@ class SessionStore(ABC):
         self, tenant: str, session_id: str, expected_identity: StateIdentity | None = None
     ) -> SessionRecord:
         _check_ids(tenant, session_id)
-        data = await self._read(tenant, session_id, None)
-        if data is None:
+        fetched = await self._fetch(tenant, session_id, None)
+        if fetched is None:
             raise SessionNotFound(f"session {session_id!r} not found")
-        return _decode(data, tenant, session_id, expected_identity)
+        if fetched.data is None:
+            raise CorruptRecord(
+                f"session {tenant}/{session_id} is at version {fetched.current_version}, "
+                "whose head is missing"
+            )
+        return assemble(fetched, tenant, session_id, expected_identity)
 
     async def commit(self, record: SessionRecord, expected_version: int) -> SessionRecord:
         """Store ``record`` as version ``expected_version + 1``.
@@ -94,28 +192,79 @@ class SessionStore(ABC):
         ``record.version`` is ignored: ``expected_version`` (0 = must not exist yet) is what
         the compare-and-set checks. Returns a new record with the stored version and
         ``updated_at``; it shares the state tensor and lists with ``record``.
+
+        The transcript, ``messages``, ``meta["boundaries"]`` and ``meta["turn_log"]`` are
+        append-only: a turn adds to their end (the turn log may also drop entries at its
+        front). When ``record`` was loaded (or returned by a commit) as version
+        ``expected_version`` of this session, only what it appended since is sent. The store
+        checks that claim against its own copy of that version (every list's stored prefix,
+        compared by value): a record that does not extend it is not refused but stored whole
+        (its entire content as one delta), so a commit never stores a wrong record, it only
+        costs more. A record from anywhere else (new, imported, forked, from another store or
+        from before the session was deleted) is stored whole too.
         """
         _check_ids(record.tenant, record.session_id)
         if expected_version < 0:
             raise ValueError("expected_version must be >= 0")
-        stored = dataclasses.replace(record, version=expected_version + 1, updated_at=time.time())
-        blob = encode_record(stored)
-        await self._cas(stored, blob, expected_version)
+        stored = dataclasses.replace(
+            record, version=expected_version + 1, updated_at=time.time(), stored=None
+        )
+        base = record.stored
+        if base is not None and (
+            base.tenant != record.tenant
+            or base.session_id != record.session_id
+            or base.version != expected_version
+        ):
+            base = None
+        return await self._commit_on(stored, expected_version, base)
+
+    async def _commit_on(
+        self,
+        stored: SessionRecord,
+        expected_version: int,
+        base: StoredBase | None,
+    ) -> SessionRecord:
+        """Commit ``stored`` building on ``base`` (whose deltas are stored while the head
+        ``base.token`` is current); store it whole if that head is gone."""
+        plan = plan_commit(stored, base)
+        if base is not None and not plan.base_token:
+            log.info("session %s/%s: the record does not extend version %d, stored whole",
+                     stored.tenant, stored.session_id, base.version)
+        try:
+            await self._write(plan, expected_version)
+        except StaleBase:
+            log.info("session %s/%s: version %d is not the head the record was read from, "
+                     "stored whole", stored.tenant, stored.session_id, expected_version)
+            plan = plan_commit(stored, None)
+            await self._write(plan, expected_version)
+        stored.stored = plan.new_base
         return stored
 
     async def rollback(self, tenant: str, session_id: str, to_version: int) -> SessionRecord:
         """Make kept version ``to_version`` current again, as a new version.
 
+        The new version's head is ``to_version``'s (same lineage: nothing is copied); the
+        versions after ``to_version`` stay kept, and can be rolled back to in turn.
         Raises VersionConflict if another commit lands in between.
         """
-        current = await self.load(tenant, session_id)
-        data = await self._read(tenant, session_id, to_version)
-        if data is None:
+        _check_ids(tenant, session_id)
+        fetched = await self._fetch(tenant, session_id, to_version)
+        if fetched is None:
+            raise SessionNotFound(f"session {session_id!r} not found")
+        if fetched.data is None:
             raise SessionNotFound(f"version {to_version} of session {session_id!r} is not kept")
-        old = _decode(data, tenant, session_id, None)
-        return await self.commit(
-            dataclasses.replace(old, created_at=current.created_at), current.version
+        old = assemble(fetched, tenant, session_id, None)
+        current = fetched.current_version
+        new = dataclasses.replace(
+            old,
+            created_at=fetched.created_at,
+            version=current + 1,
+            updated_at=time.time(),
+            stored=None,
         )
+        # old.stored holds the token of the head that was current when to_version was read:
+        # to_version's deltas are stored while that head is still current.
+        return await self._commit_on(new, current, old.stored)
 
     async def fork(self, tenant: str, session_id: str, new_session_id: str) -> SessionRecord:
         """Copy a session's current content to a new session (version 1)."""
@@ -128,13 +277,9 @@ class SessionStore(ABC):
         return await self.commit(clone, 0)
 
     async def export(self, tenant: str, session_id: str) -> bytes:
-        """The current record's bytes, verified, ready for :meth:`import_` anywhere."""
-        _check_ids(tenant, session_id)
-        data = await self._read(tenant, session_id, None)
-        if data is None:
-            raise SessionNotFound(f"session {session_id!r} not found")
-        _decode(data, tenant, session_id, None)
-        return data
+        """The current record as one verified blob (:func:`encode_record`, the format
+        :meth:`import_` reads anywhere)."""
+        return encode_record(await self.load(tenant, session_id))
 
     async def import_(
         self,
@@ -184,9 +329,334 @@ def _decode(
     data: bytes, tenant: str, session_id: str, expected_identity: StateIdentity | None
 ) -> SessionRecord:
     record = decode_record(data, expected_identity)
+    _check_owner(record, tenant, session_id)
+    return record
+
+
+def _check_owner(record: SessionRecord, tenant: str, session_id: str) -> None:
     # Guards against a backend handing back another session's bytes (key mix-up, bad restore).
     if record.tenant != tenant or record.session_id != session_id:
         raise CorruptRecord(
             f"record stored as {tenant}/{session_id} belongs to {record.tenant}/{record.session_id}"
         )
+
+
+# -- lineages --------------------------------------------------------------------------------
+
+
+def lineage_versions(lineage: Lineage) -> Iterator[int]:
+    for lo, hi in lineage:
+        yield from range(lo, hi + 1)
+
+
+def lineage_text(lineage: Lineage) -> str:
+    return ",".join(f"{lo}-{hi}" for lo, hi in lineage)
+
+
+def _runs(versions: Iterator[int] | tuple[int, ...]) -> Lineage:
+    """Increasing versions (repeats allowed) as ranges of consecutive numbers."""
+    out: list[tuple[int, int]] = []
+    for v in versions:
+        if out and out[-1][1] >= v:
+            continue
+        if out and out[-1][1] == v - 1:
+            out[-1] = (out[-1][0], v)
+        else:
+            out.append((v, v))
+    return tuple(out)
+
+
+def subtract(ranges: list[tuple[int, int]], keep: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of ``ranges`` that no range of ``keep`` covers (ranges inclusive)."""
+    keep = sorted(keep)
+    out: list[tuple[int, int]] = []
+    for lo, hi in ranges:
+        for klo, khi in keep:
+            if khi < lo or klo > hi:
+                continue
+            if klo > lo:
+                out.append((lo, klo - 1))
+            lo = max(lo, khi + 1)
+            if lo > hi:
+                break
+        if lo <= hi:
+            out.append((lo, hi))
+    return out
+
+
+# -- meta ------------------------------------------------------------------------------------
+
+
+def split_meta(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int], dict[str, list]]:
+    """The small meta (for the head), the append-only lists' positions, and the lists."""
+    small: dict[str, Any] = {}
+    positions: dict[str, int] = {}
+    lists: dict[str, list] = {}
+    for i, (key, value) in enumerate(meta.items()):
+        if key in (*CONTENT_LISTS, WINDOW_LIST) and isinstance(value, list):
+            positions[key] = i
+            lists[key] = value
+        else:
+            small[key] = value
+    return small, positions, lists
+
+
+def join_meta(
+    small: dict[str, Any], positions: dict[str, int], lists: dict[str, list]
+) -> dict[str, Any]:
+    items = list(small.items())
+    for key, pos in sorted(positions.items(), key=lambda kv: kv[1]):
+        items.insert(pos, (key, lists[key]))
+    return dict(items)
+
+
+# -- commit planning -------------------------------------------------------------------------
+
+
+def _window_match(base: list[Any], new: list[Any]) -> int | None:
+    """How many entries ``new`` appended to the window ``base``: the least ``k`` such that
+    ``new`` is the last ``len(new)`` entries of ``base`` followed by ``new``'s last ``k``."""
+    n = len(new)
+    for k in range(n + 1):
+        m = n - k
+        if m <= len(base) and base[len(base) - m :] == new[:m]:
+            return k
+    return None  # unreachable: k = n always matches
+
+
+@dataclass
+class _Appended:
+    tokens: list[int]
+    messages: list[Any]
+    lists: dict[str, list[Any]]  # CONTENT_LISTS present in the record -> new entries
+    log: list[Any]  # new turn-log entries
+
+
+def _appended(
+    record: SessionRecord, lists: dict[str, list], base: StoredBase
+) -> _Appended | None:
+    """What ``record`` holds beyond ``base``; None if it does not extend it."""
+    transcript, messages = record.transcript, record.messages
+    n = len(base.transcript)
+    if len(transcript) < n or transcript[:n] != base.transcript:
+        return None
+    n = len(base.messages)
+    if len(messages) < n or list(messages[:n]) != base.messages:
+        return None
+    new_lists: dict[str, list[Any]] = {}
+    for key in CONTENT_LISTS:
+        stored, current = base.lists.get(key), lists.get(key)
+        if current is None:
+            if stored is not None:
+                return None  # the list went away: not an append
+            continue
+        stored = stored or []
+        if len(current) < len(stored) or current[: len(stored)] != stored:
+            return None
+        new_lists[key] = current[len(stored) :]
+    log: list[Any] = []
+    stored_log, current_log = base.lists.get(WINDOW_LIST), lists.get(WINDOW_LIST)
+    if current_log is None:
+        if stored_log is not None:
+            return None
+    else:
+        k = _window_match(stored_log or [], current_log)
+        if k is None:
+            return None
+        log = current_log[len(current_log) - k :] if k else []
+    return _Appended(transcript[len(base.transcript) :], list(messages[len(base.messages) :]),
+                     new_lists, log)
+
+
+def plan_commit(record: SessionRecord, base: StoredBase | None) -> CommitPlan:
+    """Encode what committing ``record`` (version and updated_at already set) writes: the
+    delta beyond ``base`` if the record extends it, else the whole content."""
+    version = record.version
+    small, positions, lists = split_meta(record.meta)
+    if base is not None and not base.token:
+        base = None  # nothing to check the base against: never build on it
+    appended = _appended(record, lists, base) if base is not None else None
+    if appended is None:
+        base = None
+        appended = _Appended(
+            list(record.transcript),
+            list(record.messages),
+            {k: lists[k] for k in CONTENT_LISTS if k in lists},
+            list(lists.get(WINDOW_LIST, [])),
+        )
+    has_content = bool(
+        appended.tokens or appended.messages or any(appended.lists.values())
+    )
+    delta = b""
+    new_messages: list[Any] = []
+    new_lists: dict[str, list[Any]] = {k: [] for k in CONTENT_LISTS}
+    if has_content:
+        delta = encode_delta(version, appended.tokens, appended.messages, appended.lists)
+        # The store's own copy of what it now holds: parsed back, never shared with callers.
+        new_messages, new_lists = parse_delta_json([decode_delta(delta).json])
+    turns = b""
+    new_log: list[Any] = []
+    if appended.log:
+        turns = encode_turns(version, appended.log)
+        [new_log] = parse_turns_json([decode_turns(turns)[1]])
+
+    lineage = base.lineage if base is not None else ()
+    if has_content:
+        if lineage and lineage[-1][1] == version - 1:
+            lineage = lineage[:-1] + ((lineage[-1][0], version),)
+        else:
+            lineage = lineage + ((version, version),)
+    sources: tuple[int, ...] = ()
+    log_snapshot: list[Any] | None = None
+    if WINDOW_LIST in lists:
+        n_log = len(lists[WINDOW_LIST])
+        prev_sources = base.log_sources if base is not None else ()
+        prev_log = (base.lists.get(WINDOW_LIST) or []) if base is not None else []
+        sources = (prev_sources + (version,) * len(new_log))[
+            max(0, len(prev_sources) + len(new_log) - n_log) :
+        ]
+        log_snapshot = (prev_log + new_log)[max(0, len(prev_log) + len(new_log) - n_log) :]
+    log_lineage = _runs(sources)
+
+    n_lists = {k: len(v) for k, v in lists.items()}
+    head = encode_head(
+        record, small, positions, len(record.transcript), len(record.messages), n_lists,
+        lineage, log_lineage,
+    )
+    token = uuid.uuid4().hex
+    snapshot_lists: dict[str, list[Any] | None] = {}
+    for key in CONTENT_LISTS:
+        if key in lists:
+            prev = (base.lists.get(key) or []) if base is not None else []
+            snapshot_lists[key] = prev + new_lists[key]
+        else:
+            snapshot_lists[key] = None
+    snapshot_lists[WINDOW_LIST] = log_snapshot
+    new_base = StoredBase(
+        tenant=record.tenant,
+        session_id=record.session_id,
+        version=version,
+        token=token,
+        lineage=lineage,
+        log_sources=sources,
+        transcript=(base.transcript if base is not None else []) + appended.tokens,
+        messages=(base.messages if base is not None else []) + new_messages,
+        lists=snapshot_lists,
+    )
+    return CommitPlan(
+        record=record,
+        head=head,
+        lineage=lineage,
+        log_lineage=log_lineage,
+        delta=delta,
+        turns=turns,
+        token=token,
+        base_token=base.token if base is not None else "",
+        new_base=new_base,
+    )
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def assemble(
+    fetched: Fetched, tenant: str, session_id: str, expected_identity: StateIdentity | None
+) -> SessionRecord:
+    """The record ``fetched`` holds (its head and deltas, or a whole record of the previous
+    layout), verified; ``stored`` says what of it is stored."""
+    data = fetched.data
+    assert data is not None
+    if bytes(data[: len(MAGIC)]) == MAGIC:
+        return _decode(data, tenant, session_id, expected_identity)  # previous layout
+    head = decode_head(data, expected_identity)
+    record = head.record
+    _check_owner(record, tenant, session_id)
+    version = record.version
+
+    wanted = list(lineage_versions(head.lineage))
+    if len(fetched.deltas) != len(wanted):
+        raise CorruptRecord(
+            f"version {version} of {tenant}/{session_id} names {len(wanted)} deltas, "
+            f"{len(fetched.deltas)} found"
+        )
+    parts = []
+    for want, blob in zip(wanted, fetched.deltas, strict=True):
+        if not blob:
+            raise CorruptRecord(f"delta of version {want} of {tenant}/{session_id} is missing")
+        part = decode_delta(blob)
+        if part.version != want:
+            raise CorruptRecord(
+                f"delta of version {part.version} found where {tenant}/{session_id} needs {want}"
+            )
+        parts.append(part)
+    transcript = delta_tokens(parts)
+    js = [part.json for part in parts]
+    # Parsed twice: the record's lists, and the store's own copy (see StoredBase).
+    messages, lists = parse_delta_json(js)
+    messages_copy, lists_copy = parse_delta_json(js)
+    if len(transcript) != head.n_tokens or len(messages) != head.n_messages:
+        raise CorruptRecord(
+            f"version {version} of {tenant}/{session_id}: deltas hold {len(transcript)} tokens "
+            f"and {len(messages)} messages, the head says {head.n_tokens} and {head.n_messages}"
+        )
+
+    present: dict[str, list[Any]] = {}
+    snapshot: dict[str, list[Any] | None] = {k: None for k in (*CONTENT_LISTS, WINDOW_LIST)}
+    for key in CONTENT_LISTS:
+        if key in head.positions:
+            if len(lists[key]) != head.n_lists[key]:
+                raise CorruptRecord(f"version {version}: deltas hold {len(lists[key])} "
+                                    f"{key}, the head says {head.n_lists[key]}")
+            present[key] = lists[key]
+            snapshot[key] = lists_copy[key]
+        elif lists[key]:
+            raise CorruptRecord(f"version {version}: deltas hold {key} the head has not")
+
+    sources: tuple[int, ...] = ()
+    log_versions = list(lineage_versions(head.log_lineage))
+    if WINDOW_LIST in head.positions:
+        if len(fetched.turns) != len(log_versions):
+            raise CorruptRecord(f"version {version} names {len(log_versions)} turn-log parts, "
+                                f"{len(fetched.turns)} found")
+        found: list[bytes] = []
+        for want, blob in zip(log_versions, fetched.turns, strict=True):
+            if not blob:
+                raise CorruptRecord(f"turn-log part of version {want} of {tenant}/{session_id} "
+                                    "is missing")
+            got, js_part = decode_turns(blob)
+            if got != want:
+                raise CorruptRecord(f"turn-log part of version {got} found where "
+                                    f"{tenant}/{session_id} needs {want}")
+            found.append(js_part)
+        log = [e for entries in parse_turns_json(found) for e in entries]
+        log_copy = []
+        all_sources: list[int] = []
+        for want, entries in zip(log_versions, parse_turns_json(found), strict=True):
+            log_copy += entries
+            all_sources += [want] * len(entries)
+        n_log = head.n_lists[WINDOW_LIST]
+        if len(log) < n_log:
+            raise CorruptRecord(f"version {version}: turn-log parts hold {len(log)} entries, "
+                                f"the head shows {n_log}")
+        cut = len(log) - n_log
+        present[WINDOW_LIST] = log[cut:]
+        snapshot[WINDOW_LIST] = log_copy[cut:]
+        sources = tuple(all_sources[cut:])
+    elif log_versions:
+        raise CorruptRecord(f"version {version}: a log lineage without a turn log")
+
+    record.transcript = transcript
+    record.messages = messages
+    record.meta = join_meta(record.meta, head.positions, present)
+    record.stored = StoredBase(
+        tenant=tenant,
+        session_id=session_id,
+        version=version,
+        token=fetched.token,
+        lineage=head.lineage,
+        log_sources=sources,
+        transcript=list(transcript),
+        messages=messages_copy,
+        lists=snapshot,
+    )
     return record

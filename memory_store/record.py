@@ -15,9 +15,14 @@ __all__ = [
     "SessionRecord",
     "SessionSummary",
     "StateIdentity",
+    "StoredBase",
     "validate_session_id",
     "validate_tenant",
 ]
+
+# Lineages: which stored deltas, in order, make a version's content, as inclusive ranges of the
+# version numbers that wrote them (increasing, not overlapping).
+Lineage = tuple[tuple[int, int], ...]
 
 # No '/', '{' or '}': the Redis store builds keys and cluster hash tags from these ids.
 _ID_RE = re.compile(r"[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}")
@@ -114,6 +119,13 @@ class SessionRecord:
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     meta: dict[str, Any] = field(default_factory=dict)
+    # More states of the same shape, by name (the turn plan's epoch state and block snapshot);
+    # only with a state.
+    extra_states: dict[str, torch.Tensor] = field(default_factory=dict)
+    # What the store already holds of this record: set by load and commit, carried along by
+    # dataclasses.replace, so that the next commit sends only what was appended (the store's
+    # business; leave it alone).
+    stored: StoredBase | None = field(default=None, compare=False, repr=False, kw_only=True)
 
     def summary(self) -> SessionSummary:
         return SessionSummary(
@@ -124,6 +136,29 @@ class SessionRecord:
             created_at=self.created_at,
             updated_at=self.updated_at,
         )
+
+
+@dataclass(frozen=True, eq=False)
+class StoredBase:
+    """The stored version a record was loaded as (or committed as); private to the store.
+
+    ``token`` is the id of the session's *current* head when this was read: while it is still
+    current (and the version unchanged), every delta of ``lineage`` is still stored. The lists
+    are the store's own copies of the stored content (never handed out), against which a
+    commit checks that the record it is given extends this version.
+    """
+
+    tenant: str
+    session_id: str
+    version: int
+    token: str
+    lineage: Lineage
+    # Version that appended each entry of the visible turn log, oldest first.
+    log_sources: tuple[int, ...]
+    transcript: list[int]
+    messages: list[Any]
+    # Append-only meta lists (``boundaries``, ``turn_log``): None where meta has no such list.
+    lists: dict[str, list[Any] | None]
 
 
 @dataclass(frozen=True)

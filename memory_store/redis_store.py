@@ -1,12 +1,49 @@
 """Session store on Redis.
 
-Keys, with cluster hash tags so that all keys of one session share a slot (the commit script
-touches only those)::
+Keys, with cluster hash tags so that all keys of one session share a slot (the scripts touch
+only those)::
 
-    {prefix}:{tenant/session}:cur    hash: v, blob, turns, absorbed, created, updated, token
-    {prefix}:{tenant/session}:hist   hash: str(version) -> blob, the last K versions
+    {prefix}:{tenant/session}:cur    hash: v, turns, absorbed, created, updated, token
+    {prefix}:{tenant/session}:hist   hash: "<n>"  -> head of kept version n (codec.encode_head)
+                                           "l<n>" -> n's lineages as text, "1-40,43-45|40-45"
+                                                     (content ranges | turn-log ranges)
+                                           "t<n>" -> turn-log part of version n (the turn-log
+                                                     entries n appended), while a kept
+                                                     head's log lineage names it
+    {prefix}:{tenant/session}:delta  list: one element per version, oldest first; the element
+                                     of version n is at index n - v - 1 from the end (v the
+                                     current version): n's delta (codec.encode_delta), or ""
+                                     when n appended nothing (a rollback) or no kept head
+                                     names it any more; versions no kept head needs are
+                                     trimmed from the front
     {prefix}:idx:{tenant}            sorted set, all scores 0: session ids in lexical order
     {prefix}:exp:{tenant}            sorted set: session id -> expiry time (only with a TTL)
+
+``cur`` is the session's summary (what ``list`` shows) and its compare-and-set: ``v`` the
+current version, ``token`` the current head's id (a random hex string per commit). The
+current version's head is ``hist["<v>"]``.
+
+A commit is one Lua script over ``cur``, ``hist`` and ``delta``: compare ``v`` (and, for a
+commit that builds on stored deltas, ``token``: the head its record was read as must still be
+current, else the record is stored whole), write ``cur``, the new head and its lineage
+text, push the new delta (or "") and set the new turn-log part; then drop the heads older
+than the last ``keep_versions`` versions and, of the deltas and turn-log parts their
+lineages named, those no kept head names (LTRIM of the list's front, "" in its middle,
+HDEL of "t<n>"); then set the TTL on all three keys. It sends the new head, delta and
+turn-log part, never the history. Loading a version is one Lua script too: read ``cur`` and
+the head, LRANGE the lineage's ranges of ``delta``, HMGET the log lineage's ``t<n>``, and
+return the deltas and the turn-log parts concatenated (each part says its own length).
+
+Sessions written by the previous layout (``cur`` holding ``blob``, the whole current record;
+``hist["<n>"]`` whole records, no ``l<n>``; no ``delta``) load as they are; their first
+commit removes ``blob`` and starts ``delta`` with that version, stored whole. (The other way
+round does not work: a server running the previous code finds no ``blob`` and sees these
+sessions as missing, so do not serve one store with both.)
+
+Every key of a session has the same TTL, set by each commit and refreshed by each load. A
+version is no longer one self-contained blob: run Redis with ``maxmemory-policy noeviction``,
+since any eviction policy may evict one key of a session and not the others, which leaves it
+unreadable (detected: a CorruptRecord, never a wrong record).
 
 '/' separates tenant and session because ids may contain ':' but never '/'.
 
@@ -23,9 +60,9 @@ from __future__ import annotations
 import logging
 import re
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
@@ -33,39 +70,180 @@ import redis.exceptions as rex
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from .base import SessionStore, _check_ids, _check_list_args
+from .base import (
+    CommitPlan,
+    Fetched,
+    SessionStore,
+    StaleBase,
+    _check_ids,
+    _check_list_args,
+)
+from .codec import split_parts
 from .errors import SessionNotFound, StoreError, StoreUnavailable, VersionConflict
-from .record import SessionRecord, SessionSummary, validate_tenant
+from .record import SessionSummary, validate_tenant
 
 __all__ = ["RedisStore"]
 
 log = logging.getLogger(__name__)
 
-# KEYS: cur, hist. ARGV: expected, blob, turns, absorbed, created, updated, keep, ttl, token.
-# Returns {1, new_version} or {0, current_version}.
-_COMMIT_LUA = """
+_LUA_LINEAGE = """
+local function ranges(s)
+  local r = {}
+  for a, b in string.gmatch(s, '(%d+)-(%d+)') do r[#r + 1] = {tonumber(a), tonumber(b)} end
+  return r
+end
+-- "1-40,43-45|40-45" -> content ranges, turn-log ranges
+local function lineages(text)
+  local bar = string.find(text or '', '|', 1, true)
+  if not bar then return {}, {} end
+  return ranges(string.sub(text, 1, bar - 1)), ranges(string.sub(text, bar + 1))
+end
+"""
+
+# KEYS: cur, hist, delta. ARGV: expected, head, lineage text, delta, turn-log part, turns,
+# absorbed, created, updated, keep, ttl, token, base token ("" = builds on nothing stored).
+# Returns {1, new_version}, {0, current_version} (conflict) or {2, current_version} (the
+# current head is not the base token's: the caller stores the whole content instead).
+_COMMIT_LUA = _LUA_LINEAGE + """
+-- The parts of ranges `cands` that no range of `keeps` covers.
+local function subtract(cands, keeps)
+  table.sort(keeps, function(x, y) return x[1] < y[1] end)
+  local out = {}
+  for _, c in ipairs(cands) do
+    local lo, hi = c[1], c[2]
+    for _, k in ipairs(keeps) do
+      if k[2] >= lo and k[1] <= hi then
+        if k[1] > lo then out[#out + 1] = {lo, k[1] - 1} end
+        if k[2] + 1 > lo then lo = k[2] + 1 end
+        if lo > hi then break end
+      end
+    end
+    if lo <= hi then out[#out + 1] = {lo, hi} end
+  end
+  return out
+end
+
 local fields = redis.call('HMGET', KEYS[1], 'v', 'token')
 local current = tonumber(fields[1]) or 0
 local expected = tonumber(ARGV[1])
 if current ~= expected then
   -- A client retry of a commit whose reply was lost: it already landed, report success.
-  if current == expected + 1 and fields[2] == ARGV[9] then return {1, current} end
+  if current == expected + 1 and fields[2] == ARGV[12] then return {1, current} end
   return {0, current}
 end
-local new = tostring(expected + 1)
-redis.call('HSET', KEYS[1], 'v', new, 'blob', ARGV[2], 'turns', ARGV[3], 'absorbed', ARGV[4],
-           'created', ARGV[5], 'updated', ARGV[6], 'token', ARGV[9])
-redis.call('HSET', KEYS[2], new, ARGV[2])
-local oldest_kept = expected + 2 - tonumber(ARGV[7])
-for _, f in ipairs(redis.call('HKEYS', KEYS[2])) do
-  if tonumber(f) < oldest_kept then redis.call('HDEL', KEYS[2], f) end
+if ARGV[13] ~= '' and fields[2] ~= ARGV[13] then return {2, current} end
+if not string.find(ARGV[3], '|', 1, true) then return redis.error_reply('bad lineage') end
+local new = expected + 1
+if current == 0 then
+  -- Nothing may be left of a session that is gone (a crashed delete, an old writer).
+  redis.call('DEL', KEYS[2], KEYS[3])
 end
-local ttl = tonumber(ARGV[8])
+redis.call('HSET', KEYS[1], 'v', new, 'turns', ARGV[6], 'absorbed', ARGV[7],
+           'created', ARGV[8], 'updated', ARGV[9], 'token', ARGV[12])
+redis.call('HDEL', KEYS[1], 'blob')
+redis.call('HSET', KEYS[2], tostring(new), ARGV[2], 'l' .. new, ARGV[3])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 't' .. new, ARGV[5]) end
+redis.call('RPUSH', KEYS[3], ARGV[4])
+
+local oldest_kept = new + 1 - tonumber(ARGV[10])
+local dropped = {}
+local kept = {}
+for _, f in ipairs(redis.call('HKEYS', KEYS[2])) do
+  local n = tonumber(f)
+  if n and string.match(f, '^%d+$') then
+    if n < oldest_kept then dropped[#dropped + 1] = f else kept[#kept + 1] = f end
+  end
+end
+if #dropped > 0 then
+  local gone_d, gone_t, keep_d, keep_t = {}, {}, {}, {}
+  for _, f in ipairs(dropped) do
+    local d, t = lineages(redis.call('HGET', KEYS[2], 'l' .. f))
+    for _, r in ipairs(d) do gone_d[#gone_d + 1] = r end
+    for _, r in ipairs(t) do gone_t[#gone_t + 1] = r end
+    redis.call('HDEL', KEYS[2], f, 'l' .. f)
+  end
+  local first = new + 1
+  for _, f in ipairs(kept) do
+    local d, t = lineages(redis.call('HGET', KEYS[2], 'l' .. f))
+    for _, r in ipairs(d) do
+      keep_d[#keep_d + 1] = r
+      if r[1] < first then first = r[1] end
+    end
+    for _, r in ipairs(t) do keep_t[#keep_t + 1] = r end
+  end
+  -- Deltas: cut the front no kept head needs, blank the holes left by abandoned branches.
+  local have = new - redis.call('LLEN', KEYS[3]) + 1
+  if first > new then
+    redis.call('DEL', KEYS[3])
+  elseif first > have then
+    redis.call('LTRIM', KEYS[3], first - new - 1, -1)
+    have = first
+  end
+  if first <= new then
+    for _, r in ipairs(subtract(gone_d, keep_d)) do
+      local lo = r[1]
+      if lo < have then lo = have end
+      for x = lo, r[2] do redis.call('LSET', KEYS[3], x - new - 1, '') end
+    end
+  end
+  for _, r in ipairs(subtract(gone_t, keep_t)) do
+    for x = r[1], r[2] do redis.call('HDEL', KEYS[2], 't' .. x) end
+  end
+end
+local ttl = tonumber(ARGV[11])
 if ttl > 0 then
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('EXPIRE', KEYS[2], ttl)
+  redis.call('EXPIRE', KEYS[3], ttl)
 end
-return {1, expected + 1}
+return {1, new}
+"""
+
+# KEYS: cur, hist, delta. ARGV: version ("" = current), ttl (0 = leave the TTL alone).
+# Returns {} when the session does not exist, else {current version, token, created, data,
+# deltas, turn-log parts}: data is false when the version is not kept; the deltas its lineage
+# names and the turn-log parts its log lineage names come concatenated (each says its own
+# length), one bulk reply each rather than one per part.
+_LOAD_LUA = _LUA_LINEAGE + """
+local c = redis.call('HMGET', KEYS[1], 'v', 'token', 'created', 'blob')
+if not c[1] then return {} end
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+  redis.call('EXPIRE', KEYS[3], ttl)
+end
+local ver = ARGV[1]
+if ver == '' then
+  if c[4] then return {c[1], c[2] or '', c[3], c[4], '', ''} end  -- previous layout
+  ver = c[1]
+end
+local h = redis.call('HMGET', KEYS[2], ver, 'l' .. ver)
+if not h[1] or not h[2] then return {c[1], c[2] or '', c[3], h[1], '', ''} end
+local cv = tonumber(c[1])
+local d, t = lineages(h[2])
+local deltas = {}
+for _, r in ipairs(d) do
+  for _, item in ipairs(redis.call('LRANGE', KEYS[3], r[1] - cv - 1, r[2] - cv - 1)) do
+    deltas[#deltas + 1] = item
+  end
+end
+local turns = {}
+local fields = {}
+local function fetch()
+  for _, item in ipairs(redis.call('HMGET', KEYS[2], unpack(fields))) do
+    turns[#turns + 1] = item or ''
+  end
+  fields = {}
+end
+for _, r in ipairs(t) do
+  for x = r[1], r[2] do
+    fields[#fields + 1] = 't' .. x
+    if #fields == 1000 then fetch() end
+  end
+end
+if #fields > 0 then fetch() end
+return {c[1], c[2] or '', c[3], h[1], table.concat(deltas), table.concat(turns)}
 """
 
 # KEYS: idx, exp. ARGV: now, batch. Drops index entries whose TTL has passed.
@@ -127,13 +305,15 @@ class RedisStore(SessionStore):
             decode_responses=False,
         )
         self._commit_script = self._redis.register_script(_COMMIT_LUA)
+        self._load_script = self._redis.register_script(_LOAD_LUA)
         self._prune_script = self._redis.register_script(_PRUNE_LUA)
 
     # -- keys --------------------------------------------------------------------------------
 
-    def _session_keys(self, tenant: str, session_id: str) -> tuple[str, str]:
+    def _session_keys(self, tenant: str, session_id: str) -> tuple[str, str, str]:
+        """``cur``, ``hist`` and ``delta``: every key of one session."""
         base = f"{self.prefix}:{{{tenant}/{session_id}}}"
-        return f"{base}:cur", f"{base}:hist"
+        return f"{base}:cur", f"{base}:hist", f"{base}:delta"
 
     def _index_keys(self, tenant: str) -> tuple[str, str]:
         return f"{self.prefix}:idx:{{{tenant}}}", f"{self.prefix}:exp:{{{tenant}}}"
@@ -151,49 +331,93 @@ class RedisStore(SessionStore):
 
     # -- primitives --------------------------------------------------------------------------
 
-    async def _read(self, tenant: str, session_id: str, version: int | None) -> bytes | None:
-        cur, hist = self._session_keys(tenant, session_id)
+    async def _fetch(self, tenant: str, session_id: str, version: int | None) -> Fetched | None:
+        keys = self._session_keys(tenant, session_id)
+        args = ["" if version is None else str(version), self.ttl_seconds or 0]
         with self._translate():
-            if version is not None:
-                return await self._redis.hget(hist, str(version))
             if self.ttl_seconds is None:
-                return await self._redis.hget(cur, "blob")
-            _, exp = self._index_keys(tenant)
+                reply = await self._load_script(keys=list(keys), args=args)
+            else:
+                # The expiry index sits on another slot: refresh it in the same round trip.
+                _, exp = self._index_keys(tenant)
+                reply = await self._eval_with(
+                    self._load_script,
+                    keys,
+                    args,
+                    lambda pipe: pipe.zadd(
+                        exp, {session_id: time.time() + self.ttl_seconds}, xx=True
+                    ),
+                )
+        if not reply:
+            return None
+        current, token, created, data, deltas, turns = reply
+        return Fetched(
+            current_version=int(current),
+            token=token.decode() if token else "",
+            created_at=float(created) if created is not None else 0.0,
+            data=data,
+            # A missing part shows as a short list (the assembly then refuses the record).
+            deltas=split_parts(deltas),
+            turns=list(split_parts(turns)),
+        )
+
+    async def _eval_with(self, script: Any, keys: tuple[str, ...], args: list[Any],
+                         also: Any) -> Any:
+        """Run ``script`` and the commands ``also`` queues in one pipelined round trip
+        (loading the script first if the server does not have it)."""
+        for attempt in range(2):
             pipe = self._redis.pipeline(transaction=False)
-            pipe.hget(cur, "blob")
-            pipe.expire(cur, self.ttl_seconds)
-            pipe.expire(hist, self.ttl_seconds)
-            pipe.zadd(exp, {session_id: time.time() + self.ttl_seconds}, xx=True)
-            blob, *_ = await pipe.execute()
-            return blob
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            also(pipe)
+            results = await pipe.execute(raise_on_error=False)
+            if isinstance(results[0], rex.NoScriptError) and attempt == 0:
+                await self._redis.script_load(script.script)
+                continue
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+            return results[0]
+        raise AssertionError("unreachable")
 
     async def _version(self, tenant: str, session_id: str) -> int:
-        cur, _ = self._session_keys(tenant, session_id)
+        cur, _, _ = self._session_keys(tenant, session_id)
         with self._translate():
             value = await self._redis.hget(cur, "v")
         return int(value) if value is not None else 0
 
-    async def _cas(self, record: SessionRecord, blob: bytes, expected_version: int) -> None:
-        tenant, session_id = record.tenant, record.session_id
-        cur, hist = self._session_keys(tenant, session_id)
-        args = [
+    def _commit_args(self, plan: CommitPlan, expected_version: int) -> list[Any]:
+        record = plan.record
+        return [
             expected_version,
-            blob,
+            plan.head,
+            plan.lineage_text,
+            plan.delta,
+            plan.turns,
             record.turns,
             record.tokens_absorbed,
             repr(float(record.created_at)),
             repr(float(record.updated_at)),
             self.keep_versions,
             self.ttl_seconds or 0,
-            uuid.uuid4().hex,
+            plan.token,
+            plan.base_token,
         ]
+
+    async def _write(self, plan: CommitPlan, expected_version: int) -> None:
+        record = plan.record
+        tenant, session_id = record.tenant, record.session_id
+        keys = self._session_keys(tenant, session_id)
         with self._translate():
-            ok, current = await self._commit_script(keys=[cur, hist], args=args)
-        if not ok:
+            status, current = await self._commit_script(
+                keys=list(keys), args=self._commit_args(plan, expected_version)
+            )
+        if status == 0:
             raise VersionConflict(
                 f"session {session_id!r} is at version {current}, not {expected_version}",
                 current_version=int(current),
             )
+        if status == 2:
+            raise StaleBase(f"session {session_id!r} has another head at version {current}")
         idx, exp = self._index_keys(tenant)
         try:
             with self._translate():
@@ -222,12 +446,12 @@ class RedisStore(SessionStore):
 
     async def delete(self, tenant: str, session_id: str) -> bool:
         _check_ids(tenant, session_id)
-        cur, hist = self._session_keys(tenant, session_id)
+        cur, hist, delta = self._session_keys(tenant, session_id)
         idx, exp = self._index_keys(tenant)
         with self._translate():
             pipe = self._redis.pipeline(transaction=False)
             pipe.delete(cur)
-            pipe.delete(hist)
+            pipe.delete(hist, delta)
             pipe.zrem(idx, session_id)
             pipe.zrem(exp, session_id)
             removed, *_ = await pipe.execute()
@@ -271,12 +495,13 @@ class RedisStore(SessionStore):
 
     async def versions(self, tenant: str, session_id: str) -> list[int]:
         _check_ids(tenant, session_id)
-        _, hist = self._session_keys(tenant, session_id)
+        _, hist, _ = self._session_keys(tenant, session_id)
         with self._translate():
             fields = await self._redis.hkeys(hist)
-        if not fields:
+        kept = sorted(int(f) for f in fields if f.isdigit())
+        if not kept:
             raise SessionNotFound(f"session {session_id!r} not found")
-        return sorted(int(f) for f in fields)
+        return kept
 
     async def count(self, tenant: str | None = None) -> int:
         if tenant is not None:
@@ -300,9 +525,21 @@ class RedisStore(SessionStore):
         await self._redis.aclose()
 
     async def ttl(self, tenant: str, session_id: str) -> tuple[int, int]:
-        """Remaining TTL in seconds of the session's current and history keys (-1: none,
-        -2: missing); for operations and tests."""
+        """Remaining TTL in seconds of the session's current key and of its history (the
+        least over ``hist`` and ``delta``); -1: none, -2: missing. For operations and tests;
+        :meth:`key_ttls` has every key's."""
+        ttls = await self.key_ttls(tenant, session_id)
+        cur, *others = ttls.values()
+        present = [t for t in others if t != -2]
+        return cur, (min(present) if present else -2)
+
+    async def key_ttls(self, tenant: str, session_id: str) -> dict[str, int]:
+        """Remaining TTL in seconds of each key of the session (-1: none, -2: missing)."""
         _check_ids(tenant, session_id)
-        cur, hist = self._session_keys(tenant, session_id)
+        keys = self._session_keys(tenant, session_id)
         with self._translate():
-            return int(await self._redis.ttl(cur)), int(await self._redis.ttl(hist))
+            pipe = self._redis.pipeline(transaction=False)
+            for key in keys:
+                pipe.ttl(key)
+            values = await pipe.execute()
+        return {key: int(value) for key, value in zip(keys, values, strict=True)}

@@ -1,5 +1,36 @@
 """Session store on SQLite, for a single machine (one or several server processes).
 
+Tables::
+
+    sessions  (tenant, session_id) -> version, turns, tokens_absorbed, created_at,
+              updated_at, token
+              one row a session: its summary (what ``list`` shows) and its compare-and-set;
+              ``token`` is the current head's id (a random hex string per commit; NULL for a
+              session last written by the previous layout)
+    versions  (tenant, session_id, version) -> record BLOB
+              the head of each kept version (codec.encode_head), the last ``keep_versions``;
+              the previous layout's rows hold whole records (codec.encode_record)
+    spans     (tenant, session_id, version, part, lo) -> hi
+              the lineages of each kept head, one row per range: part 0 names the deltas
+              making its content, part 1 the turn-log parts holding its visible turn log
+    deltas    (tenant, session_id, part, version) -> data BLOB
+              part 0: the delta of a version (codec.encode_delta: the tokens, messages and
+              boundaries it appended); part 1: its turn-log part (codec.encode_turns); a row
+              exists while some kept head's spans name it
+
+A commit is one transaction: compare ``sessions.version`` (and, for a commit that builds on
+stored deltas, ``sessions.token``: the head its record was read as must still be current,
+else the record is stored whole), then write one ``sessions`` row, one ``versions`` row, its
+few ``spans`` rows, and at most one ``deltas`` row of each part: the new head and what the
+turn appended, never the history. It then deletes the heads (and their spans) older than the last ``keep_versions``
+versions and, of the deltas those spans named, the ones no kept head's spans name. Loading a
+version is one SELECT: the head, and the deltas and turn-log parts its spans name.
+
+A file written by the previous layout (no ``spans``/``deltas`` tables, no ``token`` column)
+is upgraded in place when opened; its sessions load as they are and their first commit stores
+the whole content once. (A server running the previous code cannot read heads: do not serve
+one file with both.)
+
 WAL mode lets readers run beside the one writer, and ``busy_timeout`` makes a second process
 wait for the write lock instead of failing. Every commit is a ``BEGIN IMMEDIATE`` transaction,
 which takes the write lock before reading the version, so the compare-and-set cannot
@@ -16,15 +47,24 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .base import SessionStore, _check_ids, _check_list_args
+from .base import (
+    CommitPlan,
+    Fetched,
+    SessionStore,
+    StaleBase,
+    _check_ids,
+    _check_list_args,
+    subtract,
+)
 from .errors import SessionNotFound, StoreError, StoreUnavailable, VersionConflict
-from .record import SessionRecord, SessionSummary, validate_tenant
+from .record import SessionSummary, validate_tenant
 
 __all__ = ["SqliteStore"]
 
 T = TypeVar("T")
 
-_SCHEMA = """
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS sessions (
     tenant          TEXT    NOT NULL,
     session_id      TEXT    NOT NULL,
@@ -33,33 +73,69 @@ CREATE TABLE IF NOT EXISTS sessions (
     tokens_absorbed INTEGER NOT NULL,
     created_at      REAL    NOT NULL,
     updated_at      REAL    NOT NULL,
+    token           TEXT,
     PRIMARY KEY (tenant, session_id)
-);
+)""",
+    """
 CREATE TABLE IF NOT EXISTS versions (
     tenant     TEXT    NOT NULL,
     session_id TEXT    NOT NULL,
     version    INTEGER NOT NULL,
     record     BLOB    NOT NULL,
     PRIMARY KEY (tenant, session_id, version)
-);
-"""
+)""",
+    """
+CREATE TABLE IF NOT EXISTS spans (
+    tenant     TEXT    NOT NULL,
+    session_id TEXT    NOT NULL,
+    version    INTEGER NOT NULL,
+    part       INTEGER NOT NULL,
+    lo         INTEGER NOT NULL,
+    hi         INTEGER NOT NULL,
+    PRIMARY KEY (tenant, session_id, version, part, lo)
+) WITHOUT ROWID""",
+    """
+CREATE TABLE IF NOT EXISTS deltas (
+    tenant     TEXT    NOT NULL,
+    session_id TEXT    NOT NULL,
+    part       INTEGER NOT NULL,
+    version    INTEGER NOT NULL,
+    data       BLOB    NOT NULL,
+    PRIMARY KEY (tenant, session_id, part, version)
+)""",
+)
+_DELTA, _TURNS = 0, 1  # spans.part / deltas.part
 
 _UPSERT_SESSION = """
-INSERT INTO sessions (tenant, session_id, version, turns, tokens_absorbed, created_at, updated_at)
-VALUES (?, ?, ?, ?, ?, ?, ?)
+INSERT INTO sessions (tenant, session_id, version, turns, tokens_absorbed, created_at, updated_at,
+                      token)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (tenant, session_id) DO UPDATE SET
     version = excluded.version,
     turns = excluded.turns,
     tokens_absorbed = excluded.tokens_absorbed,
     created_at = excluded.created_at,
-    updated_at = excluded.updated_at
+    updated_at = excluded.updated_at,
+    token = excluded.token
 """
 
-_LOAD_CURRENT = """
-SELECT v.record FROM sessions s
-JOIN versions v
-  ON v.tenant = s.tenant AND v.session_id = s.session_id AND v.version = s.version
-WHERE s.tenant = ? AND s.session_id = ?
+# One SELECT, so one consistent snapshot: first a row with the version's head (NULL when that
+# version is not kept) and the session's current version, token and creation time (no row at
+# all: no such session); then its deltas (kind 1) and turn-log parts (kind 2) in order.
+_FETCH = """
+WITH c AS (SELECT version, token, created_at FROM sessions
+           WHERE tenant = :t AND session_id = :s),
+     h AS (SELECT COALESCE(:v, (SELECT version FROM c)) AS v)
+SELECT 0, h.v, r.record, c.version, c.token, c.created_at
+  FROM c CROSS JOIN h
+  LEFT JOIN versions r ON r.tenant = :t AND r.session_id = :s AND r.version = h.v
+UNION ALL
+SELECT 1 + p.part, d.version, d.data, NULL, NULL, NULL
+  FROM h
+  JOIN spans p ON p.tenant = :t AND p.session_id = :s AND p.version = h.v
+  JOIN deltas d ON d.tenant = :t AND d.session_id = :s AND d.part = p.part
+               AND d.version BETWEEN p.lo AND p.hi
+ORDER BY 1, 2
 """
 
 
@@ -98,7 +174,7 @@ class SqliteStore(SessionStore):
                 # NORMAL in WAL mode survives a process crash; only power loss can drop the
                 # last commits.
                 conn.execute("PRAGMA synchronous=NORMAL")
-                conn.executescript(_SCHEMA)
+                _migrate(conn)
             except BaseException:
                 conn.close()
                 raise
@@ -107,16 +183,23 @@ class SqliteStore(SessionStore):
 
     # -- primitives (run on the worker thread) -----------------------------------------------
 
-    def _read_sync(self, tenant: str, session_id: str, version: int | None) -> bytes | None:
-        db = self._db()
-        if version is None:
-            row = db.execute(_LOAD_CURRENT, (tenant, session_id)).fetchone()
-        else:
-            row = db.execute(
-                "SELECT record FROM versions WHERE tenant = ? AND session_id = ? AND version = ?",
-                (tenant, session_id, version),
-            ).fetchone()
-        return bytes(row[0]) if row else None
+    def _fetch_sync(self, tenant: str, session_id: str, version: int | None) -> Fetched | None:
+        rows = (
+            self._db()
+            .execute(_FETCH, {"t": tenant, "s": session_id, "v": version})
+            .fetchall()
+        )
+        if not rows or rows[0][0] != 0:
+            return None
+        _, _, data, current, token, created = rows[0]
+        return Fetched(
+            current_version=int(current),
+            token=token or "",
+            created_at=float(created),
+            data=None if data is None else bytes(data),
+            deltas=[bytes(r[2]) for r in rows[1:] if r[0] == 1 + _DELTA],
+            turns=[bytes(r[2]) for r in rows[1:] if r[0] == 1 + _TURNS],
+        )
 
     def _version_sync(self, tenant: str, session_id: str) -> int:
         row = (
@@ -129,43 +212,89 @@ class SqliteStore(SessionStore):
         )
         return int(row[0]) if row else 0
 
-    def _cas_sync(self, record: SessionRecord, blob: bytes, expected_version: int) -> None:
+    def _write_sync(self, plan: CommitPlan, expected_version: int) -> None:
         db = self._db()
+        record = plan.record
         key = (record.tenant, record.session_id)
+        new = record.version
         db.execute("BEGIN IMMEDIATE")
         try:
-            current = self._version_sync(*key)
+            row = db.execute(
+                "SELECT version, token FROM sessions WHERE tenant = ? AND session_id = ?", key
+            ).fetchone()
+            current, token = (int(row[0]), row[1]) if row else (0, None)
             if current != expected_version:
                 raise VersionConflict(
                     f"session {record.session_id!r} is at version {current}, "
                     f"not {expected_version}",
                     current_version=current,
                 )
+            if plan.base_token and token != plan.base_token:
+                raise StaleBase(f"session {record.session_id!r} has another head")
+            if current == 0:
+                # Nothing may be left of a session that is gone (an old writer's delete).
+                for table in ("versions", "spans", "deltas"):
+                    db.execute(f"DELETE FROM {table} WHERE tenant = ? AND session_id = ?", key)
             db.execute(
                 _UPSERT_SESSION,
                 (
                     *key,
-                    record.version,
+                    new,
                     record.turns,
                     record.tokens_absorbed,
                     record.created_at,
                     record.updated_at,
+                    plan.token,
                 ),
             )
             db.execute(
                 "INSERT OR REPLACE INTO versions (tenant, session_id, version, record) "
                 "VALUES (?, ?, ?, ?)",
-                (*key, record.version, blob),
+                (*key, new, plan.head),
             )
-            db.execute(
-                "DELETE FROM versions WHERE tenant = ? AND session_id = ? AND version <= ?",
-                (*key, record.version - self.keep_versions),
+            db.executemany(
+                "INSERT OR REPLACE INTO spans (tenant, session_id, version, part, lo, hi) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(*key, new, _DELTA, lo, hi) for lo, hi in plan.lineage]
+                + [(*key, new, _TURNS, lo, hi) for lo, hi in plan.log_lineage],
             )
+            for part, data in ((_DELTA, plan.delta), (_TURNS, plan.turns)):
+                if data:
+                    db.execute(
+                        "INSERT OR REPLACE INTO deltas (tenant, session_id, part, version, data) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (*key, part, new, data),
+                    )
+            self._trim(db, key, new + 1 - self.keep_versions)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+
+    @staticmethod
+    def _trim(db: sqlite3.Connection, key: tuple[str, str], oldest_kept: int) -> None:
+        """Drop the heads older than ``oldest_kept`` and the deltas only they named."""
+        where = "tenant = ? AND session_id = ? AND version < ?"
+        gone = db.execute(f"SELECT part, lo, hi FROM spans WHERE {where}",
+                          (*key, oldest_kept)).fetchall()
+        db.execute(f"DELETE FROM versions WHERE {where}", (*key, oldest_kept))
+        db.execute(f"DELETE FROM spans WHERE {where}", (*key, oldest_kept))
+        if not gone:
+            return
+        kept = db.execute(
+            "SELECT part, lo, hi FROM spans WHERE tenant = ? AND session_id = ?", key
+        ).fetchall()
+        for part in (_DELTA, _TURNS):
+            for lo, hi in subtract(
+                [(lo, hi) for p, lo, hi in gone if p == part],
+                [(lo, hi) for p, lo, hi in kept if p == part],
+            ):
+                db.execute(
+                    "DELETE FROM deltas WHERE tenant = ? AND session_id = ? AND part = ? "
+                    "AND version BETWEEN ? AND ?",
+                    (*key, part, lo, hi),
+                )
 
     def _delete_sync(self, tenant: str, session_id: str) -> bool:
         db = self._db()
@@ -174,9 +303,11 @@ class SqliteStore(SessionStore):
             removed = db.execute(
                 "DELETE FROM sessions WHERE tenant = ? AND session_id = ?", (tenant, session_id)
             ).rowcount
-            db.execute(
-                "DELETE FROM versions WHERE tenant = ? AND session_id = ?", (tenant, session_id)
-            )
+            for table in ("versions", "spans", "deltas"):
+                db.execute(
+                    f"DELETE FROM {table} WHERE tenant = ? AND session_id = ?",
+                    (tenant, session_id),
+                )
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -229,14 +360,14 @@ class SqliteStore(SessionStore):
 
     # -- async API ---------------------------------------------------------------------------
 
-    async def _read(self, tenant: str, session_id: str, version: int | None) -> bytes | None:
-        return await self._run(self._read_sync, tenant, session_id, version)
+    async def _fetch(self, tenant: str, session_id: str, version: int | None) -> Fetched | None:
+        return await self._run(self._fetch_sync, tenant, session_id, version)
 
     async def _version(self, tenant: str, session_id: str) -> int:
         return await self._run(self._version_sync, tenant, session_id)
 
-    async def _cas(self, record: SessionRecord, blob: bytes, expected_version: int) -> None:
-        await self._run(self._cas_sync, record, blob, expected_version)
+    async def _write(self, plan: CommitPlan, expected_version: int) -> None:
+        await self._run(self._write_sync, plan, expected_version)
 
     async def delete(self, tenant: str, session_id: str) -> bool:
         _check_ids(tenant, session_id)
@@ -271,3 +402,19 @@ class SqliteStore(SessionStore):
             await asyncio.get_running_loop().run_in_executor(executor, self._close_sync)
         finally:
             executor.shutdown(wait=False)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Create the tables, or bring a file of the previous layout up to this one."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(sessions)")}
+        if "token" not in columns:
+            conn.execute("ALTER TABLE sessions ADD COLUMN token TEXT")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise

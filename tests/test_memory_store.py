@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
+import json
+import math
 import socket
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -32,7 +36,15 @@ from memory_store import (
     open_store,
     validate_session_id,
 )
-from memory_store.codec import _assemble, _pack_tokens
+from memory_store.base import plan_commit
+from memory_store.codec import (
+    _assemble,
+    _pack_tokens,
+    decode_delta,
+    decode_head,
+    decode_turns,
+    split_parts,
+)
 
 IDENTITY = StateIdentity(
     backbone="SmolLM2-135M-Instruct@sha256:ab12cd34",
@@ -451,12 +463,13 @@ async def test_count(store: SessionStore) -> None:
 
 
 async def _corrupt_current(store: SessionStore, tenant: str, session_id: str) -> None:
-    """Flip one bit of the stored current record, behind the store's back."""
+    """Flip one bit of the stored current record (its head), behind the store's back."""
     if isinstance(store, RedisStore):
-        cur, hist = store._session_keys(tenant, session_id)
-        blob = bytearray(await store._redis.hget(cur, "blob"))
+        cur, hist, _ = store._session_keys(tenant, session_id)
+        version = (await store._redis.hget(cur, "v")).decode()
+        blob = bytearray(await store._redis.hget(hist, version))
         blob[len(blob) // 2] ^= 0x10
-        await store._redis.hset(cur, "blob", bytes(blob))
+        await store._redis.hset(hist, version, bytes(blob))
     else:
         assert isinstance(store, SqliteStore)
 
@@ -485,6 +498,619 @@ async def test_corrupted_stored_record_is_detected(store: SessionStore) -> None:
         await store.export(TENANT, "s1")
 
 
+# -- deltas: a commit writes the turn, a load assembles the lineage (both backends) --------
+
+SMALL = StateIdentity(
+    backbone="tiny@sha256:00", adapter="none", num_layers=2, num_state_heads=1, rank=4
+)
+TURN_LOG_KEEP = 64  # what server/sessions.py keeps
+LOREM = "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor " * 8
+
+
+def json_size(obj: Any) -> int:
+    return len(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def server_turn(record: SessionRecord, i: int, n_tokens: int = 100) -> SessionRecord:
+    """The record after turn ``i``, shaped as server/sessions.py's finish_turn makes it: 100
+    tokens, a user and an assistant message (~4 characters a token), two boundaries, a
+    turn-log entry (the last 64 kept), the epoch meta and three small random states."""
+    gen = torch.Generator().manual_seed(i)
+    start = len(record.transcript)
+    half = n_tokens // 2
+    messages = [
+        {"role": "user", "content": f"q{i:04d} " + LOREM[: 4 * half - 6]},
+        {"role": "assistant", "content": f"a{i:04d} " + LOREM[: 4 * half - 6]},
+    ]
+    entry = {
+        "turn": record.turns + 1, "spans": [[0, start + n_tokens]], "write_start": start,
+        "prompt_tokens": n_tokens, "generated": half, "finish_reason": "stop", "window": 512,
+        "window_start": 0, "new_epoch": False, "cached_tokens": start, "time": 1.7e9 + i,
+    }  # fmt: skip
+    meta = {
+        **record.meta,
+        "system": "You are terse.",
+        "system_tokens": 12,
+        "boundaries": list(record.meta.get("boundaries", [])) + [start, start + half],
+        "turn_log": (list(record.meta.get("turn_log", [])) + [entry])[-TURN_LOG_KEEP:],
+        "epoch": {"window_start": 0, "write_from": start},
+        "block_pos": start + half,
+    }
+
+    def state() -> torch.Tensor:
+        return torch.randn(SMALL.state_shape, generator=gen)
+
+    return dataclasses.replace(
+        record,
+        identity=SMALL,
+        state=state(),
+        extra_states={"epoch": state(), "block": state()},
+        transcript=record.transcript + torch.randint(0, 49_152, (n_tokens,), generator=gen).tolist(),
+        messages=record.messages + messages,
+        tokens_absorbed=start + n_tokens - 1,
+        turns=record.turns + 1,
+        meta=meta,
+    )
+
+
+def assert_same_record(a: SessionRecord, b: SessionRecord) -> None:
+    """Every field, states bit-equal."""
+    assert_same_content(a, b)
+    assert (a.session_id, a.tenant, a.version) == (b.session_id, b.tenant, b.version)
+    assert (a.created_at, a.updated_at) == (b.created_at, b.updated_at)
+    assert sorted(a.extra_states) == sorted(b.extra_states)
+    for name in a.extra_states:
+        assert same_bits(a.extra_states[name], b.extra_states[name])
+    assert list(a.meta) == list(b.meta)  # key order too
+
+
+async def commit_bytes(store: SessionStore, record: SessionRecord, expected: int) -> tuple[
+    SessionRecord, int
+]:
+    """Commit, and the bytes the commit sent (Redis: the server's input bytes, the tenant
+    index update and one INFO included) or wrote (SQLite: the rows of the new version)."""
+    if isinstance(store, RedisStore):
+        before = (await store._redis.info("stats"))["total_net_input_bytes"]
+        stored = await store.commit(record, expected)
+        after = (await store._redis.info("stats"))["total_net_input_bytes"]
+        return stored, after - before
+    assert isinstance(store, SqliteStore)
+    stored = await store.commit(record, expected)
+    key = (stored.tenant, stored.session_id, stored.version)
+
+    def written() -> int:
+        db = store._db()
+        where = "tenant = ? AND session_id = ? AND version = ?"
+        head = db.execute(f"SELECT LENGTH(record) FROM versions WHERE {where}", key).fetchone()
+        parts = db.execute(f"SELECT SUM(LENGTH(data)) FROM deltas WHERE {where}", key).fetchone()
+        spans = db.execute(f"SELECT COUNT(*) FROM spans WHERE {where}", key).fetchone()
+        # A spans row is 3 small integers beside the key: count 16 bytes.
+        return int(head[0]) + int(parts[0] or 0) + 16 * int(spans[0])
+
+    return stored, await store._run(written)
+
+
+async def stored_bytes(store: SessionStore, tenant: str, session_id: str) -> int:
+    """Redis: MEMORY USAGE of the session's keys; SQLite: its blobs (+16 a spans row)."""
+    if isinstance(store, RedisStore):
+        total = 0
+        for key in store._session_keys(tenant, session_id):
+            total += await store._redis.memory_usage(key, samples=0) or 0
+        return total
+    assert isinstance(store, SqliteStore)
+
+    def size() -> int:
+        db = store._db()
+        key = (tenant, session_id)
+        where = "tenant = ? AND session_id = ?"
+        heads = db.execute(f"SELECT SUM(LENGTH(record)) FROM versions WHERE {where}", key)
+        parts = db.execute(f"SELECT SUM(LENGTH(data)) FROM deltas WHERE {where}", key)
+        spans = db.execute(f"SELECT COUNT(*) FROM spans WHERE {where}", key)
+        return int(heads.fetchone()[0] or 0) + int(parts.fetchone()[0] or 0) + 16 * int(
+            spans.fetchone()[0]
+        )
+
+    return await store._run(size)
+
+
+async def stored_parts(
+    store: SessionStore, tenant: str, session_id: str
+) -> tuple[list[int], list[int], list[int]]:
+    """Kept heads, versions with a stored delta, versions with a stored turn-log part."""
+    if isinstance(store, RedisStore):
+        _, hist, delta = store._session_keys(tenant, session_id)
+        fields = await store._redis.hkeys(hist)
+        heads = sorted(int(f) for f in fields if f.isdigit())
+        turns = sorted(int(f[1:]) for f in fields if f.startswith(b"t"))
+        items = await store._redis.lrange(delta, 0, -1)
+        deltas = sorted(decode_delta(item).version for item in items if item)
+        return heads, deltas, turns
+    assert isinstance(store, SqliteStore)
+
+    def rows() -> tuple[list[int], list[int], list[int]]:
+        db = store._db()
+        key = (tenant, session_id)
+        heads = [r[0] for r in db.execute(
+            "SELECT version FROM versions WHERE tenant = ? AND session_id = ? ORDER BY 1", key)]
+        parts = [[r[0] for r in db.execute(
+            "SELECT version FROM deltas WHERE tenant = ? AND session_id = ? AND part = ? "
+            "ORDER BY 1", (*key, part))] for part in (0, 1)]
+        return heads, parts[0], parts[1]
+
+    return await store._run(rows)
+
+
+async def test_commit_cost_stays_flat_and_the_store_holds_the_content_once(
+    store: SessionStore,
+) -> None:
+    """200 turns of 100 tokens, each loaded then committed as the server does."""
+    keep = store.keep_versions
+    record = SessionRecord("long", TENANT, SMALL)
+    cost: dict[int, int] = {}
+    size: dict[int, int] = {}
+    committed = record
+    for i in range(1, 201):
+        if i > 1:
+            loaded = await store.load(TENANT, "long", expected_identity=SMALL)
+            assert_same_record(committed, loaded)
+            record = loaded
+        committed, cost[i] = await commit_bytes(store, server_turn(record, i), i - 1)
+        if i in (100, 200):
+            size[i] = await stored_bytes(store, TENANT, "long")
+
+    loaded = await store.load(TENANT, "long", expected_identity=SMALL)
+    assert_same_record(committed, loaded)
+    assert len(loaded.transcript) == 20_000 and len(loaded.meta["turn_log"]) == TURN_LOG_KEEP
+    # Every commit extended the last: one lineage range, one delta per version.
+    assert loaded.stored is not None and loaded.stored.lineage == ((1, 200),)
+
+    # What a commit sends follows the turn, not the conversation.
+    print(f"\n{type(store).__name__}: commit bytes turn 10 {cost[10]}, turn 200 {cost[200]}")
+    assert cost[200] <= 1.3 * cost[10]
+    # ... and is far below the whole record (what every commit used to write).
+    assert cost[200] < len(encode_record(loaded)) / 20
+
+    # The store holds the content once, the kept versions' states, and bounded extras.
+    state_bytes = 4 * math.prod(SMALL.state_shape) * (1 + len(loaded.extra_states))
+
+    def raw(tokens: int, messages: list[Any]) -> int:
+        # The transcript as int32 and the messages as JSON (the boundaries, 2 ints a turn,
+        # and the delta framing fit in the 10%).
+        return 4 * tokens + json_size(messages)
+
+    # The constant: the turn-log window (<= 64 + keep - 1 entries stored once, each with
+    # 40 bytes of framing and, on Redis, a hash entry: under 2x its JSON) and per kept head
+    # 1.5 KB beside its states (JSON header ~0.8 KB with identity, small meta, lengths and
+    # lineages; safetensors header; digest; lineage text), + 4 KB of key and node overheads.
+    constant = 2 * json_size(loaded.meta["turn_log"]) + keep * 1536 + 4096
+    content = raw(len(loaded.transcript), loaded.messages)
+    budget = 1.1 * (content + keep * state_bytes) + constant
+    print(f"{type(store).__name__}: stored {size[200]} B for transcript+messages {content} B, "
+          f"states {keep * state_bytes} B (record {len(encode_record(loaded))} B); "
+          f"budget {budget:.0f} B")
+    assert size[200] <= budget
+    # The last 100 turns cost at most 1.1x what they appended, whatever the constant.
+    grew = content - raw(10_000, loaded.messages[:200])
+    print(f"{type(store).__name__}: turns 101-200 added {size[200] - size[100]} B "
+          f"for {grew} B of transcript+messages")
+    assert size[200] - size[100] <= 1.1 * grew
+
+    heads, deltas, turns = await stored_parts(store, TENANT, "long")
+    assert heads == list(range(201 - keep, 201))
+    assert deltas == list(range(1, 201))
+    # Turn-log parts of turns no kept version shows any more are gone.
+    assert turns == list(range(201 - keep - TURN_LOG_KEEP + 1, 201))
+
+
+async def test_record_that_does_not_extend_its_base_is_stored_whole(store: SessionStore) -> None:
+    """A commit never stores a wrong record: one that does not extend the version it was
+    loaded as is stored whole (its lineage is the new version alone)."""
+    record = SessionRecord("s", TENANT, SMALL)
+    for i in range(1, 4):
+        record = await store.commit(server_turn(record, i), i - 1)
+
+    def rewrites(rec: SessionRecord) -> list[SessionRecord]:
+        other = server_turn(rec, 99)
+        edited = copy.deepcopy(rec.messages)
+        edited[0]["content"] = "edited"
+        same_len = list(rec.transcript)
+        same_len[0] ^= 1
+        return [
+            dataclasses.replace(rec, transcript=other.transcript[::-1]),  # longer, another
+            dataclasses.replace(rec, transcript=same_len),  # same length, another
+            dataclasses.replace(rec, transcript=rec.transcript[:-5],
+                                tokens_absorbed=len(rec.transcript) - 6),  # shorter
+            dataclasses.replace(rec, messages=edited),
+            dataclasses.replace(rec, messages=rec.messages[1:] + rec.messages[:1]),
+            dataclasses.replace(rec, meta={**rec.meta, "boundaries": [7]}),
+            dataclasses.replace(rec, meta={k: v for k, v in rec.meta.items()
+                                           if k != "boundaries"}),
+            dataclasses.replace(rec, meta={**rec.meta, "turn_log": [{"other": 1}]}),
+        ]
+
+    for n, bad in enumerate(rewrites(await store.load(TENANT, "s"))):
+        version = 3 + n
+        stored = await store.commit(bad, version)
+        loaded = await store.load(TENANT, "s")
+        assert_same_record(stored, loaded)
+        assert loaded.transcript == bad.transcript and loaded.messages == bad.messages
+        assert loaded.meta == bad.meta
+        assert loaded.stored is not None and loaded.stored.lineage == ((version + 1,) * 2,)
+
+    # In-place edits of what load returned are caught too: the store compares against its
+    # own copy, not against the objects it handed out.
+    loaded = await store.load(TENANT, "s")
+    loaded.messages[0]["content"] = "edited in place"
+    loaded.transcript[1] += 1
+    v = loaded.version
+    stored = await store.commit(server_turn(loaded, 50), v)
+    assert_same_record(stored, await store.load(TENANT, "s"))
+    assert (await store.load(TENANT, "s")).messages[0]["content"] == "edited in place"
+
+    # An extension after a whole write is a delta again.
+    stored = await store.commit(server_turn(await store.load(TENANT, "s"), 51), v + 1)
+    loaded = await store.load(TENANT, "s")
+    assert_same_record(stored, loaded)
+    assert loaded.stored is not None and loaded.stored.lineage == ((v + 1, v + 2),)
+
+
+async def test_rollback_reuses_the_lineage_and_keeps_later_versions(store: SessionStore) -> None:
+    snapshots: dict[int, SessionRecord] = {}
+    record = SessionRecord("s", TENANT, SMALL)
+    for i in range(1, 7):
+        record = await store.commit(server_turn(record, i), i - 1)
+        snapshots[i] = record
+    assert await store.versions(TENANT, "s") == [2, 3, 4, 5, 6]
+
+    rolled = await store.rollback(TENANT, "s", 3)  # version 7 = version 3
+    assert rolled.version == 7
+    loaded = await store.load(TENANT, "s")
+    assert_same_content(snapshots[3], loaded)
+    assert loaded.meta == snapshots[3].meta and loaded.created_at == snapshots[1].created_at
+    assert loaded.stored is not None and loaded.stored.lineage == ((1, 3),)  # nothing copied
+    heads, deltas, _ = await stored_parts(store, TENANT, "s")
+    assert heads == [3, 4, 5, 6, 7] and deltas == [1, 2, 3, 4, 5, 6]
+
+    # A turn on the rolled-back branch extends version 3's lineage.
+    eight = await store.commit(server_turn(loaded, 8), 7)
+    loaded = await store.load(TENANT, "s")
+    assert_same_record(eight, loaded)
+    assert loaded.stored is not None and loaded.stored.lineage == ((1, 3), (8, 8))
+    # The versions after 3 stay rollback-able.
+    await store.rollback(TENANT, "s", 6)  # version 9
+    assert_same_content(snapshots[6], await store.load(TENANT, "s"))
+    await store.rollback(TENANT, "s", 8)  # version 10
+    assert_same_record(
+        dataclasses.replace(eight, version=10, updated_at=0.0),
+        dataclasses.replace(await store.load(TENANT, "s"), updated_at=0.0),
+    )
+    assert await store.versions(TENANT, "s") == [6, 7, 8, 9, 10]
+    heads, deltas, _ = await stored_parts(store, TENANT, "s")
+    assert deltas == [1, 2, 3, 4, 5, 6, 8]
+
+    # Once no kept version names the abandoned branch (4-6), its deltas go.
+    record = await store.load(TENANT, "s")
+    for v in range(10, 15):
+        record = await store.commit(server_turn(record, v + 1), v)
+    assert await store.versions(TENANT, "s") == [11, 12, 13, 14, 15]
+    heads, deltas, turns = await stored_parts(store, TENANT, "s")
+    assert deltas == [1, 2, 3, 8, 11, 12, 13, 14, 15]
+    assert turns == [1, 2, 3, 8, 11, 12, 13, 14, 15]
+    assert_same_record(record, await store.load(TENANT, "s"))
+    assert [m["content"][:5] for m in record.messages[::2]] == [
+        "q0001", "q0002", "q0003", "q0008", "q0011", "q0012", "q0013", "q0014", "q0015"]
+
+
+async def test_fork_export_import_of_a_long_session(store: SessionStore) -> None:
+    record = SessionRecord("s", TENANT, SMALL)
+    for i in range(1, 31):
+        record = await store.commit(server_turn(record, i), i - 1)
+    data = await store.export(TENANT, "s")
+    assert data == encode_record(await store.load(TENANT, "s"))  # today's single blob
+    assert_same_record(record, decode_record(data))
+
+    forked = await store.fork(TENANT, "s", "f")
+    loaded = await store.load(TENANT, "f")
+    assert forked.version == loaded.version == 1
+    assert_same_content(record, loaded)
+    assert loaded.meta == record.meta
+    assert loaded.stored is not None and loaded.stored.lineage == ((1, 1),)
+    assert (await stored_parts(store, TENANT, "f"))[1:] == ([1], [1])
+
+    imported = await store.import_("tenant-b", "i", data)
+    assert_same_content(record, await store.load("tenant-b", "i"))
+    # Overwriting with an import starts a new lineage; the old deltas go with the old heads.
+    other = encode_record(server_turn(SessionRecord("x", TENANT, SMALL), 1))
+    imported = await store.import_(TENANT, "s", other, overwrite=True)
+    assert imported.version == 31
+    for v in range(31, 36):
+        imported = await store.commit(server_turn(imported, v + 1), v)
+    assert_same_record(imported, await store.load(TENANT, "s"))
+    heads, deltas, turns = await stored_parts(store, TENANT, "s")
+    assert heads == [32, 33, 34, 35, 36] and deltas == [31, 32, 33, 34, 35, 36]
+    assert turns == [31, 32, 33, 34, 35, 36]
+
+
+async def test_stale_base_after_delete_and_recreate_is_stored_whole(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """A record loaded before the session was deleted and made again (same version
+    numbers, other content) commits as before (compare-and-set on the version), whole."""
+    record = SessionRecord("s", TENANT, SMALL)
+    for i in range(1, 3):
+        record = await store.commit(server_turn(record, i), i - 1)
+    stale = await store.load(TENANT, "s")
+    assert await store.delete(TENANT, "s")
+    other = SessionRecord("s", TENANT, SMALL)
+    for i in range(1, 3):
+        other = await store.commit(server_turn(other, 100 + i), i - 1)
+    stored = await store.commit(server_turn(stale, 3), 2)
+    loaded = await store.load(TENANT, "s")
+    assert_same_record(stored, loaded)
+    assert loaded.transcript == stale.transcript + loaded.transcript[len(stale.transcript):]
+    assert loaded.stored is not None and loaded.stored.lineage == ((3, 3),)
+
+    # A record of another store, at the same version there: stored whole as well.
+    async with SqliteStore(tmp_path / "elsewhere.sqlite3") as elsewhere:
+        foreign = SessionRecord("s", TENANT, SMALL)
+        for i in range(1, 4):
+            foreign = await elsewhere.commit(server_turn(foreign, 200 + i), i - 1)
+        foreign = await elsewhere.load(TENANT, "s")
+    stored = await store.commit(server_turn(foreign, 204), 3)
+    assert_same_record(stored, await store.load(TENANT, "s"))
+
+    # Conflicts are still conflicts.
+    with pytest.raises(VersionConflict) as info:
+        await store.commit(server_turn(stale, 3), 2)
+    assert info.value.current_version == 4
+
+
+async def test_corrupt_or_missing_delta_is_detected(store: SessionStore) -> None:
+    record = SessionRecord("s", TENANT, SMALL)
+    for i in range(1, 4):
+        record = await store.commit(server_turn(record, i), i - 1)
+    if isinstance(store, RedisStore):
+        _, _, delta = store._session_keys(TENANT, "s")
+        blob = bytearray(await store._redis.lindex(delta, -2))  # version 2's delta
+        blob[len(blob) // 2] ^= 0x01
+        await store._redis.lset(delta, -2, bytes(blob))
+    else:
+        assert isinstance(store, SqliteStore)
+
+        def flip() -> None:
+            db = store._db()
+            where = "tenant=? AND session_id=? AND part=0 AND version=2"
+            (blob,) = db.execute(f"SELECT data FROM deltas WHERE {where}",
+                                 (TENANT, "s")).fetchone()
+            blob = bytearray(blob)
+            blob[len(blob) // 2] ^= 0x01
+            db.execute(f"UPDATE deltas SET data=? WHERE {where}", (bytes(blob), TENANT, "s"))
+
+        await store._run(flip)
+    with pytest.raises(CorruptRecord, match="checksum"):
+        await store.load(TENANT, "s")
+    with pytest.raises(CorruptRecord):
+        await store.export(TENANT, "s")
+    with pytest.raises(CorruptRecord):
+        await store.rollback(TENANT, "s", 3)
+
+    if isinstance(store, RedisStore):
+        await store._redis.lset(delta, -2, b"")
+    else:
+        await store._run(lambda: store._db().execute(
+            "DELETE FROM deltas WHERE tenant=? AND session_id=? AND version=2", (TENANT, "s")))
+    with pytest.raises(CorruptRecord, match="missing|found"):
+        await store.load(TENANT, "s")
+
+
+def test_head_delta_and_turn_log_blobs_detect_corruption() -> None:
+    record = dataclasses.replace(server_turn(SessionRecord("s", TENANT, SMALL), 1), version=1)
+    plan = plan_commit(record, None)
+    assert decode_head(plan.head, SMALL).lineage == ((1, 1),)
+    assert decode_delta(plan.delta).version == 1
+    assert decode_turns(plan.turns)[0] == 1
+    assert split_parts(plan.delta + plan.delta + plan.turns) == [plan.delta] * 2 + [plan.turns]
+    with pytest.raises(IdentityMismatch):
+        decode_head(plan.head, OTHER_BACKBONE)
+    with pytest.raises(UnknownFormat):
+        decode_head(encode_record(record))  # a record is not a head
+    for blob, decode in ((plan.head, decode_head), (plan.delta, decode_delta),
+                         (plan.turns, decode_turns)):
+        for pos in sorted({*range(0, len(blob), max(1, len(blob) // 97)), len(blob) - 1}):
+            bad = bytearray(blob)
+            bad[pos] ^= 0x04
+            with pytest.raises(CorruptRecord):
+                decode(bytes(bad))
+        for cut in (0, 3, len(blob) // 2, len(blob) - 1):
+            with pytest.raises(CorruptRecord):
+                decode(blob[:cut])
+    with pytest.raises(CorruptRecord):
+        split_parts(plan.delta[:-1])
+
+
+async def test_token_ids_of_every_width_round_trip(store: SessionStore) -> None:
+    """Deltas pack ids in 2, 3 or 4 bytes (the fewest that hold the largest)."""
+    record = SessionRecord("w", TENANT, SMALL)
+    for i, top in enumerate((2**16 - 1, 2**24 - 1, 2**31 - 1, 5, 2**16), start=1):
+        ids = [0, top, top // 3, 1, top - 1]
+        record = await store.commit(
+            dataclasses.replace(record, transcript=record.transcript + ids), i - 1
+        )
+    loaded = await store.load(TENANT, "w")
+    assert loaded.transcript == record.transcript
+    assert max(loaded.transcript) == 2**31 - 1
+    with pytest.raises(ValueError):
+        await store.commit(dataclasses.replace(loaded, transcript=loaded.transcript + [-1]), 5)
+    with pytest.raises(ValueError):
+        await store.commit(dataclasses.replace(loaded, transcript=loaded.transcript + [2**31]), 5)
+    assert (await store.load(TENANT, "w")).version == 5
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+async def test_few_kept_versions(keep: int, tmp_path: Path, redis_server: Any) -> None:
+    for store in (
+        SqliteStore(tmp_path / "few.sqlite3", keep_versions=keep),
+        RedisStore(redis_server.url, keep_versions=keep, prefix=f"few{uuid.uuid4().hex[:8]}"),
+    ):
+        async with store:
+            record = SessionRecord("s", TENANT, SMALL)
+            for i in range(1, 71):
+                record = await store.commit(server_turn(record, i), i - 1)
+            assert_same_record(record, await store.load(TENANT, "s"))
+            await store.rollback(TENANT, "s", 71 - keep)
+            assert await store.versions(TENANT, "s") == list(range(72 - keep, 72))
+            heads, deltas, turns = await stored_parts(store, TENANT, "s")
+            assert deltas == list(range(1, 71))  # version 70's lineage, kept or rolled to
+            # The turn-log parts the kept versions show, no more.
+            assert len(turns) == TURN_LOG_KEEP + keep - 1
+
+
+async def test_turn_log_cut_shorter_keeps_the_rest(store: SessionStore) -> None:
+    record = SessionRecord("s", TENANT, SMALL)
+    for i in range(1, 11):
+        record = await store.commit(server_turn(record, i), i - 1)
+    loaded = await store.load(TENANT, "s")
+    cut = dataclasses.replace(loaded, meta={**loaded.meta, "turn_log": loaded.meta["turn_log"][-3:]})
+    stored = await store.commit(cut, 10)
+    loaded = await store.load(TENANT, "s")
+    assert_same_record(stored, loaded)
+    assert loaded.meta["turn_log"] == record.meta["turn_log"][-3:]
+    assert loaded.stored is not None and loaded.stored.lineage == ((1, 10),)  # still a delta
+    for v in range(11, 16):
+        loaded = await store.commit(server_turn(loaded, v + 1), v)
+    assert_same_record(loaded, await store.load(TENANT, "s"))
+    assert len(loaded.meta["turn_log"]) == 3 + 5
+    _, _, turns = await stored_parts(store, TENANT, "s")
+    assert turns == list(range(8, 11)) + list(range(12, 17))
+
+
+# -- sessions stored by the previous layout (one whole record blob per version) ------------
+
+_OLD_SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    tenant          TEXT    NOT NULL,
+    session_id      TEXT    NOT NULL,
+    version         INTEGER NOT NULL,
+    turns           INTEGER NOT NULL,
+    tokens_absorbed INTEGER NOT NULL,
+    created_at      REAL    NOT NULL,
+    updated_at      REAL    NOT NULL,
+    PRIMARY KEY (tenant, session_id)
+);
+CREATE TABLE IF NOT EXISTS versions (
+    tenant     TEXT    NOT NULL,
+    session_id TEXT    NOT NULL,
+    version    INTEGER NOT NULL,
+    record     BLOB    NOT NULL,
+    PRIMARY KEY (tenant, session_id, version)
+);
+"""
+
+
+async def write_old_layout(store: SessionStore, records: list[SessionRecord]) -> None:
+    """Store ``records`` (versions 1..n of one session) the way the previous code did: each
+    version's whole ``encode_record`` blob as the current record and in the history (the
+    last ``keep_versions``)."""
+    for rec in records:
+        blob = encode_record(rec)
+        if isinstance(store, RedisStore):
+            cur, hist, _ = store._session_keys(rec.tenant, rec.session_id)
+            await store._redis.hset(cur, mapping={
+                "v": rec.version, "blob": blob, "turns": rec.turns,
+                "absorbed": rec.tokens_absorbed, "created": repr(float(rec.created_at)),
+                "updated": repr(float(rec.updated_at)), "token": uuid.uuid4().hex})
+            await store._redis.hset(hist, str(rec.version), blob)
+            old = rec.version - store.keep_versions
+            if old > 0:
+                await store._redis.hdel(hist, str(old))
+            await store._redis.zadd(store._index_keys(rec.tenant)[0], {rec.session_id: 0})
+        else:
+            assert isinstance(store, SqliteStore)
+            with sqlite3.connect(store.path) as db:
+                db.executescript(_OLD_SQLITE_SCHEMA)
+                key = (rec.tenant, rec.session_id)
+                db.execute(
+                    "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (*key, rec.version, rec.turns, rec.tokens_absorbed, rec.created_at,
+                     rec.updated_at))
+                db.execute("INSERT OR REPLACE INTO versions VALUES (?, ?, ?, ?)",
+                           (*key, rec.version, blob))
+                db.execute("DELETE FROM versions WHERE tenant=? AND session_id=? AND version<=?",
+                           (*key, rec.version - store.keep_versions))
+            db.close()
+
+
+async def test_sessions_of_the_previous_layout_still_work(store: SessionStore) -> None:
+    old: list[SessionRecord] = []
+    record = SessionRecord("old", TENANT, SMALL, created_at=1000.0)
+    for i in range(1, 8):
+        record = dataclasses.replace(server_turn(record, i), version=i, updated_at=1000.0 + i)
+        old.append(record)
+    await write_old_layout(store, old)  # (SQLite: before the store first opens the file)
+
+    loaded = await store.load(TENANT, "old", expected_identity=SMALL)
+    assert_same_record(old[-1], loaded)
+    assert await store.versions(TENANT, "old") == [3, 4, 5, 6, 7]
+    assert [s.session_id for s in (await store.list(TENANT))[0]] == ["old"]
+    assert await store.count(TENANT) == 1
+    assert await store.export(TENANT, "old") == encode_record(old[-1])
+    forked = await store.fork(TENANT, "old", "old-fork")
+    assert_same_content(old[-1], await store.load(TENANT, "old-fork"))
+    assert forked.version == 1
+
+    # A rollback to a version of the previous layout, then turns on top of it.
+    rolled = await store.rollback(TENANT, "old", 5)
+    assert rolled.version == 8
+    assert_same_content(old[4], await store.load(TENANT, "old"))
+    record = await store.load(TENANT, "old")
+    for v in range(8, 10):  # versions 9 and 10
+        record = await store.commit(server_turn(record, v + 1), v)
+        assert_same_record(record, await store.load(TENANT, "old"))
+    # The first commit of the upgraded session (the rollback) stored it whole; the next
+    # ones are deltas.
+    loaded = await store.load(TENANT, "old")
+    assert loaded.stored is not None and loaded.stored.lineage == ((8, 10),)
+    assert loaded.turns == old[4].turns + 2
+    # Versions of both layouts are kept side by side, and both roll back.
+    assert await store.versions(TENANT, "old") == [6, 7, 8, 9, 10]
+    await store.rollback(TENANT, "old", 7)  # previous layout: stored whole, as version 11
+    assert_same_content(old[-1], await store.load(TENANT, "old"))
+    await store.rollback(TENANT, "old", 10)  # this one
+    assert_same_record(dataclasses.replace(record, version=12, updated_at=0.0),
+                       dataclasses.replace(await store.load(TENANT, "old"), updated_at=0.0))
+    heads, deltas, turns = await stored_parts(store, TENANT, "old")
+    assert heads == [8, 9, 10, 11, 12]
+    assert deltas == [8, 9, 10, 11] and turns == [8, 9, 10, 11]
+    assert await store.delete(TENANT, "old")
+    with pytest.raises(SessionNotFound):
+        await store.load(TENANT, "old")
+    if isinstance(store, SqliteStore):
+        def leftovers() -> int:
+            db = store._db()
+            return sum(db.execute(f"SELECT COUNT(*) FROM {t} WHERE session_id='old'").fetchone()[0]
+                       for t in ("sessions", "versions", "spans", "deltas"))
+        assert await store._run(leftovers) == 0
+    else:
+        assert not await store._redis.exists(*store._session_keys(TENANT, "old"))
+
+
+async def test_leftovers_of_a_gone_session_do_not_leak_into_a_new_one(
+    store: SessionStore,
+) -> None:
+    record = SessionRecord("s", TENANT, SMALL)
+    for i in range(1, 4):
+        record = await store.commit(server_turn(record, i), i - 1)
+    # A crash half-way through a delete (or an old writer's delete) leaves the history.
+    if isinstance(store, RedisStore):
+        await store._redis.delete(store._session_keys(TENANT, "s")[0])
+    else:
+        await store._run(lambda: store._db().execute("DELETE FROM sessions"))
+    fresh = await store.commit(server_turn(SessionRecord("s", TENANT, SMALL), 9), 0)
+    assert_same_record(fresh, await store.load(TENANT, "s"))
+    assert await store.versions(TENANT, "s") == [1]
+    assert (await stored_parts(store, TENANT, "s"))[1:] == ([1], [1])
+
+
 # -- Redis specifics -----------------------------------------------------------------------
 
 
@@ -492,7 +1118,13 @@ async def test_redis_keys_share_one_hash_tag(redis_server: Any) -> None:
     async with RedisStore(redis_server.url, prefix="tags") as store:
         await store.commit(make_record("s:1", tenant="t-1"), 0)
         keys = sorted(k.decode() for k in await store._redis.keys("tags:*"))
-    assert keys == ["tags:idx:{t-1}", "tags:{t-1/s:1}:cur", "tags:{t-1/s:1}:hist"]
+    # The layout has a third session key since deltas: "delta", on the same hash tag.
+    assert keys == [
+        "tags:idx:{t-1}",
+        "tags:{t-1/s:1}:cur",
+        "tags:{t-1/s:1}:delta",
+        "tags:{t-1/s:1}:hist",
+    ]
 
 
 async def test_redis_ttl_is_set_and_refreshed(redis_server: Any) -> None:
@@ -502,14 +1134,21 @@ async def test_redis_ttl_is_set_and_refreshed(redis_server: Any) -> None:
         await store.commit(make_record(), 0)
         cur_ttl, hist_ttl = await store.ttl(TENANT, "s1")
         assert 95 <= cur_ttl <= 100 and 95 <= hist_ttl <= 100
-        cur, hist = store._session_keys(TENANT, "s1")
+        # Every key of the session has the TTL.
+        keys = store._session_keys(TENANT, "s1")
+        assert all(95 <= t <= 100 for t in (await store.key_ttls(TENANT, "s1")).values())
+        cur, hist, delta = keys
         await store._redis.expire(cur, 5)
         await store._redis.expire(hist, 5)
+        await store._redis.expire(delta, 5)
         await store.load(TENANT, "s1")
         assert min(await store.ttl(TENANT, "s1")) >= 95
+        assert min((await store.key_ttls(TENANT, "s1")).values()) >= 95
         await store._redis.expire(cur, 5)
+        await store._redis.expire(delta, 5)
         await store.commit(next_turn(await store.load(TENANT, "s1"), [1], 1), 1)
         assert min(await store.ttl(TENANT, "s1")) >= 95
+        assert min((await store.key_ttls(TENANT, "s1")).values()) >= 95
     async with RedisStore(redis_server.url, prefix=prefix) as no_ttl:
         # A store configured without TTL neither refreshes nor clears an existing one.
         await no_ttl.load(TENANT, "s1")
@@ -571,12 +1210,16 @@ async def test_redis_replayed_commit_script_is_not_a_conflict(redis_server: Any)
     # redis-py re-sends a command once after a dropped connection; if the first send had
     # already run, the replay must report the same success instead of a 409.
     async with RedisStore(redis_server.url, prefix=f"rep{uuid.uuid4().hex[:8]}") as store:
-        cur, hist = store._session_keys(TENANT, "s1")
-        args = [0, encode_record(make_record()), 1, 11, "1.0", "2.0", 5, 0, "token-1"]
-        assert await store._commit_script(keys=[cur, hist], args=args) == [1, 1]
-        assert await store._commit_script(keys=[cur, hist], args=args) == [1, 1]
-        args[-1] = "token-2"
-        assert await store._commit_script(keys=[cur, hist], args=args) == [0, 1]
+        keys = list(store._session_keys(TENANT, "s1"))
+        plan = plan_commit(dataclasses.replace(make_record(), version=1), None)
+        plan.token = "token-1"
+        args = store._commit_args(plan, 0)
+        assert await store._commit_script(keys=keys, args=args) == [1, 1]
+        assert await store._commit_script(keys=keys, args=args) == [1, 1]
+        plan.token = "token-2"
+        args = store._commit_args(plan, 0)
+        assert await store._commit_script(keys=keys, args=args) == [0, 1]
+        assert_same_content(make_record(), await store.load(TENANT, "s1"))
 
 
 # -- SQLite specifics ----------------------------------------------------------------------
