@@ -9,17 +9,26 @@ import numba
 import numpy as np
 
 
-def _scan(q, k, v, beta, mask, cu_seqlens, state, reads):
+def _scan(q, k, v, beta, mask, cu_seqlens, state, reads, snap_at, snaps):
     # q, k, v, beta, reads: (N, H, r); mask: (N,) bool; cu_seqlens: (B+1,) int64;
-    # state: (B, H, r, r), updated in place.
+    # state: (B, H, r, r), updated in place. snap_at: (B, P) int64, token indices t in
+    # [cu[b], cu[b+1]] before which the state is copied into snaps[b, p] ((B, P, H, r, r));
+    # cu[b+1] means after the sequence's last token, -1 means no copy.
     nseq = cu_seqlens.shape[0] - 1
     H = q.shape[1]
     r = q.shape[2]
+    P = snap_at.shape[1]
     for job in numba.prange(nseq * H):
         b = job // H
         h = job % H
         S = state[b, h]
-        for t in range(cu_seqlens[b], cu_seqlens[b + 1]):
+        end = cu_seqlens[b + 1]
+        for t in range(cu_seqlens[b], end + 1):
+            for p in range(P):
+                if snap_at[b, p] == t:
+                    snaps[b, p, h] = S
+            if t == end:
+                break
             for i in range(r):
                 acc = 0.0
                 for j in range(r):
@@ -41,8 +50,14 @@ scan_parallel = numba.njit(parallel=True, cache=True)(_scan)
 scan_serial = numba.njit(parallel=False, cache=True)(_scan)
 
 
-def run(q, k, v, beta, mask, cu_seqlens, state, reads) -> None:
-    """All arguments numpy arrays; `state` is updated in place and `reads` filled."""
-    jobs = (cu_seqlens.shape[0] - 1) * q.shape[1]
+def run(q, k, v, beta, mask, cu_seqlens, state, reads, snap_at=None, snaps=None) -> None:
+    """All arguments numpy arrays; `state` is updated in place and `reads` filled; with
+    `snap_at` (B, P), `snaps` (B, P, H, r, r) gets the state before the given token indices."""
+    nseq = cu_seqlens.shape[0] - 1
+    if snap_at is None:
+        snap_at = np.full((nseq, 0), -1, dtype=np.int64)
+        snaps = np.empty((nseq, 0, *state.shape[1:]), dtype=state.dtype)
+    jobs = nseq * q.shape[1]
     fn = scan_parallel if jobs >= 4 and q.shape[0] >= 512 else scan_serial
-    fn(q, k, v, beta, mask.astype(np.bool_, copy=False), cu_seqlens, state, reads)
+    fn(q, k, v, beta, mask.astype(np.bool_, copy=False), cu_seqlens, state, reads, snap_at,
+       snaps)

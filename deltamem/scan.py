@@ -173,13 +173,15 @@ def delta_rule_scan_chunked(q, k, v, beta, initial_state, write_mask=None,
 # inference on the CPU. It has no backward, so training (autograd) uses the chunked path.
 
 def delta_rule_scan_varlen_cpu(q, k, v, beta, states, cu_seqlens, write_mask=None,
-                               inplace: bool = False):
+                               inplace: bool = False, snap_at=None):
     """Varlen scan on the CPU for a flattened batch (the engine's layout).
 
     q, k, v, beta: (N, H, r) for all sequences' tokens back to back; cu_seqlens: (B+1,) token
     offsets; states: (B, H, r, r) initial states; write_mask: (N,) bool or None.
     Returns (reads (N, H, r), final states (B, H, r, r)). With `inplace`, `states` (which must
     then be a contiguous float32/float64 CPU tensor) is updated and returned.
+    With `snap_at` (B, P) int64 of flat token indices (a sequence's end offset for after its
+    last token, -1 for none) it also returns the states before them, (B, P, H, r, r).
     """
     from . import _cpu_kernel
 
@@ -196,9 +198,15 @@ def delta_rule_scan_varlen_cpu(q, k, v, beta, states, cu_seqlens, write_mask=Non
             else write_mask.detach().to(torch.bool).contiguous())
     reads = torch.empty(q.shape, dtype=dt)
     cu = cu_seqlens.detach().to(torch.int64).contiguous()
+    if snap_at is None:
+        _cpu_kernel.run(qn, kn, vn, bn, mask.numpy(), cu.numpy(), st.detach().numpy(),
+                        reads.numpy())
+        return reads, st
+    at = torch.as_tensor(snap_at, dtype=torch.int64).contiguous()
+    snaps = torch.zeros((*at.shape, *st.shape[1:]), dtype=dt)
     _cpu_kernel.run(qn, kn, vn, bn, mask.numpy(), cu.numpy(), st.detach().numpy(),
-                    reads.numpy())
-    return reads, st
+                    reads.numpy(), at.numpy(), snaps.numpy())
+    return reads, st, snaps
 
 
 def delta_rule_scan_cpu_kernel(q, k, v, beta, initial_state, write_mask=None):

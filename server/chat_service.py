@@ -33,6 +33,8 @@ class Generated:
     finish_reason: str
     prompt_tokens: int
     final_state: object
+    block: tuple | None = None  # (prompt position, state) at the last KV block boundary
+    cached_tokens: int | None = None
 
 
 class ChatService:
@@ -88,7 +90,7 @@ class ChatService:
             record = ms.SessionRecord("ephemeral", tenant, self.identity)
             plan = plan_turn(self.fmt, record, messages, -1, self.s.max_model_len,
                              sp.max_tokens)
-            gen = await self._generate(plan.prompt, sp, None, 0, stream_cb)
+            gen = await self._generate(plan, sp, tenant, stream_cb)
             return gen, None
         ms.validate_session_id(session_id)
         async with self.locks.hold(tenant, session_id, self.s.session_lock_timeout):
@@ -100,11 +102,9 @@ class ChatService:
             self.metrics.state_load.observe(time.perf_counter() - t0)
             plan = plan_turn(self.fmt, record, messages, window, self.s.max_model_len,
                              sp.max_tokens)
-            state = plan.initial_state if self.engine.memory else None
-            gen = await self._generate(plan.prompt, sp, state, plan.write_start, stream_cb)
-            new = finish_turn(plan, gen.tokens, gen.text,
-                              gen.final_state if self.engine.memory else None,
-                              gen.finish_reason, self.identity)
+            gen = await self._generate(plan, sp, tenant, stream_cb)
+            new = finish_turn(plan, gen.tokens, gen.text, gen.final_state, gen.finish_reason,
+                              self.identity, gen.block, gen.cached_tokens)
             t0 = time.perf_counter()
             # The turn finished: commit even if the client goes away now.
             stored = await asyncio.shield(self.store.commit(new, plan.expected_version))
@@ -112,17 +112,22 @@ class ChatService:
             self.metrics.turns.inc()
             return gen, stored
 
-    async def _generate(self, prompt, sp, state, write_start, stream_cb) -> Generated:
+    async def _generate(self, plan, sp, tenant: str, stream_cb) -> Generated:
+        prompt = plan.prompt
         if len(prompt) + sp.max_tokens > self.s.max_model_len:
             raise APIError(400, f"prompt of {len(prompt)} tokens + max_tokens {sp.max_tokens} "
                            f"exceeds the context length {self.s.max_model_len}",
                            code="context_length_exceeded")
+        memory = self.engine.memory
+        stream = self.engine.generate(
+            prompt, sp, plan.initial_state if memory else None, plan.write_start,
+            known=plan.known if memory else None, cache_salt=tenant)
         tokens: list[int] = []
         text = []
         t0 = time.perf_counter()
         first = True
         final = None
-        async for chunk in self.engine.generate(prompt, sp, state, write_start):
+        async for chunk in stream:
             if first and chunk.token_ids:
                 self.metrics.ttft.observe(time.perf_counter() - t0)
                 first = False
@@ -136,8 +141,9 @@ class ChatService:
             raise APIError(503, "generation did not finish", "server_error", "aborted")
         self.metrics.tokens.labels("prompt").inc(len(prompt))
         self.metrics.tokens.labels("completion").inc(len(tokens))
+        self.metrics.tokens.labels("prompt_cached").inc(final.cached_tokens or 0)
         return Generated(tokens, "".join(text), final.finish_reason, len(prompt),
-                         final.final_state)
+                         final.final_state, final.block, final.cached_tokens)
 
     @staticmethod
     def session_info(rec: ms.SessionRecord | None) -> SessionInfo | None:

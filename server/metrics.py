@@ -13,7 +13,8 @@ class Metrics:
         self.requests = Counter("deltamem_requests", "HTTP requests", ["endpoint", "status"],
                                 registry=r)
         self.errors = Counter("deltamem_errors", "errors by kind", ["kind"], registry=r)
-        self.tokens = Counter("deltamem_tokens", "tokens", ["kind"], registry=r)
+        self.tokens = Counter("deltamem_tokens", "tokens by kind: prompt, prompt_cached (served "
+                              "from the prefix cache), completion", ["kind"], registry=r)
         self.latency = Histogram("deltamem_request_seconds", "request latency", ["endpoint"],
                                  registry=r)
         self.ttft = Histogram("deltamem_time_to_first_token_seconds", "time to first token",

@@ -1,15 +1,19 @@
-"""Turn orchestration for sessions: the transcript as tokens, the context window, the write
-start, and the atomic commit (docs/design.md §2 and §3).
+"""Turn orchestration for sessions: the transcript as tokens, the window and its epochs, the
+write start, and the record after a turn (docs/design.md §2 and §3).
 
 A session's transcript is an append-only token stream: every message is rendered on its own
 (ChatML), so earlier tokens never change when the conversation grows. After a turn,
 `tokens_absorbed == len(transcript) - 1`: the last sampled token has not been through the
 model yet; the next turn writes it first, then its new messages.
 
-A turn's prompt is [pinned system prompt] + [window of recent transcript, message-aligned]
-+ [unabsorbed tokens: the previous turn's last token, the new messages, the generation
-prompt]. The write start is where the unabsorbed tokens begin, so re-sent context is read and
-never written twice.
+A session runs in epochs. An epoch fixes the prompt's prefix: [pinned system prompt] + the
+transcript from the window start `ws`; the tokens up to `write_from` (the absorbed count when
+the epoch began) are read under the epoch's state `S_e` (the session's state then) and not
+written; every later token is written once, as it arrives. Within an epoch each turn's prompt
+extends the previous one, so its K/V are those of the previous turn (a prefix-cache hit)
+and only new tokens are computed, as the reference runtime does. A new epoch begins when the
+window outgrows `memory_window_tokens` (the start jumps forward to a message boundary, to
+half the window) or the context: the window is then re-read under the state of that moment.
 """
 
 from __future__ import annotations
@@ -81,23 +85,36 @@ class TurnPlan:
     new_tokens: list[int]  # appended to the transcript before generation
     boundaries: list[int]  # message start offsets in transcript + new_tokens
     prompt: list[int]
-    write_start: int
+    write_start: int  # prompt position of the epoch's first written token
     spans: list[tuple[int, int]]  # prompt = concat of (transcript + new_tokens)[s:e]
     window: int
-    initial_state: torch.Tensor | None = None
+    window_start: int  # transcript position where the epoch's window starts
+    write_from: int  # transcript position of the epoch's first written token
+    new_epoch: bool  # this turn starts an epoch (the window is re-read under `initial_state`)
+    initial_state: torch.Tensor | None = None  # the epoch's state S_e (None: zero)
+    known: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # prompt pos
+
+    def prompt_position(self, t: int) -> int:
+        """Where transcript position t (>= the window start) sits in the prompt."""
+        pinned = self.spans[0][1] if len(self.spans) == 2 else 0
+        return pinned + t - self.window_start
+
+    def transcript_position(self, p: int) -> int | None:
+        """The transcript position of prompt position p (None inside the pinned prefix)."""
+        pinned = self.spans[0][1] if len(self.spans) == 2 else 0
+        return None if p < pinned else self.window_start + p - pinned
 
 
 def _same(a: dict, b: dict) -> bool:
     return a["role"] == b["role"] and a["content"].strip() == b["content"].strip()
 
 
-def plan_turn(fmt: ChatFormat, record: SessionRecord, messages: list[dict], window: int,
-              max_model_len: int, max_tokens: int) -> TurnPlan:
-    """Work out the new messages, the prompt and the write start of one turn."""
+def _new_messages(fmt: ChatFormat, record: SessionRecord, messages: list[dict]
+                  ) -> tuple[list[dict], str | None]:
+    """The messages this turn adds, and the session's system prompt."""
     if not messages:
         raise TurnError("the request has no new message for this session", param="messages")
     stored = record.messages
-    T = record.transcript
     meta = record.meta
     if stored and stored[0]["role"] == "system" and messages[0]["role"] != "system":
         stored = stored[1:]  # a client that never sent the (default) system prompt
@@ -108,7 +125,7 @@ def plan_turn(fmt: ChatFormat, record: SessionRecord, messages: list[dict], wind
     else:
         new = list(messages)
     system = meta.get("system")
-    if not T:  # first turn: a leading system message sets the session's system prompt
+    if not record.transcript:  # first turn: a leading system message sets the system prompt
         if new and new[0]["role"] == "system":
             system = new[0]["content"]
             new = new[1:]
@@ -116,7 +133,8 @@ def plan_turn(fmt: ChatFormat, record: SessionRecord, messages: list[dict], wind
             system = fmt.default_system
     new_system = [m for m in new if m["role"] == "system"]
     if new_system:
-        if T and all(m["content"].strip() == (system or "").strip() for m in new_system):
+        if record.transcript and all(m["content"].strip() == (system or "").strip()
+                                     for m in new_system):
             new = [m for m in new if m["role"] != "system"]
         else:
             raise TurnError("a session's system prompt is set by its first turn; it cannot "
@@ -125,7 +143,42 @@ def plan_turn(fmt: ChatFormat, record: SessionRecord, messages: list[dict], wind
         raise TurnError("the request has no new message for this session", param="messages")
     if new[-1]["role"] != "user":
         raise TurnError("the last new message must be a user message", param="messages")
+    return new, system
 
+
+def _window_start(boundaries: list[int], lo: int, T: int, absorbed: int, window: int,
+                  ws: int, prompt_len, budget: int) -> int:
+    """The epoch's window start: the current one while the window (transcript tokens from
+    it) stays within `window` and the prompt fits. Else the earliest message boundary that
+    leaves room to grow (half the window, or half the budget with `window` −1), failing
+    that the earliest within the whole window (or that fits), and `absorbed` (state only) as
+    the last resort."""
+    if window == 0:
+        return absorbed
+
+    def fits(b: int) -> bool:
+        return prompt_len(b) <= budget
+
+    if (window < 0 or T - ws <= window) and fits(ws):
+        return ws
+    candidates = sorted(b for b in boundaries if lo <= b <= absorbed and b > ws and fits(b))
+    if window > 0:
+        tiers = (lambda b: T - b <= window // 2, lambda b: T - b <= window)
+    else:
+        tiers = (lambda b: prompt_len(b) <= budget // 2, lambda b: True)
+    for roomy in tiers:
+        picked = [b for b in candidates if roomy(b)]
+        if picked:
+            return picked[0]
+    return absorbed
+
+
+def plan_turn(fmt: ChatFormat, record: SessionRecord, messages: list[dict], window: int,
+              max_model_len: int, max_tokens: int) -> TurnPlan:
+    """Work out the new messages, the epoch, the prompt and the write start of one turn."""
+    new, system = _new_messages(fmt, record, messages)
+    T = record.transcript
+    meta = record.meta
     boundaries = list(meta.get("boundaries", []))
     toks: list[int] = []
     if T:
@@ -146,49 +199,51 @@ def plan_turn(fmt: ChatFormat, record: SessionRecord, messages: list[dict], wind
     absorbed = record.tokens_absorbed
 
     budget = max_model_len - max_tokens
-    unabsorbed = len(full) - absorbed
-    if sys_len and absorbed >= sys_len:
-        unabsorbed += sys_len  # the pinned system prompt is in every prompt
-    if unabsorbed > budget:
+    pin = sys_len if sys_len and absorbed >= sys_len else 0
+    if len(full) - absorbed + pin > budget:
         raise TurnError(
-            f"this turn needs {unabsorbed} prompt tokens + max_tokens {max_tokens}, more than "
-            f"the context length {max_model_len}", code="context_length_exceeded", status=400)
-    # Window start: the earliest message boundary within the last `window` tokens of the
-    # transcript, never past the first unabsorbed token; then moved later until it fits.
-    lo = sys_len if absorbed >= sys_len else 0
-    candidates = [b for b in boundaries if lo <= b <= absorbed] + [absorbed]
-    if window == 0:
-        w0 = absorbed
-    elif window < 0:
-        w0 = min(candidates)
+            f"this turn needs {len(full) - absorbed + pin} prompt tokens + max_tokens "
+            f"{max_tokens}, more than the context length {max_model_len}",
+            code="context_length_exceeded", status=400)
+    epoch = meta.get("epoch")
+    if epoch is None:  # a new session, or a record from before epochs: start one now
+        ws, write_from = 0, absorbed
     else:
-        w0 = min([b for b in candidates if len(T) - b <= window] or [absorbed])
+        ws, write_from = int(epoch["window_start"]), int(epoch["write_from"])
 
-    def layout(w0):
-        spans = []
-        if lo and w0 > 0:
-            spans.append((0, sys_len))
-        spans.append((w0, len(full)))
-        return spans
+    def prompt_len(start: int) -> int:
+        return (pin if start > 0 else 0) + len(full) - start
 
-    spans = layout(w0)
-    while sum(e - s for s, e in spans) > budget and w0 < absorbed:
-        later = [b for b in candidates if b > w0]
-        w0 = min(later) if later else absorbed
-        spans = layout(w0)
+    new_ws = _window_start(boundaries, pin, len(T), absorbed, window, ws, prompt_len, budget)
+    new_epoch = epoch is None or new_ws != ws
+    if new_epoch and T:
+        ws, write_from = new_ws, absorbed
+    spans = ([(0, pin)] if pin and ws > 0 else []) + [(ws, len(full))]
     prompt = [t for s, e in spans for t in full[s:e]]
-    write_start = len(prompt) - (len(full) - absorbed)
     plan = TurnPlan(record=record, expected_version=record.version, new_messages=new,
-                    new_tokens=toks, boundaries=boundaries, prompt=prompt,
-                    write_start=write_start, spans=spans, window=window,
-                    initial_state=record.state)
+                    new_tokens=toks, boundaries=boundaries, prompt=prompt, write_start=0,
+                    spans=spans, window=window, window_start=ws, write_from=write_from,
+                    new_epoch=new_epoch)
+    plan.write_start = plan.prompt_position(write_from) if ws > 0 else write_from
+    if new_epoch:
+        plan.initial_state = record.state if T else None
+    else:
+        plan.initial_state = record.extra_states.get("epoch")
+        # States the epoch's requests passed: a prefix-cache hit may resume at them.
+        block = meta.get("block_pos")
+        if block is not None and "block" in record.extra_states and block >= write_from:
+            plan.known[plan.prompt_position(block)] = record.extra_states["block"]
+        if record.state is not None:
+            plan.known[plan.prompt_position(absorbed)] = record.state
     plan.record.meta = {**meta, "system": system, "system_tokens": sys_len}
     return plan
 
 
 def finish_turn(plan: TurnPlan, generated: list[int], text: str, final_state,
-                finish_reason: str, identity: StateIdentity) -> SessionRecord:
-    """The record after a finished turn (not yet committed)."""
+                finish_reason: str, identity: StateIdentity, block=None,
+                cached_tokens: int | None = None) -> SessionRecord:
+    """The record after a finished turn (not yet committed). `block` is the engine's state at
+    the last KV block boundary it passed, (prompt position, state)."""
     rec = plan.record
     transcript = rec.transcript + plan.new_tokens + list(generated)
     messages = rec.messages + plan.new_messages + [{"role": "assistant", "content": text}]
@@ -197,12 +252,23 @@ def finish_turn(plan: TurnPlan, generated: list[int], text: str, final_state,
     entry = {"turn": rec.turns + 1, "spans": [list(s) for s in plan.spans],
              "write_start": plan.write_start, "prompt_tokens": len(plan.prompt),
              "generated": len(generated), "finish_reason": finish_reason,
-             "window": plan.window, "time": time.time()}
+             "window": plan.window, "window_start": plan.window_start,
+             "new_epoch": plan.new_epoch, "cached_tokens": cached_tokens, "time": time.time()}
     log = (rec.meta.get("turn_log", []) + [entry])[-TURN_LOG_KEEP:]
-    meta = {**rec.meta, "boundaries": plan.boundaries, "turn_log": log}
+    meta = {**rec.meta, "boundaries": plan.boundaries, "turn_log": log,
+            "epoch": {"window_start": plan.window_start, "write_from": plan.write_from}}
+    extra = {}
+    if final_state is not None:
+        if plan.initial_state is not None:
+            extra["epoch"] = plan.initial_state
+        meta.pop("block_pos", None)
+        at = None if block is None else plan.transcript_position(block[0])
+        if at is not None and at >= plan.write_from:
+            extra["block"], meta["block_pos"] = block[1], at
     return dataclasses.replace(
         rec, identity=identity, state=final_state, transcript=transcript, messages=messages,
-        tokens_absorbed=len(transcript) - 1, turns=rec.turns + 1, meta=meta)
+        tokens_absorbed=len(transcript) - 1, turns=rec.turns + 1, meta=meta,
+        extra_states=extra)
 
 
 class SessionLocks:

@@ -38,9 +38,10 @@ class Settings(BaseSettings):
         description="Redis URL for the session store (default: embedded SQLite in --data-dir)")
     session_ttl_seconds: int | None = Field(None, description="expire idle sessions (Redis)")
     keep_versions: int = Field(5, description="session versions kept for rollback")
-    memory_window_tokens: int = Field(1024, ge=-1, description="recent transcript tokens kept "
-                                      "in each turn's prompt (0: state only, -1: everything "
-                                      "that fits)")
+    memory_window_tokens: int = Field(1024, ge=-1, description="most transcript tokens kept "
+                                      "in the prompt: the window's start stays put (its K/V "
+                                      "reused) until it holds more, then jumps to half (0: "
+                                      "state only, -1: everything that fits)")
     max_model_len: int = Field(8192, description="context length of the engine")
     dtype: str = Field("bfloat16", description="engine dtype (bfloat16, float32, float16)")
     max_num_seqs: int = Field(32, description="concurrent sequences in the engine")

@@ -188,15 +188,15 @@ class EngineHost:
 
     # --- helpers for tests ------------------------------------------------------------------
     async def collect(self, prompt_ids, sampling_params, initial_state=None, write_start=0,
-                      engine=None):
+                      engine=None, **kw):
         """Run one request to the end on this loop; return (tokens, finished chunk, timeline),
-        timeline = (time of the first chunk, time of the last)."""
+        timeline = (time of the first chunk, time of the last). `kw` goes to generate."""
         eng = engine or self.engine
         tokens: list[int] = []
         last = None
         first_t = None
         async for chunk in eng.generate(prompt_ids, sampling_params, initial_state,
-                                        write_start):
+                                        write_start, **kw):
             if first_t is None:
                 first_t = self.loop.time()
             tokens += chunk.token_ids
@@ -204,8 +204,8 @@ class EngineHost:
         return tokens, last, (first_t, self.loop.time())
 
     def generate(self, prompt_ids, sampling_params, initial_state=None, write_start=0,
-                 engine=None, timeout: float = 120.0):
+                 engine=None, timeout: float = 120.0, **kw):
         """Synchronous `collect` for tests: (tokens, finished chunk)."""
         tokens, last, _ = self.run(self.collect(prompt_ids, sampling_params, initial_state,
-                                                write_start, engine), timeout)
+                                                write_start, engine, **kw), timeout)
         return tokens, last

