@@ -41,6 +41,30 @@ class Encoder:
     def history(self, ep) -> list[int]:
         return self.ids(ep.history)
 
+    def history_message_ids(self, ep) -> list[int]:
+        """The SSW message id of each token of `history(ep)`, as the reference's session
+        runtime numbers them: every token of a message's rendering (its header and closing
+        tokens too) carries the message's number, counting the non-system messages from 0;
+        the system message's tokens carry -1 (not written)."""
+        msgs = ep.history
+        text = self.tok.apply_chat_template(msgs, tokenize=False)
+        ends, owner, n = [], [], 0
+        for i, msg in enumerate(msgs):
+            part = self.tok.apply_chat_template(msgs[:i + 1], tokenize=False)
+            if not text.startswith(part):
+                raise ValueError("the chat template is not prefix-stable: message spans are "
+                                 "unknown")
+            ends.append(len(part))
+            owner.append(-1 if msg["role"] == "system" else n)
+            n += msg["role"] != "system"
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        out, j = [], 0
+        for start, _ in enc["offset_mapping"]:
+            while j < len(ends) - 1 and start >= ends[j]:
+                j += 1
+            out.append(owner[j])
+        return out
+
     def read(self, ep, context: int = 0) -> tuple[list[int], int, int]:
         """(ids, question_start, answer_start): the read pass [system, the last `context`
         history messages, question, answer]; the answer's tokens end with <|im_end|>."""
@@ -76,12 +100,23 @@ def pad_rows(rows: list[list[int]], pad_id: int, answer_starts: list[int] | None
     return ids.to(device), real.to(device), labels.to(device)
 
 
+def writes_messages(rt) -> bool:
+    """Whether the runtime's adapter writes per message (SSW): its write passes then need
+    message ids (make_batch's `message_ids`)."""
+    return rt.adapter.config.write_granularity == "message_mean"
+
+
 def make_batch(enc: Encoder, episodes, write_read: list[bool] | None = None,
-               contexts: list[int] | None = None, device=None):
+               contexts: list[int] | None = None, device=None, message_ids: bool = False):
     """Right-padded tensors for a list of episodes.
 
     Pads never write (write_mask False), so the final state of a row is its state after its
-    last real token.
+    last real token. With `message_ids` (SSW adapters) the batch also has "h_mids", each
+    history token's message (Encoder.history_message_ids, -1 for the system message and
+    pads), and "r_mids" for the read pass: its written tokens as a served SSW turn writes
+    them (the question as one message, then each answer token as a message of its own). In
+    SSW every token of a forward reads the state from before it, so the read pass's writes
+    never reach its own logits.
     """
     hist = [enc.history(ep) for ep in episodes]
     reads = [enc.read(ep, c) for ep, c in zip(episodes, contexts or [0] * len(episodes),
@@ -95,8 +130,24 @@ def make_batch(enc: Encoder, episodes, write_read: list[bool] | None = None,
         # (not written), the question and the generated answer are written.
         written = write_read is not None and write_read[b]
         r_mask[b, :q_start if written else r_mask.shape[1]] = False
-    return {"h_ids": h_ids, "h_mask": h_mask, "r_ids": r_ids, "r_mask": r_mask,
-            "labels": labels, "n_hist_tokens": sum(len(h) for h in hist)}
+    batch = {"h_ids": h_ids, "h_mask": h_mask, "r_ids": r_ids, "r_mask": r_mask,
+             "labels": labels, "n_hist_tokens": sum(len(h) for h in hist)}
+    if message_ids:
+        import torch
+
+        h_mids = torch.full(h_ids.shape, -1, dtype=torch.long)
+        for b, ep in enumerate(episodes):
+            mids = enc.history_message_ids(ep)
+            if len(mids) != len(hist[b]):
+                raise ValueError("message ids do not cover the history's tokens")
+            h_mids[b, :len(mids)] = torch.tensor(mids)
+        r_mids = torch.full(r_ids.shape, -1, dtype=torch.long)
+        for b, (r, q_start, a_start) in enumerate(reads):
+            r_mids[b, q_start:a_start] = 0
+            r_mids[b, a_start:len(r)] = torch.arange(1, len(r) - a_start + 1)
+        batch["h_mids"] = h_mids.to(device)
+        batch["r_mids"] = r_mids.to(device)
+    return batch
 
 
 def training_episodes(cfg, stages: list, stage: int, step: int, rng, copy_words=None):
@@ -175,22 +226,28 @@ def episode_loss(rt, batch, probe: BetaProbe | None = None, memory: bool = True)
     B = batch["h_ids"].shape[0]
     beta_reg = torch.zeros((), device=rt.device)
     mean_beta = float("nan")
+    h_mids, r_mids = batch.get("h_mids"), batch.get("r_mids")
     if memory:
         with _no_lm_head(rt):
             if probe is not None:
                 with probe.collect():
-                    _, state, _ = rt.forward(batch["h_ids"], None, batch["h_mask"])
+                    _, state, _ = rt.forward(batch["h_ids"], None, batch["h_mask"],
+                                             message_ids=h_mids)
                 w = batch["h_mask"].unsqueeze(-1).float()
+                if h_mids is not None:  # SSW: β of the written messages, one per message
+                    w = _written_messages(h_mids, batch["h_mask"]).unsqueeze(-1).float()
                 per_layer = torch.stack([
                     (torch.sigmoid(o) * w).sum((0, 1)).sum() / (w.sum() * o.shape[-1])
                     for o in probe.outputs])
                 beta_reg = BETA_WEIGHT * ((per_layer - BETA_TARGET) ** 2).mean()
                 mean_beta = float(per_layer.detach().mean())
             else:
-                _, state, _ = rt.forward(batch["h_ids"], None, batch["h_mask"])
+                _, state, _ = rt.forward(batch["h_ids"], None, batch["h_mask"],
+                                         message_ids=h_mids)
     else:
         state = None
-    logits, _, _ = rt.forward(batch["r_ids"], state, batch["r_mask"], memory=memory)
+    logits, _, _ = rt.forward(batch["r_ids"], state, batch["r_mask"], message_ids=r_mids,
+                              memory=memory)
     labels = batch["labels"]
     sel = labels != -100
     ce = F.cross_entropy(logits[sel].float(), labels[sel])
@@ -202,6 +259,16 @@ def episode_loss(rt, batch, probe: BetaProbe | None = None, memory: bool = True)
     return ce + beta_reg, {"ce": float(ce.detach()), "beta_reg": float(beta_reg.detach()),
                            "mean_beta": mean_beta, "tok_acc": float(tok_acc),
                            "exact": float(exact.mean()), "exact_rows": exact.tolist(), "B": B}
+
+
+def _written_messages(mids, mask):
+    """(B, n_msg) bool: which messages of an SSW write pass a row writes (their β count)."""
+    import torch
+
+    active = (mids >= 0) & mask
+    n = int(mids[active].max()) + 1 if bool(active.any()) else 0
+    return torch.stack([((mids == j) & active).any(1) for j in range(n)], 1) if n else \
+        torch.zeros((mids.shape[0], 0), dtype=torch.bool, device=mids.device)
 
 
 # --- general-ability episodes ----------------------------------------------------------------
@@ -262,7 +329,9 @@ def general_loss(rt, rows: list[tuple[list[int], int]], pad_id: int, kind: str =
     import torch.nn.functional as F
 
     ids, real, labels = pad_rows([r for r, _ in rows], pad_id, [a for _, a in rows], rt.device)
-    logits, _, _ = rt.forward(ids, None, real)
+    # SSW: the request as one message (every token reads the fresh state either way).
+    mids = real.long() - 1 if writes_messages(rt) else None
+    logits, _, _ = rt.forward(ids, None, real, message_ids=mids)
     sel = labels != -100
     if kind == "ce":
         return F.cross_entropy(logits[sel].float(), labels[sel])
@@ -295,7 +364,8 @@ def evaluate(rt, enc: Encoder, sets: dict, batch: int = 8, memory: bool = True,
             rows = []
             for i in range(0, len(eps), batch):
                 chunk = eps[i:i + batch]
-                b = make_batch(enc, chunk, [write_read] * len(chunk), device=rt.device)
+                b = make_batch(enc, chunk, [write_read] * len(chunk), device=rt.device,
+                               message_ids=writes_messages(rt))
                 _, m = episode_loss(rt, b, None, memory=memory)
                 rows += m["exact_rows"]
             out[str(stage)] = sum(rows) / max(1, len(rows))
@@ -319,16 +389,17 @@ def state_gain(rt, enc: Encoder, eps, batch: int = 8) -> dict:
     with torch.no_grad():
         for i in range(0, len(eps), batch):
             chunk = eps[i:i + batch]
-            b = make_batch(enc, chunk, device=rt.device)
+            b = make_batch(enc, chunk, device=rt.device, message_ids=writes_messages(rt))
             with _no_lm_head(rt):
-                _, st, _ = rt.forward(b["h_ids"], None, b["h_mask"])
+                _, st, _ = rt.forward(b["h_ids"], None, b["h_mask"], message_ids=b.get("h_mids"))
             labels = b["labels"]
             sel = labels != -100
             first = sel & (sel.cumsum(1) == 1)
             # A lone episode has no other state to compare with: it counts for "own" only.
             pairs = [("own", st)] + ([("other", st.roll(1, dims=0))] if len(chunk) > 1 else [])
             for key, state in pairs:
-                logits, _, _ = rt.forward(b["r_ids"], state, b["r_mask"])
+                logits, _, _ = rt.forward(b["r_ids"], state, b["r_mask"],
+                                          message_ids=b.get("r_mids"))
                 ce = F.cross_entropy(logits[sel].float(), labels[sel], reduction="none")
                 per_row = torch.zeros(len(chunk), device=ce.device).index_add_(
                     0, sel.nonzero()[:, 0], ce)

@@ -4,7 +4,8 @@ It is the oracle the vLLM engine is tested against and the runtime training runs
 wrapped layer's q_proj and o_proj are replaced by thin modules: q_proj's input is exactly the
 δ-mem x_t (the normed attention input), so the q_proj wrapper projects, runs the scan with the
 layer's state and adds Δq (before q_norm and RoPE, which HF applies after q_proj); the o_proj
-wrapper adds Δo from the same reads.
+wrapper adds Δo from the same reads. SSW adapters read and write as the reference does
+(`DeltaMemHF.forward`).
 """
 
 from __future__ import annotations
@@ -53,13 +54,13 @@ class _QProjWithMemory(_ProjWithMemory):
         if not ctx.active:
             return out
         mem = self._mem[0]
-        p = mem.project(x)
-        if mem.cfg.write_granularity == "message_mean" and ctx.message_ids is not None:
-            reads, state = mem.scan_messages(x, p, ctx.states[self.slot], ctx.message_ids,
+        if mem.cfg.write_granularity == "message_mean":
+            reads, state = mem.scan_messages(x, mem.project_q(x), ctx.states[self.slot],
+                                             ctx.message_ids, ctx.write_mask,
                                              backend=ctx.scan_backend)
         else:
-            reads, state = mem.scan_tokens(p, ctx.states[self.slot], ctx.write_mask,
-                                           backend=ctx.scan_backend)
+            reads, state = mem.scan_tokens(mem.project(x), ctx.states[self.slot],
+                                           ctx.write_mask, backend=ctx.scan_backend)
         ctx.states[self.slot] = state
         ctx.reads[self.slot] = reads
         dq = mem.delta_q(reads)
@@ -145,11 +146,24 @@ class DeltaMemHF:
                 attention_mask: torch.Tensor | None = None, past_key_values=None,
                 memory: bool = True):
         """One forward over (B, T) tokens. Returns (logits, final_state (B, L, H_s, r, r),
-        HF output). Differentiable through the state (training) when grad is enabled."""
-        B = input_ids.shape[0]
+        HF output). Differentiable through the state (training) when grad is enabled.
+
+        A token writes where `write_mask` is True (all, when None). SSW adapters
+        (`message_mean`) also need `message_ids` (B, T) for a forward that writes: -1 for
+        tokens outside any message, else the message's number; every token then reads the
+        state from before this forward and each message's mean is written, in order, at its
+        end (the reference's semantics). A token-write fallback, which the reference takes
+        when it is given no message ids, is refused rather than run silently."""
+        B, T = input_ids.shape
         dev = input_ids.device
         if state is None:
             state = torch.zeros((B, *self.state_shape), device=dev)
+        if memory and self.adapter.config.write_granularity == "message_mean" \
+                and message_ids is None:
+            if write_mask is None or bool(write_mask.any()):
+                raise ValueError("an SSW (message_mean) adapter writes per message: a forward "
+                                 "that writes needs message_ids")
+            message_ids = torch.full((B, T), -1, dtype=torch.long, device=dev)
         ctx = self.ctx
         ctx.active = memory
         ctx.states = [state[:, j].float() for j in range(len(self.layer_ids))]
@@ -167,10 +181,15 @@ class DeltaMemHF:
     @torch.no_grad()
     def run(self, prompt_ids: list[int], initial_state: torch.Tensor | None = None,
             write_start: int = 0, max_new_tokens: int = 0, eos_token_ids=(),
-            memory: bool = True) -> RunResult:
+            memory: bool = True, message_ids: list[int] | None = None) -> RunResult:
         """Serve one request the way the engine does: the prompt with writes from
         `write_start` on, then greedy decoding; each generated token but the last is fed
-        back (and written)."""
+        back (and written).
+
+        SSW adapters as the reference's session runtime serves them: `message_ids` (one per
+        prompt token, -1 for tokens outside any message) say what the prompt writes; the
+        whole prompt reads the initial state and its messages are written at its end; each
+        generated token fed back is then written as a one-token message of its own."""
         from transformers import DynamicCache
 
         dev = self.device
@@ -178,8 +197,17 @@ class DeltaMemHF:
         state = None if initial_state is None else initial_state.unsqueeze(0).to(dev)
         T = len(prompt_ids)
         mask = (torch.arange(T, device=dev) >= write_start).unsqueeze(0)
+        ssw = self.adapter.config.write_granularity == "message_mean"
+        mids = None
+        if message_ids is not None:
+            if len(message_ids) != T:
+                raise ValueError(f"message_ids has {len(message_ids)} entries for {T} prompt "
+                                 "tokens")
+            mids = torch.tensor([message_ids], dtype=torch.long, device=dev)
+        next_message = max([-1, *(message_ids or [])]) + 1
         cache = DynamicCache()
-        logits, state, _ = self.forward(ids, state, mask, past_key_values=cache, memory=memory)
+        logits, state, _ = self.forward(ids, state, mask, message_ids=mids,
+                                        past_key_values=cache, memory=memory)
         prompt_logits = logits[0].float()
         tokens, step_logits = [], []
         nxt_logits = logits[0, -1].float()
@@ -195,8 +223,13 @@ class DeltaMemHF:
             if step == max_new_tokens - 1:
                 break
             m = torch.tensor([[pos >= write_start]], device=dev)
+            step_mids = None
+            if ssw:
+                step_mids = torch.tensor([[next_message]], device=dev)
+                next_message += 1
             logits, state, _ = self.forward(torch.tensor([[tok]], device=dev), state, m,
-                                            past_key_values=cache, memory=memory)
+                                            message_ids=step_mids, past_key_values=cache,
+                                            memory=memory)
             nxt_logits = logits[0, -1].float()
             pos += 1
         return RunResult(tokens, prompt_logits, step_logits, state[0].float(), finish)

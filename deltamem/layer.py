@@ -21,6 +21,13 @@ from torch import nn
 from .scan import delta_rule_scan
 
 GRANULARITIES = ("token", "message_mean")
+# The reference's initialisation constants (its HFDeltaMemConfig defaults, and the values of
+# the released adapters): b_β's start, B_q/B_o's gain, how many read-out columns start from
+# the backbone's W_Q/W_O; and the ε of its L2 normalisations.
+BETA_BIAS_INIT = -1.5
+ONLINE_GAIN = 0.05
+BASE_SLICE_REF_WIDTH = 8
+NORM_EPS = 1e-6
 
 
 @dataclass
@@ -111,30 +118,45 @@ class DeltaMemLayer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, w_q_backbone: torch.Tensor | None = None,
                          w_o_backbone: torch.Tensor | None = None) -> None:
-        """The reference initialisation (docs/design.md §1)."""
+        """The reference initialisation (docs/design.md §1, the reference's
+        `output_init="base_slice_fixed"`): B_q's and B_o's first min(BASE_SLICE_REF_WIDTH, r)
+        columns are ONLINE_GAIN × the column-normalised first columns of the backbone's W_Q
+        and W_O, and every other column is zero, so with H > 1 only the first state head
+        reads out at the start (the others learn their read-out from zero)."""
         for lin in (self.w_q, self.w_k, self.w_v):
             nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5))
         nn.init.zeros_(self.w_beta.weight)
-        nn.init.constant_(self.w_beta.bias, -1.5)
-        m = self.cfg.mem_dim
+        nn.init.constant_(self.w_beta.bias, BETA_BIAS_INIT)
         for b, w in ((self.b_q, w_q_backbone), (self.b_o, w_o_backbone)):
             if b is None:
                 continue
             if w is None:
                 nn.init.normal_(b.weight, std=0.02)
                 continue
-            cols = w[:, :m].float()
-            b.weight.copy_(0.05 * cols / cols.norm(dim=0, keepdim=True).clamp_min(1e-12))
+            width = min(BASE_SLICE_REF_WIDTH, self.cfg.rank, w.shape[1])
+            cols = w[:, :width].float()
+            b.weight.zero_()
+            # The reference's F.normalize(cols, dim=0, eps=1e-6) * gain, up to rounding; in
+            # this order the one-head rank-8 initialisation is bit for bit what it was before
+            # the other heads' columns were left at zero.
+            b.weight[:, :width] = ONLINE_GAIN * cols / cols.norm(dim=0, keepdim=True).clamp_min(
+                NORM_EPS)
 
     def project(self, x: torch.Tensor) -> MemoryProjections:
         """x (..., d) in any dtype -> q̂, k̂, v̂, β as float32 (..., H_s, r)."""
         x = x.to(self.w_q.weight.dtype)
         shape = (*x.shape[:-1], self.cfg.num_state_heads, self.cfg.rank)
-        q = nn.functional.normalize(torch.tanh(self.w_q(x)).view(shape), dim=-1)
-        k = nn.functional.normalize(torch.tanh(self.w_k(x)).view(shape), dim=-1)
+        k = nn.functional.normalize(torch.tanh(self.w_k(x)).view(shape), dim=-1, eps=NORM_EPS)
         v = self.w_v(x).view(shape)
         beta = torch.sigmoid(self.w_beta(x)).view(shape)
-        return MemoryProjections(q, k, v, beta)
+        return MemoryProjections(self.project_q(x), k, v, beta)
+
+    def project_q(self, x: torch.Tensor) -> torch.Tensor:
+        """The read queries q̂ alone, (..., H_s, r) float32 (SSW's tokens only read)."""
+        x = x.to(self.w_q.weight.dtype)
+        shape = (*x.shape[:-1], self.cfg.num_state_heads, self.cfg.rank)
+        return nn.functional.normalize(torch.tanh(self.w_q(x)).view(shape), dim=-1,
+                                       eps=NORM_EPS)
 
     def delta_q(self, reads: torch.Tensor) -> torch.Tensor | None:
         """reads (..., H_s, r) -> Δq (..., n_heads*head_dim) in float32, or None."""
@@ -154,46 +176,34 @@ class DeltaMemLayer(nn.Module):
         delta_rule_scan's."""
         return delta_rule_scan(p.q, p.k, p.v, p.beta, state, write_mask, backend=backend)
 
-    def scan_messages(self, x: torch.Tensor, p: MemoryProjections, state: torch.Tensor,
-                      message_ids: torch.Tensor,
+    def scan_messages(self, x: torch.Tensor, q, state: torch.Tensor,
+                      message_ids: torch.Tensor, write_mask: torch.Tensor | None = None,
                       backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-        """SSW: one write per message, of the mean-pooled x of its tokens.
+        """SSW, as the reference runs it: one write per message, of the mean-pooled x of its
+        tokens, and every token of the forward reads the state from before the forward.
 
-        x (B, T, d); message_ids (B, T) int, increasing along T, -1 for tokens that write
-        nothing (system prompt, padding). Each token reads the state as it was before its own
-        message's write. `backend` is delta_rule_scan's (for the scan over messages).
+        x (B, T, d); q the tokens' read queries (B, T, H_s, r) (or their MemoryProjections);
+        message_ids (B, T) int, -1 for tokens that write nothing (system prompt, generation
+        prompt, padding); write_mask (B, T) bool or None, False also writes nothing. The
+        messages are written in the order of their ids (one write each, of the tokens of it
+        this forward holds), after every token has read. `backend` is delta_rule_scan's (for
+        the scan over messages). Returns (reads (B, T, H_s, r), final state).
         """
-        B, T, _ = x.shape
-        H, r = self.cfg.num_state_heads, self.cfg.rank
-        n_msg = int(message_ids.max().item()) + 1 if message_ids.numel() else 0
-        if n_msg <= 0:
-            s = state.to(p.q.dtype)
-            return torch.einsum("bhij,bthj->bthi", s, p.q), s.clone()
-        valid = message_ids >= 0
-        idx = message_ids.clamp_min(0)
-        onehot = nn.functional.one_hot(idx, n_msg).to(x.dtype) * valid.unsqueeze(-1).to(x.dtype)
+        q = q.q if isinstance(q, MemoryProjections) else q
+        s = state.to(q.dtype)
+        reads = torch.einsum("bhij,bthj->bthi", s, q)
+        active = message_ids >= 0
+        if write_mask is not None:
+            active = active & write_mask.to(torch.bool)
+        if not bool(active.any()):
+            return reads, s.clone()
+        n_msg = int(message_ids[active].max().item()) + 1
+        idx = message_ids.clamp(0, n_msg - 1)
+        onehot = nn.functional.one_hot(idx, n_msg).to(x.dtype) * active.unsqueeze(-1).to(x.dtype)
         counts = onehot.sum(1)  # (B, n_msg)
         pooled = torch.einsum("btm,btd->bmd", onehot, x) / counts.clamp_min(1).unsqueeze(-1)
         pm = self.project(pooled)
-        write = counts > 0
-        # Read the state before each message's write: scan over messages with the r basis
-        # vectors as queries gives the state's columns (messages are few, so ×r is cheap).
-        eye = torch.eye(r, dtype=pm.q.dtype, device=x.device)
-        s = state.to(p.q.dtype)
-        rep = lambda t: t.repeat_interleave(r, dim=0)  # noqa: E731
-        q_basis = eye.view(r, 1, 1, r).expand(r, n_msg, H, r).repeat(B, 1, 1, 1)
-        reads_b, final = delta_rule_scan(q_basis, rep(pm.k), rep(pm.v), rep(pm.beta),
-                                         rep(s), rep(write), backend=backend)
-        # reads_b[(b, c), m, h, :] = S_{m-1}[b, h] e_c  -> states_before[b, m, h, :, c]
-        states_before = reads_b.view(B, r, n_msg, H, r).permute(0, 2, 3, 4, 1)
-        final = final.view(B, r, H, r, r)[:, 0]
-        s_tok = torch.gather(
-            states_before, 1,
-            idx.view(B, T, 1, 1, 1).expand(B, T, H, r, r))  # (B, T, H, r, r)
-        # Tokens that write nothing read the state before the next written message; for the
-        # usual layout (system prompt first) that is the initial state.
-        s_tok = torch.where(valid.view(B, T, 1, 1, 1), s_tok, s.unsqueeze(1))
-        reads = torch.einsum("bthij,bthj->bthi", s_tok, p.q)
+        _, final = delta_rule_scan(pm.q, pm.k, pm.v, pm.beta, s, counts > 0, backend=backend)
         return reads, final
 
 

@@ -35,6 +35,7 @@ from .episodes import (
     make_batch,
     periodic_scores,
     training_episodes,
+    writes_messages,
 )
 from .train_config import (
     ConfigError,
@@ -157,14 +158,15 @@ def build_runtime(cfg: TrainConfig, model_dir, resume_dir: Path | None):
 
     common = {"device": cfg.device, "dtype": getattr(torch, cfg.dtype),
               "scan_backend": TRAIN_SCAN_BACKEND}
-    init = starting_adapter(cfg, resume_dir)
+    init = starting_adapter(cfg, resume_dir, model_dir)
     if init is not None:
         init.check_backbone(backbone_fingerprint(model_dir))
         return DeltaMemHF.from_pretrained(model_dir, adapter=init, **common)
     n_layers = json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"]
     rt = DeltaMemHF.from_pretrained(model_dir, seed=cfg.seed, **common,
                                     target_layers=parse_layers(cfg.layers, n_layers),
-                                    num_state_heads=cfg.state_heads or 1)
+                                    num_state_heads=cfg.state_heads or 1,
+                                    write_granularity=cfg.write_granularity or "token")
     if cfg.beta_bias_init is not None:
         with torch.no_grad():
             for layer in rt.adapter.module.layers.values():
@@ -172,8 +174,10 @@ def build_runtime(cfg: TrainConfig, model_dir, resume_dir: Path | None):
     return rt
 
 
-def starting_adapter(cfg: TrainConfig, resume_dir: Path | None):
-    """The adapter to resume or to start from (widened by --state-heads), None for fresh."""
+def starting_adapter(cfg: TrainConfig, resume_dir: Path | None, model_dir=None):
+    """The adapter to resume or to start from (widened by --state-heads), None for fresh.
+    --init-adapter may be a reference release folder (imported, checked against the
+    backbone's config when `model_dir` is given)."""
     from .adapter import AdapterError, load_adapter, widen_state_heads
 
     if resume_dir is not None:
@@ -181,7 +185,16 @@ def starting_adapter(cfg: TrainConfig, resume_dir: Path | None):
     if cfg.init_adapter is None:
         return None
     try:
-        init = load_adapter(cfg.init_adapter)
+        hf_config = None
+        if model_dir is not None:
+            from transformers import AutoConfig
+
+            hf_config = AutoConfig.from_pretrained(model_dir)
+        init = load_adapter(cfg.init_adapter, hf_config)
+        if cfg.write_granularity is not None \
+                and cfg.write_granularity != init.config.write_granularity:
+            raise AdapterError(f"--write-granularity {cfg.write_granularity}: the adapter "
+                               f"writes per {init.config.write_granularity!r}")
         widen = cfg.state_heads is not None and cfg.state_heads != init.config.num_state_heads
         if cfg.beta_bias_init is not None and not widen:
             raise AdapterError("--beta-bias-init sets the gates of a fresh adapter or of the "
@@ -286,7 +299,8 @@ def train_step(run: Run) -> None:
     stage = current_stage(run, step, frac)
     rng = random.Random(f"train-step:{cfg.seed}:{step}")
     batch = make_batch(run.enc, *training_episodes(cfg, run.stages, stage, step, rng,
-                                                   run.copy_words), run.rt.device)
+                                                   run.copy_words), run.rt.device,
+                       message_ids=writes_messages(run.rt))
     lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_frac, frac)
     for g in run.opt.param_groups:
         g["lr"] = lr

@@ -53,6 +53,11 @@ class TrainConfig:
         "the adapter has widens it: the new heads start silent (zero read-out), so training "
         "starts from the same function",
         default_text="1 for a new adapter, the adapter's own with --init-adapter")
+    write_granularity: str | None = _flag(
+        None, "how the memory is written: 'token' (TSW, every token) or 'message_mean' (SSW, "
+        "one write per chat message of its tokens' mean, as the reference's SSW: the write "
+        "passes give the messages' ids)", choices=("token", "message_mean"),
+        default_text="token for a new adapter, the adapter's own with --init-adapter")
     resume: bool = _flag(False, "continue from <out-dir>/last (weights, optimizer, step, "
                                 "metrics)")
     steps: int = _flag(1000, "optimizer steps")

@@ -34,7 +34,7 @@ import torch
 
 from deltamem import _cpu_kernel
 from deltamem.adapter import Adapter, load_adapter
-from deltamem.layer import DeltaMem
+from deltamem.layer import NORM_EPS, DeltaMem
 from deltamem.scan import delta_rule_scan_chunked
 
 log = logging.getLogger(__name__)
@@ -297,7 +297,7 @@ class DeltaMemRuntime:
         n = self._n_valid
         proj = torch.addmm(b, x[:n].float(), W).view(n, 4, H, r)
         qk = torch.tanh(proj[:, :2])
-        qk = qk / qk.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        qk = qk / qk.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
         beta = torch.sigmoid(proj[:, 3])
         states = self._states[slot]
         if self.device.type == "cpu":
