@@ -62,6 +62,7 @@ class ChatCompletionRequest(BaseModel):
     model: str | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)  # vLLM's extension (-1 or 0: off)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
@@ -118,7 +119,7 @@ class ChatCompletionRequest(BaseModel):
                            f"{max_tokens_limit}", param="max_tokens")
         kw = dict(max_tokens=max_tokens, stop=self.stop, seed=self.seed,
                   temperature=1.0 if self.temperature is None else self.temperature)
-        for f in ("top_p", "presence_penalty", "frequency_penalty"):
+        for f in ("top_p", "top_k", "presence_penalty", "frequency_penalty"):
             if getattr(self, f) is not None:
                 kw[f] = getattr(self, f)
         return SamplingParams(**kw)
@@ -193,6 +194,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "deltamem"
+    max_model_len: int | None = None
     memory: dict[str, Any] | None = None
 
 

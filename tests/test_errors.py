@@ -103,9 +103,10 @@ def test_request_validation_is_openai_shaped():
 
 def test_request_builds_its_sampling_params():
     req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], top_p=0.5,
-                                max_completion_tokens=7, stop="x")
+                                max_completion_tokens=7, stop="x", top_k=10)
     sp = req.to_sampling_params(default_max_tokens=512, max_tokens_limit=100)
-    assert (sp.max_tokens, sp.top_p, sp.stop, sp.temperature) == (7, 0.5, ["x"], 1.0)
+    assert (sp.max_tokens, sp.top_p, sp.stop, sp.temperature, sp.top_k) == (7, 0.5, ["x"], 1.0,
+                                                                            10)
     assert ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}]
                                  ).to_sampling_params(512, 4096).max_tokens == 512
     with pytest.raises(APIError) as e:

@@ -21,6 +21,7 @@ router = APIRouter()
 @router.get("/v1/models")
 async def models(s: ChatService = Depends(service), _tenant: str = Depends(tenant)):
     return ModelList(data=[ModelCard(id=s.model_name, created=int(time.time()),
+                                     max_model_len=s.s.max_model_len,
                                      memory=s.memory_card())])
 
 
