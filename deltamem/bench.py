@@ -13,6 +13,7 @@ BENCHES = {
     "scan": "benchmarks/bench_scan.py",
     "store": "benchmarks/bench_store.py",
     "engine": "benchmarks/bench_engine.py",
+    "multiturn": "benchmarks/bench_multiturn.py",
 }
 
 
