@@ -758,6 +758,8 @@ def main(argv=None) -> int:
         f"{max(user_tok)} tokens (mean {statistics.fmean(user_tok):.1f}), replies ≤ "
         f"{a.max_tokens} tokens; example: {convs[0][0]!r}")
 
+    # SIGTERM (a plain `kill`) unwinds like Ctrl-C, so the servers and Redis are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     load0 = loadavg()
     if load0 and load0[0] > 0.5 * (os.cpu_count() or 1):
         log(f"load average {load0} at the start: other work is running, numbers will be noisy")
