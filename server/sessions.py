@@ -261,10 +261,15 @@ def finish_turn(plan: TurnPlan, generated: list[int], text: str, final_state,
     if final_state is not None:
         if plan.initial_state is not None:
             extra["epoch"] = plan.initial_state
-        meta.pop("block_pos", None)
         at = None if block is None else plan.transcript_position(block[0])
+        prev = meta.pop("block_pos", None)
         if at is not None and at >= plan.write_from:
             extra["block"], meta["block_pos"] = block[1], at
+        elif (not plan.new_epoch and prev is not None and prev >= plan.write_from
+              and "block" in rec.extra_states):
+            # A turn that passed no new block boundary (a short one after a cache hit): the
+            # epoch's last snapshot still holds, and the next turn's hit resumes there.
+            extra["block"], meta["block_pos"] = rec.extra_states["block"], prev
     return dataclasses.replace(
         rec, identity=identity, state=final_state, transcript=transcript, messages=messages,
         tokens_absorbed=len(transcript) - 1, turns=rec.turns + 1, meta=meta,

@@ -190,10 +190,16 @@ def check_finish(plan, rec, generated, final_state, block, cached_tokens=None):
         expect["epoch"] = plan.initial_state
     at = None if block is None else plan.transcript_position(block[0])
     kept = at is not None and at >= plan.write_from
+    prev = old.meta.get("block_pos")
+    carried = (not kept and not plan.new_epoch and prev is not None
+               and prev >= plan.write_from and "block" in old.extra_states)
     if kept:
         expect["block"] = block[1]
         assert rec.meta["block_pos"] == at
         assert rec.transcript[at] == (plan.prompt + list(generated))[block[0]]
+    elif carried:  # no new boundary passed: the epoch's last snapshot still holds
+        expect["block"] = old.extra_states["block"]
+        assert rec.meta["block_pos"] == prev
     else:
         assert "block_pos" not in rec.meta
     assert rec.extra_states.keys() == expect.keys()
@@ -1003,10 +1009,11 @@ def test_finish_turn_keeps_a_block_snapshot_only_where_the_epoch_writes(fmt):
         edited = dataclasses.replace(new, meta={**new.meta, "block_pos": plan.write_from - 1})
         assert plan_turn(fmt, edited, [user("r")], w, BIG,
                          MAX_TOKENS).known.keys() == {first_unabsorbed(nxt)}
-    # No block: no snapshot (the record's previous one is dropped too).
+    # No block on a turn that starts an epoch: no snapshot.
     new = finish_turn(plan, gen, "Done.", state(9), "stop", IDENTITY)
     check_finish(plan, new, gen, new.state, None)
-    assert "block_pos" not in new.meta and set(new.extra_states) == {"epoch"}
+    assert plan.new_epoch and "block_pos" not in new.meta
+    assert set(new.extra_states) == {"epoch"}
     # No final state: no extra states at all.
     new = finish_turn(plan, gen, "Done.", None, "stop", IDENTITY, (plan.write_start, state(1)))
     check_finish(plan, new, gen, None, (plan.write_start, state(1)))
@@ -1239,3 +1246,24 @@ async def test_session_locks_waiter_past_its_timeout_is_busy():
     async with locks.hold("t", "s", timeout=0.05):  # free again
         assert locks._locks[("t", "s")][1] == 1
     assert locks._locks == {}
+
+
+def test_a_turn_that_passes_no_block_boundary_keeps_the_epochs_snapshot(fmt):
+    """A short turn after a cache hit may pass no new KV block boundary: the epoch's last
+    block snapshot still holds and stays known to the next turn (else its hit would be cut
+    back to the write start)."""
+    rec = new_record()
+    plan1 = plan_turn(fmt, rec, [user("Tell me about owls, please. " * 4)], -1, BIG,
+                      MAX_TOKENS)
+    gen1 = reply_tokens(fmt, "Owls are birds of the night. " * 3)
+    rec = finish_turn(plan1, gen1, "...", state(1), "stop", IDENTITY, (64, state(64)))
+    assert rec.meta["block_pos"] == 64
+    plan2 = plan_turn(fmt, rec, [user("Ok.")], -1, BIG, MAX_TOKENS)
+    assert not plan2.new_epoch and torch.equal(plan2.known[64], state(64))
+    gen2 = reply_tokens(fmt, "Yes.")
+    rec2 = finish_turn(plan2, gen2, "Yes.", state(2), "stop", IDENTITY, None)
+    check_finish(plan2, rec2, gen2, rec2.state, None)
+    assert rec2.meta["block_pos"] == 64 and torch.equal(rec2.extra_states["block"], state(64))
+    plan3 = plan_turn(fmt, rec2, [user("And cats?")], -1, BIG, MAX_TOKENS)
+    assert torch.equal(plan3.known[64], state(64))
+    assert plan3.known[plan3.prompt_position(rec2.tokens_absorbed)] is rec2.state
