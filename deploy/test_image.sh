@@ -119,7 +119,7 @@ start_container() {  # extra `podman run` arguments
     "${PODMAN[@]}" run -d --name "$CTR" --network host --shm-size 1g \
         -v "$VOL_DATA:/data" -v "$VOL_CACHE:/cache" \
         -e DELTAMEM_PORT="$PORT" -e DELTAMEM_KV_CACHE_GIB=1 -e DELTAMEM_MAX_NUM_SEQS=8 \
-        -e DELTAMEM_DEFAULT_MAX_TOKENS=32 "${run_ca[@]}" "$@" "$IMAGE" >/dev/null
+        -e DELTAMEM_DEFAULT_MAX_TOKENS=32 -e DELTAMEM_ALLOW_OPEN=true "${run_ca[@]}" "$@" "$IMAGE" >/dev/null
     local s0 deadline
     s0=$(date +%s)
     deadline=$(( s0 + START_TIMEOUT ))

@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from .base import SessionStore
-from .codec import FORMAT_VERSION, decode_record, encode_record
+from .codec import FORMAT_VERSION, decode_record, encode_record, validate_record
 from .errors import (
     CorruptRecord,
     IdentityMismatch,
@@ -20,6 +20,7 @@ from .errors import (
     SessionNotFound,
     StoreError,
     StoreUnavailable,
+    TooManySessions,
     UnknownFormat,
     VersionConflict,
 )
@@ -47,11 +48,13 @@ __all__ = [
     "StateIdentity",
     "StoreError",
     "StoreUnavailable",
+    "TooManySessions",
     "UnknownFormat",
     "VersionConflict",
     "decode_record",
     "encode_record",
     "open_store",
+    "validate_record",
     "validate_session_id",
     "validate_tenant",
 ]
@@ -65,21 +68,28 @@ def open_store(
     *,
     ttl_seconds: int | None = None,
     keep_versions: int = 5,
+    max_sessions_per_tenant: int | None = None,
 ) -> SessionStore:
     """Open the store a server is configured with.
 
     ``url`` None or empty: SQLite at ``{data_dir}/sessions.sqlite3``. ``redis://``,
-    ``rediss://`` or ``unix://``: Redis (``ttl_seconds`` applies only there).
-    ``sqlite:///abs/path`` : SQLite at that path.
+    ``rediss://`` or ``unix://``: Redis. ``sqlite:///abs/path`` : SQLite at that path.
+    ``ttl_seconds`` (idle sessions expire), ``keep_versions`` and ``max_sessions_per_tenant``
+    (None or 0: no limit) apply to either backend.
     """
+    options = {
+        "keep_versions": keep_versions,
+        "ttl_seconds": ttl_seconds,
+        "max_sessions_per_tenant": max_sessions_per_tenant,
+    }
     if not url:
-        return SqliteStore(Path(data_dir) / SQLITE_FILENAME, keep_versions=keep_versions)
+        return SqliteStore(Path(data_dir) / SQLITE_FILENAME, **options)
     scheme = urlsplit(url).scheme.lower()
     if scheme in ("redis", "rediss", "unix"):
-        return RedisStore(url, ttl_seconds=ttl_seconds, keep_versions=keep_versions)
+        return RedisStore(url, **options)
     if scheme == "sqlite":
         path = unquote(urlsplit(url).path)
         if not path:
             raise ValueError(f"sqlite store URL has no path: {url!r}")
-        return SqliteStore(path, keep_versions=keep_versions)
+        return SqliteStore(path, **options)
     raise ValueError(f"unsupported session store URL scheme {scheme!r} (use redis:// or none)")

@@ -24,19 +24,30 @@ beyond that version (checked to extend it); otherwise, or if the record does not
 the commit stores the record's whole content as one delta with a lineage of the new version
 alone. Sessions stored whole by the previous layout (one record blob per version) still load;
 their first commit stores the whole content once.
+
+Encoding and decoding a record is CPU work in the calling thread: for records above
+``OFFLOAD_BYTES`` (a long conversation, a large state) the async operations run it on a
+worker thread (``asyncio.to_thread``), so that one session's load or export does not stall
+every other request on the event loop; small ones stay inline, where a thread hop would cost
+more than the work.
+
+Options every backend shares: ``keep_versions``; ``ttl_seconds`` (a session idle that long,
+i.e. not committed, or on Redis also not loaded, is gone); ``max_sessions_per_tenant`` (a
+commit that would create a session beyond it raises TooManySessions).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from .codec import (
     CONTENT_LISTS,
@@ -53,8 +64,9 @@ from .codec import (
     encode_turns,
     parse_delta_json,
     parse_turns_json,
+    validate_record,
 )
-from .errors import CorruptRecord, SessionNotFound
+from .errors import CorruptRecord, SessionNotFound, TooManySessions
 from .record import (
     Lineage,
     SessionRecord,
@@ -70,6 +82,30 @@ __all__ = ["SessionStore"]
 log = logging.getLogger(__name__)
 
 MAX_LIST_LIMIT = 1000
+
+# Records above this many bytes are encoded and decoded on a worker thread (see above).
+OFFLOAD_BYTES = 64 * 1024
+
+T = TypeVar("T")
+
+
+async def off_loop(size: int, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``: on a worker thread when ``size`` (the bytes it codes) is large."""
+    if size > OFFLOAD_BYTES:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
+
+def record_size(record: SessionRecord) -> int:
+    """About how many bytes coding ``record`` touches (transcript, states, message text)."""
+    size = 4 * len(record.transcript)
+    for t in (record.state, *record.extra_states.values()):
+        if t is not None:
+            size += 4 * t.numel()
+    if size > OFFLOAD_BYTES:
+        return size
+    return size + sum(len(str(m.get("content", ""))) if isinstance(m, dict) else 0
+                      for m in record.messages)
 
 
 @dataclass
@@ -121,10 +157,23 @@ class SessionStore(ABC):
     top here.
     """
 
-    def __init__(self, keep_versions: int = 5) -> None:
+    def __init__(
+        self,
+        keep_versions: int = 5,
+        *,
+        ttl_seconds: int | None = None,
+        max_sessions_per_tenant: int | None = None,
+    ) -> None:
         if keep_versions < 1:
             raise ValueError("keep_versions must be >= 1")
+        if ttl_seconds is not None and ttl_seconds <= 0:
+            raise ValueError("ttl_seconds must be positive or None")
+        if max_sessions_per_tenant is not None and max_sessions_per_tenant < 0:
+            raise ValueError("max_sessions_per_tenant must be >= 0 (0 or None: no limit)")
         self.keep_versions = keep_versions
+        self.ttl_seconds = ttl_seconds
+        # 0 means no limit, as the server's setting of the same name.
+        self.max_sessions_per_tenant = max_sessions_per_tenant or None
 
     # -- backend primitives ------------------------------------------------------------------
 
@@ -142,7 +191,11 @@ class SessionStore(ABC):
         """Store ``plan`` as version ``plan.record.version`` iff the current version is
         ``expected_version`` (VersionConflict otherwise) and, when ``plan.base_token`` is set,
         the current head's id is that (StaleBase otherwise); then drop the heads beyond
-        ``keep_versions`` and the deltas and turn-log parts no kept head names."""
+        ``keep_versions`` and the deltas and turn-log parts no kept head names.
+
+        With ``expected_version`` 0 (a new session) it starts clean: nothing left of an
+        earlier session of that id may show in the new one; and it raises TooManySessions
+        (see :meth:`_too_many`) when the tenant has ``max_sessions_per_tenant`` sessions."""
 
     @abstractmethod
     async def delete(self, tenant: str, session_id: str) -> bool:
@@ -170,21 +223,39 @@ class SessionStore(ABC):
     async def close(self) -> None:
         """Release connections; the store is unusable afterwards."""
 
+    def _too_many(self, tenant: str, have: int) -> TooManySessions:
+        limit = self.max_sessions_per_tenant
+        assert limit is not None
+        return TooManySessions(
+            f"tenant {tenant!r} has {have} sessions, the limit (max_sessions_per_tenant="
+            f"{limit}): delete sessions it no longer needs to make room, or raise the limit",
+            limit=limit,
+        )
+
     # -- shared operations -------------------------------------------------------------------
 
     async def load(
-        self, tenant: str, session_id: str, expected_identity: StateIdentity | None = None
+        self,
+        tenant: str,
+        session_id: str,
+        expected_identity: StateIdentity | None = None,
+        version: int | None = None,
     ) -> SessionRecord:
+        """The current version, or kept version ``version`` (SessionNotFound if it is not
+        kept)."""
         _check_ids(tenant, session_id)
-        fetched = await self._fetch(tenant, session_id, None)
+        fetched = await self._fetch(tenant, session_id, version)
         if fetched is None:
             raise SessionNotFound(f"session {session_id!r} not found")
+        if version is not None and (fetched.data is None or version > fetched.current_version):
+            raise SessionNotFound(f"version {version} of session {session_id!r} is not kept")
         if fetched.data is None:
             raise CorruptRecord(
                 f"session {tenant}/{session_id} is at version {fetched.current_version}, "
                 "whose head is missing"
             )
-        return assemble(fetched, tenant, session_id, expected_identity)
+        return await off_loop(fetched_size(fetched), assemble, fetched, tenant, session_id,
+                              expected_identity)
 
     async def commit(self, record: SessionRecord, expected_version: int) -> SessionRecord:
         """Store ``record`` as version ``expected_version + 1``.
@@ -202,6 +273,10 @@ class SessionStore(ABC):
         (its entire content as one delta), so a commit never stores a wrong record, it only
         costs more. A record from anywhere else (new, imported, forked, from another store or
         from before the session was deleted) is stored whole too.
+
+        Raises VersionConflict (another version is current), TooManySessions (a new session
+        beyond ``max_sessions_per_tenant``), ValueError (a record that breaks its own
+        invariants).
         """
         _check_ids(record.tenant, record.session_id)
         if expected_version < 0:
@@ -226,7 +301,8 @@ class SessionStore(ABC):
     ) -> SessionRecord:
         """Commit ``stored`` building on ``base`` (whose deltas are stored while the head
         ``base.token`` is current); store it whole if that head is gone."""
-        plan = plan_commit(stored, base)
+        size = record_size(stored)
+        plan = await off_loop(size, plan_commit, stored, base)
         if base is not None and not plan.base_token:
             log.info("session %s/%s: the record does not extend version %d, stored whole",
                      stored.tenant, stored.session_id, base.version)
@@ -235,7 +311,7 @@ class SessionStore(ABC):
         except StaleBase:
             log.info("session %s/%s: version %d is not the head the record was read from, "
                      "stored whole", stored.tenant, stored.session_id, expected_version)
-            plan = plan_commit(stored, None)
+            plan = await off_loop(size, plan_commit, stored, None)
             await self._write(plan, expected_version)
         stored.stored = plan.new_base
         return stored
@@ -253,7 +329,7 @@ class SessionStore(ABC):
             raise SessionNotFound(f"session {session_id!r} not found")
         if fetched.data is None:
             raise SessionNotFound(f"version {to_version} of session {session_id!r} is not kept")
-        old = assemble(fetched, tenant, session_id, None)
+        old = await off_loop(fetched_size(fetched), assemble, fetched, tenant, session_id, None)
         current = fetched.current_version
         new = dataclasses.replace(
             old,
@@ -266,10 +342,13 @@ class SessionStore(ABC):
         # to_version's deltas are stored while that head is still current.
         return await self._commit_on(new, current, old.stored)
 
-    async def fork(self, tenant: str, session_id: str, new_session_id: str) -> SessionRecord:
-        """Copy a session's current content to a new session (version 1)."""
+    async def fork(
+        self, tenant: str, session_id: str, new_session_id: str, version: int | None = None
+    ) -> SessionRecord:
+        """Copy a session's current content (or kept version ``version``'s) to a new session
+        (version 1); TooManySessions at the tenant's limit."""
         validate_session_id(new_session_id)
-        source = await self.load(tenant, session_id)
+        source = await self.load(tenant, session_id, version=version)
         now = time.time()
         clone = dataclasses.replace(
             source, session_id=new_session_id, version=0, created_at=now, updated_at=now
@@ -279,7 +358,8 @@ class SessionStore(ABC):
     async def export(self, tenant: str, session_id: str) -> bytes:
         """The current record as one verified blob (:func:`encode_record`, the format
         :meth:`import_` reads anywhere)."""
-        return encode_record(await self.load(tenant, session_id))
+        record = await self.load(tenant, session_id)
+        return await off_loop(record_size(record), encode_record, record)
 
     async def import_(
         self,
@@ -288,14 +368,19 @@ class SessionStore(ABC):
         data: bytes,
         expected_identity: StateIdentity | None = None,
         overwrite: bool = False,
+        *,
+        vocab_size: int | None = None,
     ) -> SessionRecord:
         """Store exported bytes under ``tenant``/``session_id``.
 
-        Without ``overwrite`` the session must not exist (VersionConflict otherwise); with it
-        the import becomes the existing session's next version.
+        The bytes come from outside: beyond the checksum and ``expected_identity``, the
+        record must hold what the server relies on (:func:`validate_record`; token ids below
+        ``vocab_size`` when given), else CorruptRecord. Without ``overwrite`` the session
+        must not exist (VersionConflict otherwise); with it the import becomes the existing
+        session's next version.
         """
         _check_ids(tenant, session_id)
-        record = decode_record(data, expected_identity)
+        record = await off_loop(len(data), _decode_import, data, expected_identity, vocab_size)
         expected = await self._version(tenant, session_id) if overwrite else 0
         record = dataclasses.replace(record, tenant=tenant, session_id=session_id)
         return await self.commit(record, expected)
@@ -323,6 +408,19 @@ def _check_list_args(tenant: str, limit: int, after: str | None) -> None:
         validate_session_id(after)
     if not 1 <= limit <= MAX_LIST_LIMIT:
         raise ValueError(f"limit must be in [1, {MAX_LIST_LIMIT}]")
+
+
+def _decode_import(
+    data: bytes, expected_identity: StateIdentity | None, vocab_size: int | None
+) -> SessionRecord:
+    record = decode_record(data, expected_identity)
+    validate_record(record, vocab_size=vocab_size)
+    return record
+
+
+def fetched_size(fetched: Fetched) -> int:
+    return (len(fetched.data or b"") + sum(len(d) for d in fetched.deltas)
+            + sum(len(t or b"") for t in fetched.turns))
 
 
 def _decode(

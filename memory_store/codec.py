@@ -63,7 +63,7 @@ from safetensors.torch import save as st_save
 from .errors import CorruptRecord, IdentityMismatch, UnknownFormat
 from .record import Lineage, SessionRecord, StateIdentity
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "decode_record", "encode_record"]
+__all__ = ["FORMAT_VERSION", "MAGIC", "decode_record", "encode_record", "validate_record"]
 
 MAGIC = b"DMEMREC\x00"
 FORMAT_VERSION = 1
@@ -289,13 +289,137 @@ def decode_record(data: bytes, expected_identity: StateIdentity | None = None) -
         messages, meta = header["messages"], header["meta"]
     except (KeyError, TypeError) as exc:
         raise CorruptRecord(f"record header is invalid: {exc}") from exc
+    # Checked before list()/dict() below, which would turn a string or an object into a list.
+    if not isinstance(messages, list):
+        raise CorruptRecord(f"record messages must be a list, got {type(messages).__name__}")
+    if not isinstance(meta, dict):
+        raise CorruptRecord(f"record meta must be an object, got {type(meta).__name__}")
     transcript = _unpack_tokens(token_view)
     record = _record_from_header(
         header, identity, state_view, transcript, messages, meta, "record"
     )
     if record.tokens_absorbed > len(transcript):
-        raise CorruptRecord("record claims more absorbed tokens than its transcript holds")
+        raise CorruptRecord(f"record tokens_absorbed={record.tokens_absorbed} exceeds its "
+                            f"transcript of {len(transcript)} tokens")
     return record
+
+
+def validate_record(record: SessionRecord, *, vocab_size: int | None = None) -> None:
+    """Check what a record from outside (an import) holds beyond its framing, checksum and
+    identity: a checksum only proves that the bytes are what their writer wrote, and a forged
+    export is checksummed too. Raises CorruptRecord naming the first bad field.
+
+    The rules are those the server relies on (docs/design.md §2 and §3): ``messages`` a list
+    of ``{"role": str, "content": str}``; ``tokens_absorbed == len(transcript) - 1`` (0 for
+    an empty transcript: the last sampled token is never absorbed, invariant 5); ``turns``
+    non-negative; token ids ints in ``[0, vocab_size)`` (``[0, 2**31)`` without
+    ``vocab_size``); ``meta["boundaries"]`` sorted ints in ``[0, len(transcript)]``;
+    ``meta["epoch"]`` and ``meta["block_pos"]`` inside the transcript; every state float32
+    of the identity's shape, finite (a NaN or inf would spread through every later turn).
+    """
+    if vocab_size is not None and (not _is_int(vocab_size) or vocab_size <= 0):
+        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    n = len(record.transcript)
+    _check_messages(record.messages)
+    _check_transcript(record.transcript, vocab_size)
+    absorbed, turns = record.tokens_absorbed, record.turns
+    if not _is_int(absorbed) or absorbed != max(0, n - 1):
+        raise CorruptRecord(
+            f"tokens_absorbed={absorbed!r} does not fit a transcript of {n} tokens: after a "
+            "turn every token but the last sampled one is absorbed (len(transcript) - 1; 0 "
+            "for an empty transcript)"
+        )
+    if not _is_int(turns) or turns < 0:
+        raise CorruptRecord(f"turns={turns!r} must be a non-negative int")
+    if not isinstance(record.meta, dict):
+        raise CorruptRecord("meta must be an object")
+    _check_meta(record.meta, n, absorbed)
+    _check_states(record)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_messages(messages: object) -> None:
+    if not isinstance(messages, list):
+        raise CorruptRecord(f"messages must be a list, got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            raise CorruptRecord(
+                f"messages[{i}] must be an object with a string role and a string content, "
+                f"got {_short(m)}"
+            )
+
+
+def _check_transcript(transcript: list[int], vocab_size: int | None) -> None:
+    if not transcript:
+        return
+    ids = np.asarray(transcript)
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise CorruptRecord("transcript must hold int token ids")
+    top = _TOKEN_MAX + 1 if vocab_size is None else vocab_size
+    bad = np.flatnonzero((ids < 0) | (ids >= top))
+    if bad.size:
+        at = int(bad[0])
+        where = f"the vocabulary [0, {vocab_size})" if vocab_size is not None else "[0, 2**31)"
+        raise CorruptRecord(f"transcript[{at}] = {int(ids[at])} is outside {where}")
+
+
+def _check_meta(meta: dict[str, Any], n_tokens: int, absorbed: int) -> None:
+    boundaries = meta.get("boundaries")
+    if boundaries is not None:
+        if not isinstance(boundaries, list):
+            raise CorruptRecord("meta.boundaries must be a list of ints")
+        last = 0
+        for i, b in enumerate(boundaries):
+            if not _is_int(b) or not last <= b <= n_tokens:
+                raise CorruptRecord(
+                    f"meta.boundaries[{i}] = {_short(b)}: boundaries must be sorted ints in "
+                    f"[0, {n_tokens}] (the transcript's length)"
+                )
+            last = b
+    # The turn planner (server/sessions.py) reads these as positions in the transcript.
+    epoch = meta.get("epoch")
+    if epoch is not None and not (
+        isinstance(epoch, dict)
+        and _is_int(epoch.get("window_start"))
+        and _is_int(epoch.get("write_from"))
+        and 0 <= epoch["window_start"] <= n_tokens
+        and 0 <= epoch["write_from"] <= absorbed
+    ):
+        raise CorruptRecord(
+            f"meta.epoch = {_short(epoch)}: window_start must be an int in [0, {n_tokens}] "
+            f"and write_from an int in [0, {absorbed}]"
+        )
+    block_pos = meta.get("block_pos")
+    if block_pos is not None and not (_is_int(block_pos) and 0 <= block_pos <= n_tokens):
+        raise CorruptRecord(f"meta.block_pos = {_short(block_pos)} is not an int in "
+                            f"[0, {n_tokens}]")
+
+
+def _check_states(record: SessionRecord) -> None:
+    shape = record.identity.state_shape
+    states: list[tuple[str, Any]] = [] if record.state is None else [("state", record.state)]
+    states += [(f"extra_states[{name!r}]", t) for name, t in sorted(record.extra_states.items())]
+    if record.state is None and record.extra_states:
+        raise CorruptRecord("extra_states without a state")
+    for name, t in states:
+        if (not isinstance(t, torch.Tensor) or t.dtype != torch.float32
+                or tuple(t.shape) != shape):
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t)
+            raise CorruptRecord(f"{name} is {got}, the identity wants float32 {shape}")
+        if not bool(torch.isfinite(t).all()):
+            raise CorruptRecord(f"{name} holds NaN or inf values")
 
 
 def _decode_state(
@@ -449,7 +573,8 @@ def decode_head(data: bytes, expected_identity: StateIdentity | None = None) -> 
     except (ValueError, KeyError, TypeError) as exc:
         raise CorruptRecord(f"head lineage is invalid: {exc}") from exc
     if record.tokens_absorbed > lengths["tokens"]:
-        raise CorruptRecord("head claims more absorbed tokens than its transcript holds")
+        raise CorruptRecord(f"head tokens_absorbed={record.tokens_absorbed} exceeds its "
+                            f"transcript of {lengths['tokens']} tokens")
     return Head(
         record=record,
         positions=dict(positions),

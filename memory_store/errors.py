@@ -9,6 +9,7 @@ __all__ = [
     "SessionNotFound",
     "StoreError",
     "StoreUnavailable",
+    "TooManySessions",
     "UnknownFormat",
     "VersionConflict",
 ]
@@ -48,3 +49,12 @@ class UnknownFormat(CorruptRecord):
 
 class IdentityMismatch(StoreError):
     """The record was made with another backbone or adapter than the one expected."""
+
+
+class TooManySessions(StoreError):
+    """A commit would create a session for a tenant that already has ``limit`` of them (the
+    store's ``max_sessions_per_tenant``; API: 429)."""
+
+    def __init__(self, message: str, *, limit: int) -> None:
+        super().__init__(message)
+        self.limit = limit

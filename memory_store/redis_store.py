@@ -18,6 +18,8 @@ only those)::
                                      trimmed from the front
     {prefix}:idx:{tenant}            sorted set, all scores 0: session ids in lexical order
     {prefix}:exp:{tenant}            sorted set: session id -> expiry time (only with a TTL)
+    {prefix}:tenants                 set: every tenant that has had a session, and "" once
+                                     the set is known complete (see counting below)
 
 ``cur`` is the session's summary (what ``list`` shows) and its compare-and-set: ``v`` the
 current version, ``token`` the current head's id (a random hex string per commit). The
@@ -47,12 +49,35 @@ unreadable (detected: a CorruptRecord, never a wrong record).
 
 '/' separates tenant and session because ids may contain ':' but never '/'.
 
+A delete is one Lua script too: it removes ``cur``, ``hist`` and ``delta`` at once, so no
+reader (and no new session of that id) ever sees a session half gone; the index entries go
+right after. A commit that creates a session (version 0) first deletes whatever ``hist`` and
+``delta`` hold (the leftovers of a gone session), so it starts clean.
+
 The tenant index lives on another slot than the session, so a Lua script cannot update both
 atomically on a cluster; it is updated right after the compare-and-set instead. That is safe
-because the index only serves listing and counting: the session's own keys are the truth.
-An entry whose session is gone (expired, or a crash between the two steps of a delete) is
-skipped and removed when listed; a session missing from the index (crash right after its
-first commit) is added back by its next commit.
+because the index only serves listing, counting and the per-tenant limit: the session's own
+keys are the truth. An entry whose session is gone (expired, or a crash between the two
+steps of a delete) is skipped and removed when listed; a session missing from the index
+(crash right after its first commit) is added back by its next commit.
+
+**Counting.** ``count(tenant)`` is one ZCARD of the tenant's index (after dropping expired
+entries, with a TTL). ``count()`` of all tenants must not walk the keyspace (a SCAN is
+O(keys), and it is what a metrics scrape calls): every commit also adds its tenant to
+``{prefix}:tenants`` (in the same round trip as the index), and ``count()`` is one SMEMBERS
+and one pipelined ZCARD (and, with a TTL, one prune script) per tenant: O(tenants), where
+tenants are API keys, few next to sessions. A tenant stays in the set when its last session
+goes (removing it would race with a commit of that tenant on another slot; an empty index
+costs one ZCARD). Keys written before the set existed are found once: the first ``count()``
+on a set without the "" member SCANs for the tenant indexes, adds them and "" (commits made
+meanwhile add themselves), and no later one scans.
+
+**Sessions per tenant.** With ``max_sessions_per_tenant``, a commit that creates a session
+first reads the tenant's index size (ZCARD, after pruning expired entries) and whether the
+session exists, and refuses with TooManySessions at the limit. The check and the commit are
+on different slots, so it is not atomic: commits racing to create sessions of one tenant
+can overshoot the limit by as many as race. That bounds abuse, which is its purpose; the
+SQLite store, with one write lock, holds it exactly.
 """
 
 from __future__ import annotations
@@ -246,6 +271,13 @@ if #fields > 0 then fetch() end
 return {c[1], c[2] or '', c[3], h[1], table.concat(deltas), table.concat(turns)}
 """
 
+# KEYS: cur, hist, delta. Removes every key of the session in one step; 1 if it existed.
+_DELETE_LUA = """
+local existed = redis.call('EXISTS', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+return existed
+"""
+
 # KEYS: idx, exp. ARGV: now, batch. Drops index entries whose TTL has passed.
 _PRUNE_LUA = """
 local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
@@ -271,6 +303,9 @@ _UNAVAILABLE = (
 
 _SUMMARY_FIELDS = ("v", "turns", "absorbed", "created", "updated")
 
+# The member of the tenant set that says it holds every tenant (no valid tenant id is empty).
+_TENANTS_COMPLETE = b""
+
 
 class RedisStore(SessionStore):
     """Session store on one Redis server (keys are laid out to work on a cluster too)."""
@@ -282,14 +317,14 @@ class RedisStore(SessionStore):
         keep_versions: int = 5,
         prefix: str = "dmem",
         socket_timeout: float = 2.0,
+        *,
+        max_sessions_per_tenant: int | None = None,
     ) -> None:
-        super().__init__(keep_versions)
-        if ttl_seconds is not None and ttl_seconds <= 0:
-            raise ValueError("ttl_seconds must be positive or None")
+        super().__init__(keep_versions, ttl_seconds=ttl_seconds,
+                         max_sessions_per_tenant=max_sessions_per_tenant)
         if re.fullmatch(r"[A-Za-z0-9._:-]+", prefix) is None:
             # Braces would break the hash tags, glob characters the SCAN in count().
             raise ValueError(f"invalid key prefix {prefix!r}: use [A-Za-z0-9._:-]")
-        self.ttl_seconds = ttl_seconds
         self.prefix = prefix
         parts = urlsplit(url)
         # Never echo credentials from the URL into error messages.
@@ -307,6 +342,7 @@ class RedisStore(SessionStore):
         self._commit_script = self._redis.register_script(_COMMIT_LUA)
         self._load_script = self._redis.register_script(_LOAD_LUA)
         self._prune_script = self._redis.register_script(_PRUNE_LUA)
+        self._delete_script = self._redis.register_script(_DELETE_LUA)
 
     # -- keys --------------------------------------------------------------------------------
 
@@ -317,6 +353,10 @@ class RedisStore(SessionStore):
 
     def _index_keys(self, tenant: str) -> tuple[str, str]:
         return f"{self.prefix}:idx:{{{tenant}}}", f"{self.prefix}:exp:{{{tenant}}}"
+
+    @property
+    def _tenants_key(self) -> str:
+        return f"{self.prefix}:tenants"
 
     @contextmanager
     def _translate(self) -> Iterator[None]:
@@ -407,6 +447,8 @@ class RedisStore(SessionStore):
         record = plan.record
         tenant, session_id = record.tenant, record.session_id
         keys = self._session_keys(tenant, session_id)
+        if expected_version == 0 and self.max_sessions_per_tenant is not None:
+            await self._check_room(tenant, session_id)
         with self._translate():
             status, current = await self._commit_script(
                 keys=list(keys), args=self._commit_args(plan, expected_version)
@@ -423,12 +465,33 @@ class RedisStore(SessionStore):
             with self._translate():
                 pipe = self._redis.pipeline(transaction=False)
                 pipe.zadd(idx, {session_id: 0})
+                pipe.sadd(self._tenants_key, tenant)
                 if self.ttl_seconds is not None:
                     pipe.zadd(exp, {session_id: time.time() + self.ttl_seconds})
                 await pipe.execute()
         except StoreError as exc:
             # The commit itself landed; failing it now would make the caller retry into a 409.
             log.warning("session %s/%s committed but not indexed: %s", tenant, session_id, exc)
+
+    async def _check_room(self, tenant: str, session_id: str) -> None:
+        """TooManySessions if creating ``session_id`` would pass the tenant's limit. Not
+        atomic with the commit (another slot): racing creations may overshoot it."""
+        limit = self.max_sessions_per_tenant
+        assert limit is not None
+        await self._prune(tenant)
+        idx, _ = self._index_keys(tenant)
+        with self._translate():
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.zcard(idx)
+            pipe.zscore(idx, session_id)
+            pipe.exists(self._session_keys(tenant, session_id)[0])
+            have, listed, exists = await pipe.execute()
+        if exists:
+            return  # not a new session: the commit answers (a conflict, or a replay)
+        if listed is not None:
+            have -= 1  # a stale entry of this very id: the new session takes its place
+        if have >= limit:
+            raise self._too_many(tenant, int(have))
 
     async def _prune(self, tenant: str) -> None:
         if self.ttl_seconds is None:
@@ -446,16 +509,20 @@ class RedisStore(SessionStore):
 
     async def delete(self, tenant: str, session_id: str) -> bool:
         _check_ids(tenant, session_id)
-        cur, hist, delta = self._session_keys(tenant, session_id)
+        keys = self._session_keys(tenant, session_id)
         idx, exp = self._index_keys(tenant)
         with self._translate():
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.delete(cur)
-            pipe.delete(hist, delta)
-            pipe.zrem(idx, session_id)
-            pipe.zrem(exp, session_id)
-            removed, *_ = await pipe.execute()
-        return bool(removed)
+            existed = await self._delete_script(keys=list(keys))
+        try:
+            with self._translate():
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.zrem(idx, session_id)
+                pipe.zrem(exp, session_id)
+                await pipe.execute()
+        except StoreError as exc:
+            # The session is gone; its stale index entry is dropped when listed.
+            log.warning("session %s/%s deleted but still indexed: %s", tenant, session_id, exc)
+        return bool(existed)
 
     async def list(
         self, tenant: str, limit: int = 20, after: str | None = None
@@ -495,11 +562,16 @@ class RedisStore(SessionStore):
 
     async def versions(self, tenant: str, session_id: str) -> list[int]:
         _check_ids(tenant, session_id)
-        _, hist, _ = self._session_keys(tenant, session_id)
+        cur, hist, _ = self._session_keys(tenant, session_id)
         with self._translate():
-            fields = await self._redis.hkeys(hist)
+            # One transaction (one slot): a ``hist`` without ``cur`` is what a gone session
+            # left behind, not versions of this one.
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.exists(cur)
+            pipe.hkeys(hist)
+            exists, fields = await pipe.execute()
         kept = sorted(int(f) for f in fields if f.isdigit())
-        if not kept:
+        if not exists or not kept:
             raise SessionNotFound(f"session {session_id!r} not found")
         return kept
 
@@ -509,13 +581,38 @@ class RedisStore(SessionStore):
             await self._prune(tenant)
             with self._translate():
                 return int(await self._redis.zcard(self._index_keys(tenant)[0]))
-        head = f"{self.prefix}:idx:{{"
-        total = 0
+        tenants = await self._tenants()
+        now = time.time()
         with self._translate():
-            keys = [k.decode() async for k in self._redis.scan_iter(match=f"{head}*}}")]
-        for key in keys:
-            total += await self.count(key[len(head) : -1])
+            pipe = self._redis.pipeline(transaction=False)
+            for tenant_id in tenants:
+                idx, exp = self._index_keys(tenant_id)
+                if self.ttl_seconds is not None:
+                    await self._prune_script(keys=[idx, exp], args=[now, _PRUNE_BATCH],
+                                             client=pipe)
+                pipe.zcard(idx)
+            results = await pipe.execute()
+        if self.ttl_seconds is None:
+            return sum(int(n) for n in results)
+        total = 0
+        for tenant_id, pruned, n in zip(tenants, results[::2], results[1::2], strict=True):
+            if pruned == _PRUNE_BATCH:  # more expired entries than one batch: finish them
+                n = await self.count(tenant_id)
+            total += int(n)
         return total
+
+    async def _tenants(self) -> list[str]:
+        """Every tenant that has had a session (see the module docstring)."""
+        with self._translate():
+            members = await self._redis.smembers(self._tenants_key)
+            if _TENANTS_COMPLETE not in members:
+                # Keys written before the set existed: find their tenants once.
+                head = f"{self.prefix}:idx:{{".encode()
+                found = [key[len(head) : -1] async for key in
+                         self._redis.scan_iter(match=head + b"*}")]
+                await self._redis.sadd(self._tenants_key, _TENANTS_COMPLETE, *found)
+                members = {*members, *found}
+        return sorted(m.decode() for m in members if m != _TENANTS_COMPLETE)
 
     async def ping(self) -> None:
         with self._translate():

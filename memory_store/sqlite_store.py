@@ -31,6 +31,16 @@ is upgraded in place when opened; its sessions load as they are and their first 
 the whole content once. (A server running the previous code cannot read heads: do not serve
 one file with both.)
 
+With ``ttl_seconds``, a session whose last commit (``updated_at``) is older than that is
+gone: every read skips it (load and versions say SessionNotFound, list and count leave it
+out, a commit finds version 0), and its rows are purged lazily, a batch at a time, by the
+next commit of any session (one indexed range query on ``updated_at`` when nothing has
+expired). Unlike Redis, a load does not refresh the TTL: that would turn every read into a
+write; a session's turns commit, so an active conversation never expires.
+
+With ``max_sessions_per_tenant``, a commit that creates a session counts the tenant's live
+sessions inside its write transaction, so the limit holds exactly, also across processes.
+
 WAL mode lets readers run beside the one writer, and ``busy_timeout`` makes a second process
 wait for the write lock instead of failing. Every commit is a ``BEGIN IMMEDIATE`` transaction,
 which takes the write lock before reading the version, so the compare-and-set cannot
@@ -42,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -103,7 +114,12 @@ CREATE TABLE IF NOT EXISTS deltas (
     data       BLOB    NOT NULL,
     PRIMARY KEY (tenant, session_id, part, version)
 )""",
+    # Finds the sessions a TTL has expired (the lazy purge).
+    "CREATE INDEX IF NOT EXISTS sessions_by_updated ON sessions (updated_at)",
 )
+# Expired sessions a commit purges at most (the rest go with the next commits).
+_PURGE_BATCH = 100
+_SESSION_TABLES = ("sessions", "versions", "spans", "deltas")
 _DELTA, _TURNS = 0, 1  # spans.part / deltas.part
 
 _UPSERT_SESSION = """
@@ -124,7 +140,7 @@ ON CONFLICT (tenant, session_id) DO UPDATE SET
 # all: no such session); then its deltas (kind 1) and turn-log parts (kind 2) in order.
 _FETCH = """
 WITH c AS (SELECT version, token, created_at FROM sessions
-           WHERE tenant = :t AND session_id = :s),
+           WHERE tenant = :t AND session_id = :s AND updated_at >= :cut),
      h AS (SELECT COALESCE(:v, (SELECT version FROM c)) AS v)
 SELECT 0, h.v, r.record, c.version, c.token, c.created_at
   FROM c CROSS JOIN h
@@ -142,8 +158,17 @@ ORDER BY 1, 2
 class SqliteStore(SessionStore):
     """Session store in one SQLite file; several processes may share the file."""
 
-    def __init__(self, path: str | Path, keep_versions: int = 5, busy_timeout: float = 5.0) -> None:
-        super().__init__(keep_versions)
+    def __init__(
+        self,
+        path: str | Path,
+        keep_versions: int = 5,
+        busy_timeout: float = 5.0,
+        *,
+        ttl_seconds: int | None = None,
+        max_sessions_per_tenant: int | None = None,
+    ) -> None:
+        super().__init__(keep_versions, ttl_seconds=ttl_seconds,
+                         max_sessions_per_tenant=max_sessions_per_tenant)
         self.path = Path(path)
         self._busy_timeout = busy_timeout
         self._conn: sqlite3.Connection | None = None
@@ -181,12 +206,19 @@ class SqliteStore(SessionStore):
             self._conn = conn
         return self._conn
 
+    def _cutoff(self) -> float:
+        """Sessions last committed before this are expired (-inf without a TTL)."""
+        if self.ttl_seconds is None:
+            return float("-inf")
+        return time.time() - self.ttl_seconds
+
     # -- primitives (run on the worker thread) -----------------------------------------------
 
     def _fetch_sync(self, tenant: str, session_id: str, version: int | None) -> Fetched | None:
         rows = (
             self._db()
-            .execute(_FETCH, {"t": tenant, "s": session_id, "v": version})
+            .execute(_FETCH, {"t": tenant, "s": session_id, "v": version,
+                              "cut": self._cutoff()})
             .fetchall()
         )
         if not rows or rows[0][0] != 0:
@@ -205,8 +237,9 @@ class SqliteStore(SessionStore):
         row = (
             self._db()
             .execute(
-                "SELECT version FROM sessions WHERE tenant = ? AND session_id = ?",
-                (tenant, session_id),
+                "SELECT version FROM sessions WHERE tenant = ? AND session_id = ? "
+                "AND updated_at >= ?",
+                (tenant, session_id, self._cutoff()),
             )
             .fetchone()
         )
@@ -217,10 +250,14 @@ class SqliteStore(SessionStore):
         record = plan.record
         key = (record.tenant, record.session_id)
         new = record.version
+        cut = self._cutoff()
         db.execute("BEGIN IMMEDIATE")
         try:
+            if self.ttl_seconds is not None:
+                self._purge(db, cut)
             row = db.execute(
-                "SELECT version, token FROM sessions WHERE tenant = ? AND session_id = ?", key
+                "SELECT version, token FROM sessions WHERE tenant = ? AND session_id = ? "
+                "AND updated_at >= ?", (*key, cut)
             ).fetchone()
             current, token = (int(row[0]), row[1]) if row else (0, None)
             if current != expected_version:
@@ -232,7 +269,16 @@ class SqliteStore(SessionStore):
             if plan.base_token and token != plan.base_token:
                 raise StaleBase(f"session {record.session_id!r} has another head")
             if current == 0:
-                # Nothing may be left of a session that is gone (an old writer's delete).
+                if self.max_sessions_per_tenant is not None:
+                    # Inside the write transaction: exact, whatever other writers do.
+                    (have,) = db.execute(
+                        "SELECT COUNT(*) FROM sessions WHERE tenant = ? AND session_id != ? "
+                        "AND updated_at >= ?", (*key, cut)
+                    ).fetchone()
+                    if have >= self.max_sessions_per_tenant:
+                        raise self._too_many(record.tenant, have)
+                # Nothing may be left of a session that is gone (expired, an old writer's
+                # delete): the new one starts clean, no kept version or delta of the old.
                 for table in ("versions", "spans", "deltas"):
                     db.execute(f"DELETE FROM {table} WHERE tenant = ? AND session_id = ?", key)
             db.execute(
@@ -273,6 +319,17 @@ class SqliteStore(SessionStore):
             raise
 
     @staticmethod
+    def _purge(db: sqlite3.Connection, cut: float) -> None:
+        """Delete a batch of the sessions last committed before ``cut``, with their rows."""
+        gone = db.execute(
+            "SELECT tenant, session_id FROM sessions WHERE updated_at < ? LIMIT ?",
+            (cut, _PURGE_BATCH),
+        ).fetchall()
+        for key in gone:
+            for table in _SESSION_TABLES:
+                db.execute(f"DELETE FROM {table} WHERE tenant = ? AND session_id = ?", key)
+
+    @staticmethod
     def _trim(db: sqlite3.Connection, key: tuple[str, str], oldest_kept: int) -> None:
         """Drop the heads older than ``oldest_kept`` and the deltas only they named."""
         where = "tenant = ? AND session_id = ? AND version < ?"
@@ -300,10 +357,12 @@ class SqliteStore(SessionStore):
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
         try:
-            removed = db.execute(
-                "DELETE FROM sessions WHERE tenant = ? AND session_id = ?", (tenant, session_id)
-            ).rowcount
-            for table in ("versions", "spans", "deltas"):
+            # An expired session is gone already: its rows go, but it was not there to delete.
+            existed = db.execute(
+                "SELECT 1 FROM sessions WHERE tenant = ? AND session_id = ? AND updated_at >= ?",
+                (tenant, session_id, self._cutoff()),
+            ).fetchone()
+            for table in _SESSION_TABLES:
                 db.execute(
                     f"DELETE FROM {table} WHERE tenant = ? AND session_id = ?",
                     (tenant, session_id),
@@ -313,7 +372,7 @@ class SqliteStore(SessionStore):
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        return removed > 0
+        return existed is not None
 
     def _list_sync(
         self, tenant: str, limit: int, after: str | None
@@ -322,9 +381,9 @@ class SqliteStore(SessionStore):
             self._db()
             .execute(
                 "SELECT session_id, version, turns, tokens_absorbed, created_at, updated_at "
-                "FROM sessions WHERE tenant = ? AND session_id > ? "
+                "FROM sessions WHERE tenant = ? AND session_id > ? AND updated_at >= ? "
                 "ORDER BY session_id LIMIT ?",
-                (tenant, after or "", limit + 1),
+                (tenant, after or "", self._cutoff(), limit + 1),
             )
             .fetchall()
         )
@@ -335,20 +394,29 @@ class SqliteStore(SessionStore):
         rows = (
             self._db()
             .execute(
-                "SELECT version FROM versions WHERE tenant = ? AND session_id = ? ORDER BY version",
-                (tenant, session_id),
+                # Only a live session's: rows a gone session left behind (a delete of the
+                # previous code cut short, an expired one not purged yet) are not versions.
+                "SELECT v.version FROM versions v JOIN sessions s "
+                "ON s.tenant = v.tenant AND s.session_id = v.session_id "
+                "WHERE v.tenant = ? AND v.session_id = ? AND s.updated_at >= ? "
+                "ORDER BY v.version",
+                (tenant, session_id, self._cutoff()),
             )
             .fetchall()
         )
         return [int(r[0]) for r in rows]
 
     def _count_sync(self, tenant: str | None) -> int:
+        cut = self._cutoff()
         if tenant is None:
-            row = self._db().execute("SELECT COUNT(*) FROM sessions").fetchone()
+            row = self._db().execute(
+                "SELECT COUNT(*) FROM sessions WHERE updated_at >= ?", (cut,)
+            ).fetchone()
         else:
             row = (
                 self._db()
-                .execute("SELECT COUNT(*) FROM sessions WHERE tenant = ?", (tenant,))
+                .execute("SELECT COUNT(*) FROM sessions WHERE tenant = ? AND updated_at >= ?",
+                         (tenant, cut))
                 .fetchone()
             )
         return int(row[0])

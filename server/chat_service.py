@@ -9,6 +9,9 @@ this module knows nothing of requests and responses beyond the protocol models.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -35,6 +38,49 @@ class Generated:
     final_state: object
     block: tuple | None = None  # (prompt position, state) at the last KV block boundary
     cached_tokens: int | None = None
+    replayed: bool = False  # the committed answer of an earlier request (Idempotency-Key)
+
+
+IDEMPOTENCY_KEEP = 16  # Idempotency-Keys a session remembers (its latest turns')
+
+
+def _digest(messages: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _replay(record: ms.SessionRecord, key: str, request_digest: str) -> Generated | None:
+    """The committed answer of the turn that ran under `key`, if the session has one."""
+    entry = next((e for e in record.meta.get("idempotency", []) if e["key"] == key), None)
+    if entry is None:
+        return None
+    if entry["request"] != request_digest:
+        raise APIError(409, "this Idempotency-Key was used for a different request on this "
+                       "session; use a new key for a new turn", code="idempotency_key_reused")
+    s, e = entry["reply"]
+    return Generated(tokens=record.transcript[s:e],
+                     text=record.messages[entry["message"]]["content"],
+                     finish_reason=entry["finish_reason"], prompt_tokens=entry["prompt_tokens"],
+                     final_state=None, cached_tokens=entry.get("cached_tokens"), replayed=True)
+
+
+async def commit_through_cancellation(store: ms.SessionStore, record: ms.SessionRecord,
+                                      expected_version: int) -> ms.SessionRecord:
+    """Commit a finished turn even if the caller is cancelled meanwhile (the client went
+    away): the commit runs to its end, and only then does the cancellation go on, so whoever
+    holds the session's lock keeps it until the new version has landed (or failed)."""
+    task = asyncio.ensure_future(store.commit(record, expected_version))
+    cancelled = False
+    while True:
+        try:
+            stored = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.cancelled():
+                raise
+            cancelled = True  # ours, not the commit's: wait for the commit, then go on
+    if cancelled:
+        raise asyncio.CancelledError
+    return stored
 
 
 class ChatService:
@@ -48,14 +94,21 @@ class ChatService:
         self.fmt = ChatFormat(tokenizer)
         self.model_name = model_name
         self.locks = SessionLocks()
-        self.metrics = Metrics()
+        self.metrics = Metrics(count_sessions=not settings.keys())
         self.keys = settings.keys()
+        self.vocab_size: int | None = None  # set by the app (the model's config)
+        self._counted_at = -1e9
+        self._key_digests = self.key_digests(self.keys)
         if engine.memory:
             c = engine.adapter.config
             self.identity = ms.StateIdentity(str(engine.backbone), engine.adapter.fingerprint(),
                                              len(c.layers), c.num_state_heads, c.rank)
         else:
             self.identity = ms.StateIdentity(str(engine.backbone), "none", 1, 1, 1)
+
+    @staticmethod
+    def key_digests(keys: dict[str, str]) -> list[tuple[bytes, str]]:
+        return [(hashlib.sha256(k.encode()).digest(), t) for k, t in keys.items()]
 
     def tenant_of(self, request: Request) -> str:
         """The tenant an API key belongs to ("default" when the server has no keys)."""
@@ -64,10 +117,30 @@ class ChatService:
         auth = request.headers.get("authorization", "")
         key = auth[7:].strip() if auth.lower().startswith("bearer ") else None
         key = key or request.headers.get("x-api-key")
-        if not key or key not in self.keys:
+        tenant = None
+        if key:
+            # Compare digests, each in constant time and all of them, so the time taken
+            # says nothing of how close a wrong key came to a right one.
+            digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+            for known, t in self._key_digests:
+                if hmac.compare_digest(digest, known):
+                    tenant = t
+        if tenant is None:
             raise APIError(401, "missing or invalid API key", "authentication_error",
                            "invalid_api_key")
-        return self.keys[key]
+        return tenant
+
+    async def refresh_session_count(self, max_age: float = 30.0) -> None:
+        """Set the sessions gauge from the store, at most every `max_age` seconds (a scrape
+        per second must not become a store query per second)."""
+        now = time.monotonic()
+        if self.metrics.sessions is None or now - self._counted_at < max_age:
+            return
+        self._counted_at = now
+        try:
+            self.metrics.sessions.set(await self.store.count())
+        except ms.StoreError as e:
+            log.warning("metrics: cannot count sessions: %s", e)
 
     def memory_card(self) -> dict | None:
         """What /v1/models says of the memory (None with memory off)."""
@@ -80,8 +153,17 @@ class ChatService:
                 "trained": bool(self.engine.adapter.meta.get("trained", True))}
 
     async def run_turn(self, req: ChatCompletionRequest, tenant: str, session_id: str | None,
-                       stream_cb=None) -> tuple[Generated, ms.SessionRecord | None]:
-        """Load, plan, generate, commit. `stream_cb(text)` gets each delta."""
+                       stream_cb=None, *, ready=None, commit: bool = True,
+                       idempotency_key: str | None = None
+                       ) -> tuple[Generated, ms.SessionRecord | None]:
+        """Load, plan, generate, commit.
+
+        `ready()` is called once the turn is planned: every error a request can earn by
+        itself (4xx) has been raised by then, so a stream starts after it. `stream_cb(text)`
+        gets each delta. `commit=False` runs the turn on the session and keeps nothing. An
+        `idempotency_key` the session has committed a turn under returns that turn's answer
+        (`Generated.replayed`) instead of running it again.
+        """
         sp = req.to_sampling_params(self.s.default_max_tokens, self.s.max_tokens_limit)
         window = self.s.memory_window_tokens if req.memory_window_tokens is None else \
             req.memory_window_tokens
@@ -90,6 +172,9 @@ class ChatService:
             record = ms.SessionRecord("ephemeral", tenant, self.identity)
             plan = plan_turn(self.fmt, record, messages, -1, self.s.max_model_len,
                              sp.max_tokens)
+            self._check_context(plan, sp)
+            if ready is not None:
+                ready()
             gen = await self._generate(plan, sp, tenant, stream_cb)
             return gen, None
         ms.validate_session_id(session_id)
@@ -100,24 +185,64 @@ class ChatService:
             except ms.SessionNotFound:
                 record = ms.SessionRecord(session_id, tenant, self.identity)
             self.metrics.state_load.observe(time.perf_counter() - t0)
+            request_digest = _digest(messages)
+            if idempotency_key is not None:
+                replay = _replay(record, idempotency_key, request_digest)
+                if replay is not None:
+                    log.info("session %s: Idempotency-Key seen, committed answer returned",
+                             session_id)
+                    if ready is not None:
+                        ready()
+                    if stream_cb is not None:
+                        await stream_cb(replay.text)
+                    return replay, record
             plan = plan_turn(self.fmt, record, messages, window, self.s.max_model_len,
                              sp.max_tokens)
+            self._check_session_limit(plan, sp)
+            self._check_context(plan, sp)
+            if ready is not None:
+                ready()
             gen = await self._generate(plan, sp, tenant, stream_cb)
+            if not commit:
+                return gen, None
             new = finish_turn(plan, gen.tokens, gen.text, gen.final_state, gen.finish_reason,
                               self.identity, gen.block, gen.cached_tokens)
+            if idempotency_key is not None:
+                reply_start = len(plan.record.transcript) + len(plan.new_tokens)
+                entry = {"key": idempotency_key, "request": request_digest,
+                         "message": len(new.messages) - 1,
+                         "reply": [reply_start, len(new.transcript)],
+                         "prompt_tokens": gen.prompt_tokens,
+                         "cached_tokens": gen.cached_tokens,
+                         "finish_reason": gen.finish_reason}
+                kept = [e for e in new.meta.get("idempotency", [])
+                        if e["key"] != idempotency_key]
+                new.meta["idempotency"] = (kept + [entry])[-IDEMPOTENCY_KEEP:]
             t0 = time.perf_counter()
-            # The turn finished: commit even if the client goes away now.
-            stored = await asyncio.shield(self.store.commit(new, plan.expected_version))
+            stored = await commit_through_cancellation(self.store, new, plan.expected_version)
             self.metrics.state_commit.observe(time.perf_counter() - t0)
             self.metrics.turns.inc()
             return gen, stored
 
+    def _check_context(self, plan, sp) -> None:
+        if len(plan.prompt) + sp.max_tokens > self.s.max_model_len:
+            raise APIError(400, f"prompt of {len(plan.prompt)} tokens + max_tokens "
+                           f"{sp.max_tokens} exceeds the context length "
+                           f"{self.s.max_model_len}", code="context_length_exceeded")
+
+    def _check_session_limit(self, plan, sp) -> None:
+        limit = self.s.max_session_tokens
+        size = len(plan.record.transcript) + len(plan.new_tokens) + sp.max_tokens
+        if limit and size > limit:
+            raise APIError(
+                400, f"this session would reach {size} tokens (its transcript, this turn's "
+                f"messages and max_tokens), over this server's limit of {limit} tokens per "
+                "session. To go on, fork a new session that starts with a summary of this "
+                "one, or raise the limit (--max-session-tokens)",
+                code="session_token_limit", param="session_id")
+
     async def _generate(self, plan, sp, tenant: str, stream_cb) -> Generated:
         prompt = plan.prompt
-        if len(prompt) + sp.max_tokens > self.s.max_model_len:
-            raise APIError(400, f"prompt of {len(prompt)} tokens + max_tokens {sp.max_tokens} "
-                           f"exceeds the context length {self.s.max_model_len}",
-                           code="context_length_exceeded")
         memory = self.engine.memory
         stream = self.engine.generate(
             prompt, sp, plan.initial_state if memory else None, plan.write_start,

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from .settings import add_arguments, from_args
+from .settings import LOOPBACK, add_arguments, exposure_problem, from_args
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -24,6 +24,13 @@ def run(args: argparse.Namespace) -> int:
 
     settings = from_args(args)
     logging.getLogger().setLevel(settings.log_level.upper())
+    if problem := exposure_problem(settings):
+        logging.getLogger("deltamem.server").error("%s", problem)
+        return 2
+    if settings.host not in LOOPBACK and not settings.keys():
+        logging.getLogger("deltamem.server").warning(
+            "serving on %s WITHOUT authentication (--allow-open): anyone who reaches the port "
+            "can read and delete every session", settings.host)
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     uvicorn.run(create_app(settings), host=settings.host, port=int(settings.port),
                 log_level=settings.log_level.lower(), timeout_graceful_shutdown=10)

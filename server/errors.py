@@ -54,6 +54,7 @@ ERROR_MAP: list[tuple[type[BaseException], int, str, str]] = [
     (ms.VersionConflict, 409, "invalid_request_error", "session_conflict"),
     (ms.IdentityMismatch, 409, "invalid_request_error", "session_identity_mismatch"),
     (ms.CorruptRecord, 422, "invalid_request_error", "corrupt_record"),
+    (ms.TooManySessions, 429, "invalid_request_error", "too_many_sessions"),
     (ms.StoreUnavailable, 503, "service_unavailable", "store_unavailable"),
     (ms.StoreError, 500, "server_error", "store_error"),
     (EngineError, 503, "server_error", "engine_error"),
@@ -108,13 +109,15 @@ def install_error_handlers(app: FastAPI, on_error=None) -> None:
             return error_response(400, "request body is not valid JSON", code="invalid_json")
         first = errs[0] if errs else {}
         loc = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
-        return error_response(422, f"{loc or 'body'}: {first.get('msg', 'invalid')}",
+        # 400, as OpenAI and vLLM answer a request whose fields are invalid.
+        return error_response(400, f"{loc or 'body'}: {first.get('msg', 'invalid')}",
                               code="invalid_value", param=loc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         return error_response(exc.status_code, str(exc.detail),
-                              code="not_found" if exc.status_code == 404 else None)
+                              code={404: "not_found", 413: "body_too_large"}.get(
+                                  exc.status_code))
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception):

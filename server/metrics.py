@@ -8,7 +8,7 @@ _STORE_BUCKETS = (.0005, .001, .002, .005, .01, .02, .05, .1, .5)
 
 
 class Metrics:
-    def __init__(self):
+    def __init__(self, count_sessions: bool = True):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("deltamem_requests", "HTTP requests", ["endpoint", "status"],
                                 registry=r)
@@ -24,7 +24,9 @@ class Metrics:
         self.state_commit = Histogram("deltamem_state_commit_seconds",
                                       "session commit latency", buckets=_STORE_BUCKETS,
                                       registry=r)
-        self.sessions = Gauge("deltamem_sessions", "sessions in the store", registry=r)
+        # Only on a server without API keys: with keys, the count covers every tenant.
+        self.sessions = Gauge("deltamem_sessions", "sessions in the store",
+                              registry=r) if count_sessions else None
         self.turns = Counter("deltamem_turns", "committed session turns", registry=r)
         self.in_flight = Gauge("deltamem_requests_in_flight", "chat requests running",
                                registry=r)

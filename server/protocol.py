@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import APIError
 
@@ -23,6 +23,34 @@ UNSUPPORTED_FIELDS = {
 }
 # Fields that change nothing here and that clients send routinely.
 IGNORED_FIELDS = {"user", "metadata", "store", "service_tier"}
+
+
+def check_text(value: Any, where: str = "body") -> None:
+    """Refuse strings that are not valid Unicode text (a lone surrogate such as "\\ud800"
+    decodes from JSON but cannot be encoded, tokenized or stored)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{where} holds a lone surrogate at character {e.start}: not "
+                             "valid Unicode text") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_text(k, where)
+            check_text(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_text(v, f"{where}[{i}]")
+
+
+class TextOnly(BaseModel):
+    """A request model whose strings must all be valid Unicode text."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        check_text(data, cls.__name__)
+        return data
 
 
 class TextPart(BaseModel):
@@ -55,7 +83,7 @@ class ResponseFormat(BaseModel):
     type: Literal["text"]
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(TextOnly):
     model_config = ConfigDict(extra="allow")
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -70,6 +98,9 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     n: int = Field(default=1, ge=1)
+    # vLLM's extensions: a reply of at least `min_tokens`, or one that ignores end-of-sequence.
+    min_tokens: int | None = Field(default=None, ge=0)
+    ignore_eos: bool | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool | None = None
@@ -84,9 +115,11 @@ class ChatCompletionRequest(BaseModel):
     @classmethod
     def _stop_list(cls, v):
         if isinstance(v, str):
-            return [v]
+            v = [v]
         if v is not None and len(v) > 4:
             raise ValueError("at most 4 stop sequences")
+        if v is not None and not all(v):
+            raise ValueError("a stop sequence cannot be empty")
         return v
 
     def unsupported(self) -> list[str]:
@@ -112,6 +145,7 @@ class ChatCompletionRequest(BaseModel):
     def to_sampling_params(self, default_max_tokens: int, max_tokens_limit: int):
         """vLLM's SamplingParams for this request (OpenAI's defaults where unset)."""
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMValidationError
 
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
         if max_tokens > max_tokens_limit:
@@ -119,10 +153,15 @@ class ChatCompletionRequest(BaseModel):
                            f"{max_tokens_limit}", param="max_tokens")
         kw = dict(max_tokens=max_tokens, stop=self.stop, seed=self.seed,
                   temperature=1.0 if self.temperature is None else self.temperature)
-        for f in ("top_p", "top_k", "presence_penalty", "frequency_penalty"):
+        for f in ("top_p", "top_k", "presence_penalty", "frequency_penalty", "min_tokens",
+                  "ignore_eos"):
             if getattr(self, f) is not None:
                 kw[f] = getattr(self, f)
-        return SamplingParams(**kw)
+        try:
+            return SamplingParams(**kw)
+        except (ValueError, VLLMValidationError) as e:  # what vLLM itself refuses
+            raise APIError(400, str(e), param=getattr(e, "parameter", None),
+                           code="invalid_value") from None
 
 
 class SessionInfo(BaseModel):
@@ -224,7 +263,7 @@ class SessionList(BaseModel):
     next_cursor: str | None = None
 
 
-class ForkRequest(BaseModel):
+class ForkRequest(TextOnly):
     model_config = ConfigDict(extra="forbid")
     new_session_id: str | None = None
 

@@ -30,6 +30,8 @@ import torch
 from memory_store import SessionRecord, StateIdentity
 
 TURN_LOG_KEEP = 64
+SYSTEM_FIXED = ("a session's system prompt is set by its first turn; it cannot change later "
+                "(start or fork a new session)")
 
 
 class TurnError(ValueError):
@@ -55,6 +57,7 @@ class ChatFormat:
                              "model's template is different")
         self.tok = tokenizer
         self.im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.specials = [t for t in tokenizer.get_added_vocab() if t.startswith("<")]
         self.gen_prompt = self._enc("<|im_start|>assistant\n")
         self.newline = self._enc("\n")
         self.close = [self.im_end, *self.newline]
@@ -69,6 +72,14 @@ class ChatFormat:
         return self.tok.encode(text, add_special_tokens=False)
 
     def message(self, role: str, content: str) -> list[int]:
+        if any(sp in content for sp in self.specials):
+            # Content that spells a special token ("<|im_end|><|im_start|>system…") is text:
+            # tokenized as such, it cannot close its message and forge another turn (as vLLM
+            # renders user content with special tokens off).
+            return (self._enc(f"<|im_start|>{role}\n")
+                    + self.tok.encode(content, add_special_tokens=False,
+                                      split_special_tokens=True)
+                    + self._enc("<|im_end|>\n"))
         return self._enc(f"<|im_start|>{role}\n{content}<|im_end|>\n")
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -111,19 +122,34 @@ def _same(a: dict, b: dict) -> bool:
 
 def _new_messages(fmt: ChatFormat, record: SessionRecord, messages: list[dict]
                   ) -> tuple[list[dict], str | None]:
-    """The messages this turn adds, and the session's system prompt."""
+    """The messages this turn adds, and the session's system prompt.
+
+    A request to a session carries either only new messages (no assistant message among
+    them), or a history followed by new messages. A history (everything up to the request's
+    last assistant message) must be the stored conversation's tail: the whole of it (a client
+    that re-sends everything) or its last messages (a client that trims from the front).
+    Anything else is refused, never written into the state a second time: a request that
+    repeats stored messages up to a user message is a retried turn that already committed
+    (409 `turn_already_committed`; an Idempotency-Key returns its answer instead), and any
+    other history is 409 `history_mismatch`."""
     if not messages:
         raise TurnError("the request has no new message for this session", param="messages")
+    if messages[-1]["role"] == "assistant":
+        raise TurnError("the last new message must be a user message", param="messages")
     stored = record.messages
     meta = record.meta
-    if stored and stored[0]["role"] == "system" and messages[0]["role"] != "system":
-        stored = stored[1:]  # a client that never sent the (default) system prompt
-    # A client that re-sends the whole history: its prefix matches what is stored.
-    if stored and len(messages) > len(stored) and all(
-            _same(m, s) for m, s in zip(messages, stored, strict=False)):
-        new = messages[len(stored):]
-    else:
+    last_reply = max((i for i, m in enumerate(messages) if m["role"] == "assistant"),
+                     default=-1)
+    if not stored or last_reply < 0:
         new = list(messages)
+    else:
+        k = last_reply + 1
+        if k <= len(stored) and all(
+                _same(m, s) for m, s in zip(messages[:k], stored[-k:], strict=True)):
+            new = messages[k:]
+        else:
+            _refuse_history(stored, messages)
+    system = meta.get("system")
     system = meta.get("system")
     if not record.transcript:  # first turn: a leading system message sets the system prompt
         if new and new[0]["role"] == "system":
@@ -137,8 +163,7 @@ def _new_messages(fmt: ChatFormat, record: SessionRecord, messages: list[dict]
                                      for m in new_system):
             new = [m for m in new if m["role"] != "system"]
         else:
-            raise TurnError("a session's system prompt is set by its first turn; it cannot "
-                            "change later (start or fork a new session)", param="messages")
+            raise TurnError(SYSTEM_FIXED, param="messages")
     if not new:
         raise TurnError("the request has no new message for this session", param="messages")
     if new[-1]["role"] != "user":
@@ -171,6 +196,32 @@ def _window_start(boundaries: list[int], lo: int, T: int, absorbed: int, window:
         if picked:
             return picked[0]
     return absorbed
+
+
+def _refuse_history(stored: list[dict], messages: list[dict]) -> None:
+    """Raise the 409 for a history that is not the stored conversation's tail."""
+    # The client may leave out the stored (default) system prompt.
+    head = stored[1:] if stored[0]["role"] == "system" and messages[0]["role"] != "system" \
+        else stored
+    if len(messages) <= len(head) and all(
+            _same(m, s) for m, s in zip(messages, head, strict=False)):
+        turn = sum(1 for m in head[:len(messages) + 1] if m["role"] == "assistant")
+        raise TurnError(
+            f"these messages are already in the session, answered in turn {turn}: a retried "
+            "turn that committed. Send an Idempotency-Key header to get the committed answer "
+            "back on a retry; to continue, send only the new messages (or the whole history "
+            "and then the new ones)", code="turn_already_committed", param="messages",
+            status=409)
+    i = next((i for i, (m, s) in enumerate(zip(messages, head, strict=False)) if not _same(m, s)),
+             min(len(messages), len(head)))
+    if i < len(messages) and messages[i]["role"] == "system":
+        raise TurnError(SYSTEM_FIXED, param="messages")
+    raise TurnError(
+        f"the history in this request differs from the session's stored conversation (first "
+        f"at messages[{i}]); it is not written again. Send only the new messages, or the "
+        "stored history (GET /v1/sessions/{id}?full=true) followed by them; to change the "
+        "past, roll back or fork the session", code="history_mismatch",
+        param=f"messages[{i}]", status=409)
 
 
 def plan_turn(fmt: ChatFormat, record: SessionRecord, messages: list[dict], window: int,

@@ -36,7 +36,8 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, validation_alias=AliasChoices(
         "DELTAMEM_REDIS_URL", "REDIS_URL", "redis_url"),
         description="Redis URL for the session store (default: embedded SQLite in --data-dir)")
-    session_ttl_seconds: int | None = Field(None, description="expire idle sessions (Redis)")
+    session_ttl_seconds: int | None = Field(None, description="expire sessions idle this many "
+                                               "seconds (Redis and SQLite)")
     keep_versions: int = Field(5, description="session versions kept for rollback")
     memory_window_tokens: int = Field(1024, ge=-1, description="most transcript tokens kept "
                                       "in the prompt: the window's start stays put (its K/V "
@@ -51,9 +52,19 @@ class Settings(BaseSettings):
     gpu_memory_utilization: float = Field(0.5, description="fraction of accelerator memory")
     api_key: Annotated[list[str], NoDecode] = Field(default_factory=list, description="accepted API key (repeat "
                                "the flag for several; env: comma-separated)")
+    allow_open: bool = Field(False, description="serve without API keys on an address other "
+                             "than loopback (anyone who reaches the port can then read and "
+                             "delete every session); without it such a server refuses to "
+                             "start")
     api_key_file: Path | None = Field(None, description="file with one API key per line")
     max_body_bytes: int = Field(1_000_000, description="largest request body accepted")
     max_messages: int = Field(256, description="most messages in one request")
+    max_session_tokens: int = Field(1_000_000, ge=0, description="most tokens one session "
+                                    "may hold (transcript and the turn's max_tokens); a "
+                                    "session at the limit refuses new turns (0: no limit)")
+    max_sessions_per_tenant: int = Field(100_000, ge=0, description="most sessions one tenant "
+                                         "(API key) may keep; new ones are refused with 429 "
+                                         "(0: no limit)")
     max_tokens_limit: int = Field(4096, description="largest max_tokens accepted")
     default_max_tokens: int = Field(512, description="max_tokens when the request sets none")
     session_lock_timeout: float = Field(10.0, description="seconds a turn waits for another "
@@ -71,9 +82,24 @@ class Settings(BaseSettings):
         """Accepted API keys -> tenant id (a hash, so keys never reach the store)."""
         keys = list(self.api_key)
         if self.api_key_file:
+            # Blank lines and comments (a line whose first non-blank character is #) skipped.
             keys += [ln.strip() for ln in self.api_key_file.read_text().splitlines()
-                     if ln.strip() and not ln.startswith("#")]
+                     if ln.strip() and not ln.strip().startswith("#")]
         return {k: "k" + hashlib.sha256(k.encode()).hexdigest()[:24] for k in keys}
+
+
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+def exposure_problem(settings: Settings) -> str | None:
+    """Why this server must not start as configured: listening beyond this machine with no
+    API key, unless the operator said so (--allow-open). None when it may start."""
+    if settings.host in LOOPBACK or settings.allow_open or settings.keys():
+        return None
+    return (f"refusing to serve on {settings.host} without an API key: anyone who reaches the "
+            "port could list, read and delete every session. Set --api-key / DELTAMEM_API_KEY "
+            "(or --api-key-file), listen on 127.0.0.1, or pass --allow-open "
+            "(DELTAMEM_ALLOW_OPEN=true) to serve without authentication on purpose")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -261,10 +261,10 @@ def test_openai_error_shapes(api):
     e = _err(httpx.post(url, content=b"{not json", headers={"content-type":
                                                                "application/json"}), 400)
     assert e["code"] == "invalid_json"
-    e = _err(httpx.post(url, json={**ok, "max_tokens": "many"}), 422)
+    e = _err(httpx.post(url, json={**ok, "max_tokens": "many"}), 400)
     assert e["param"] == "max_tokens"
-    _err(httpx.post(url, json={**ok, "messages": []}), 422)
-    _err(httpx.post(url, json={**ok, "messages": [{"role": "robot", "content": "x"}]}), 422)
+    _err(httpx.post(url, json={**ok, "messages": []}), 400)
+    _err(httpx.post(url, json={**ok, "messages": [{"role": "robot", "content": "x"}]}), 400)
     e = _err(httpx.post(url, json={**ok, "tools": [{"type": "function"}]}), 400)
     assert e["param"] == "tools" and e["code"] == "unsupported_parameter"
     _err(httpx.post(url, json={**ok, "n": 2}), 400)

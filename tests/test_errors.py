@@ -4,6 +4,7 @@ code, the same on the JSON path as in a stream. Needs neither the engine nor the
 from __future__ import annotations
 
 import inspect
+import json
 
 import pytest
 from fastapi import FastAPI
@@ -22,6 +23,8 @@ ALL_CLASSES = [*STORE_CLASSES, EngineError, TurnError, SessionBusy]
 
 
 def _instance(cls):
+    if cls is ms.TooManySessions:
+        return cls("boom", limit=3)
     return cls("boom")
 
 
@@ -45,6 +48,7 @@ def test_every_error_class_maps(cls):
     (ms.InvalidSessionId, 400, "invalid_session_id"),
     (ms.VersionConflict, 409, "session_conflict"),
     (ms.IdentityMismatch, 409, "session_identity_mismatch"),
+    (ms.TooManySessions, 429, "too_many_sessions"),
     (ms.UnknownFormat, 422, "corrupt_record"),  # a subclass takes its base's mapping
     (ms.CorruptRecord, 422, "corrupt_record"),
     (ms.StoreUnavailable, 503, "store_unavailable"),
@@ -98,7 +102,15 @@ def test_request_validation_is_openai_shaped():
                                                                 "application/json"})
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
         r = client.post("/chat", json={"messages": [], "model": "m"})
-        assert r.status_code == 422 and r.json()["error"]["param"] == "messages"
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+        # Strings that are not Unicode text, and stop sequences vLLM refuses, are a 400 too.
+        for bad in ({"messages": [{"role": "user", "content": "a\ud800b"}]},
+                    {"messages": [{"role": "user", "content": "hi"}], "stop": ["\udfff"]},
+                    {"messages": [{"role": "user", "content": "hi"}], "stop": ""}):
+            r = client.post("/chat", content=json.dumps(bad),  # ASCII: "\ud800" escaped
+                            headers={"content-type": "application/json"})
+            assert r.status_code == 400, (bad, r.text)
+            assert r.json()["error"]["code"] == "invalid_value"
 
 
 def test_request_builds_its_sampling_params():

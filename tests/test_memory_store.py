@@ -9,6 +9,7 @@ import json
 import math
 import socket
 import sqlite3
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 import torch
 
+import memory_store.base as store_base
 from memory_store import (
     CorruptRecord,
     IdentityMismatch,
@@ -28,7 +31,9 @@ from memory_store import (
     SessionStore,
     SqliteStore,
     StateIdentity,
+    StoreError,
     StoreUnavailable,
+    TooManySessions,
     UnknownFormat,
     VersionConflict,
     decode_record,
@@ -39,7 +44,9 @@ from memory_store import (
 from memory_store.base import plan_commit
 from memory_store.codec import (
     _assemble,
+    _encode_states,
     _pack_tokens,
+    _scalar_header,
     decode_delta,
     decode_head,
     decode_turns,
@@ -1118,9 +1125,11 @@ async def test_redis_keys_share_one_hash_tag(redis_server: Any) -> None:
     async with RedisStore(redis_server.url, prefix="tags") as store:
         await store.commit(make_record("s:1", tenant="t-1"), 0)
         keys = sorted(k.decode() for k in await store._redis.keys("tags:*"))
-    # The layout has a third session key since deltas: "delta", on the same hash tag.
+    # The layout has a third session key since deltas: "delta", on the same hash tag; and
+    # one key of the whole store, the set of tenants (counting without a SCAN).
     assert keys == [
         "tags:idx:{t-1}",
+        "tags:tenants",
         "tags:{t-1/s:1}:cur",
         "tags:{t-1/s:1}:delta",
         "tags:{t-1/s:1}:hist",
@@ -1271,3 +1280,381 @@ async def test_open_store(tmp_path: Path, redis_server: Any) -> None:
 
     with pytest.raises(ValueError):
         open_store("ftp://example", data_dir)
+
+
+# -- hardening: atomic delete, clean re-creation, import validation, the event loop, TTL on
+#    both backends, counting without SCAN, the per-tenant session limit ---------------------
+
+
+def _open(backend: str, tmp_path: Path, redis_server: Any, **options: Any) -> SessionStore:
+    """A store of ``backend`` with ``options``, isolated from other tests."""
+    if backend == "sqlite":
+        return SqliteStore(tmp_path / f"{uuid.uuid4().hex[:8]}.sqlite3", **options)
+    redis_server.start()
+    return RedisStore(redis_server.url, prefix=f"h{uuid.uuid4().hex[:12]}", **options)
+
+
+async def _monitored(redis_server: Any, store: RedisStore, action: Any) -> tuple[Any, list[dict]]:
+    """Run ``action()`` under MONITOR; its result and the commands the server saw (those that
+    scripts issued included, marked ``client_type == "lua"``)."""
+    watcher = aioredis.from_url(redis_server.url)
+    try:
+        async with watcher.monitor() as monitor:
+            result = await action()
+            sentinel = f"end-{uuid.uuid4().hex}"
+            await store._redis.echo(sentinel)
+            seen = []
+            while sentinel not in (command := await monitor.next_command())["command"]:
+                seen.append(command)
+    finally:
+        await watcher.aclose()
+    return result, seen
+
+
+async def test_redis_delete_removes_every_key_in_one_command(redis_server: Any) -> None:
+    async with RedisStore(redis_server.url, prefix=f"del{uuid.uuid4().hex[:8]}") as store:
+        record = SessionRecord("s", TENANT, SMALL)
+        for i in range(1, 4):
+            record = await store.commit(server_turn(record, i), i - 1)
+        await store.commit(make_record("warm-up"), 0)
+        assert await store.delete(TENANT, "warm-up")  # the server now has the script
+        keys = store._session_keys(TENANT, "s")
+        assert await store._redis.exists(*keys) == 3
+
+        deleted, seen = await _monitored(redis_server, store, lambda: store.delete(TENANT, "s"))
+        assert deleted is True
+        # One command removes the head, the kept versions and the deltas together: no reader
+        # (or new session) ever sees a session half gone.
+        touching = [c["command"] for c in seen
+                    if c["client_type"] != "lua" and any(k in c["command"] for k in keys)]
+        assert len(touching) == 1, touching
+        assert all(k in touching[0] for k in keys)
+        assert await store._redis.exists(*keys) == 0
+        idx, exp = store._index_keys(TENANT)
+        assert await store._redis.zscore(idx, "s") is None
+        assert await store.count(TENANT) == 0
+        assert await store.delete(TENANT, "s") is False
+
+
+async def test_recreated_session_starts_clean(store: SessionStore) -> None:
+    record = await store.commit(make_record("s"), 0)
+    for v in (2, 3):
+        record = await store.commit(next_turn(record, [v], seed=v), v - 1)
+    assert await store.versions(TENANT, "s") == [1, 2, 3]
+    assert await store.delete(TENANT, "s")
+    fresh = make_record("s", seed=7)
+    assert (await store.commit(fresh, 0)).version == 1
+    assert await store.versions(TENANT, "s") == [1]
+    with pytest.raises(SessionNotFound):
+        await store.rollback(TENANT, "s", 2)
+    assert_same_content(fresh, await store.load(TENANT, "s"))
+
+    # Leftovers of a gone session (a delete cut short, an old writer's) show nowhere, and
+    # the next session of that id does not inherit them.
+    record = await store.commit(make_record("t"), 0)
+    for v in (2, 3):
+        record = await store.commit(next_turn(record, [v], seed=v), v - 1)
+    if isinstance(store, RedisStore):
+        await store._redis.delete(store._session_keys(TENANT, "t")[0])
+    else:
+        assert isinstance(store, SqliteStore)
+        await store._run(lambda: store._db().execute(
+            "DELETE FROM sessions WHERE session_id = 't'"))
+    with pytest.raises(SessionNotFound):
+        await store.versions(TENANT, "t")
+    with pytest.raises(SessionNotFound):
+        await store.rollback(TENANT, "t", 2)
+    fresh = make_record("t", seed=8)
+    await store.commit(fresh, 0)
+    assert await store.versions(TENANT, "t") == [1]
+    with pytest.raises(SessionNotFound):
+        await store.rollback(TENANT, "t", 2)
+    assert_same_content(fresh, await store.load(TENANT, "t"))
+
+
+def _valid_import() -> SessionRecord:
+    """A record as the server makes it (decoded, so that editing it forges an export)."""
+    record = SessionRecord("s", TENANT, SMALL)
+    for i in (1, 2):
+        record = server_turn(record, i)
+    return decode_record(encode_record(record))
+
+
+def _forge(record: SessionRecord, tokens: list[int] | None = None,
+           tensors: dict[str, torch.Tensor] | None = None, **header: Any) -> bytes:
+    """``record`` framed and checksummed as encode_record does, with ``header`` fields,
+    ``tokens`` and ``tensors`` the encoder itself would refuse."""
+    from safetensors.torch import save
+
+    state_bytes, info = _encode_states(record)
+    if tensors is not None:
+        state_bytes = save(tensors)
+    packed = _pack_tokens(record.transcript) if tokens is None else struct.pack(
+        f"<{len(tokens)}i", *tokens)
+    fields = {**_scalar_header(record), "state": info, "messages": record.messages,
+              "meta": record.meta, **header}
+    return _assemble(fields, packed, state_bytes)
+
+
+def _edited(edit: Any) -> bytes:
+    record = _valid_import()
+    edit(record)
+    return encode_record(record)
+
+
+def _set(obj: Any, key: Any, value: Any) -> Any:
+    obj[key] = value
+
+
+NAN_STATE = torch.full(SMALL.state_shape, float("nan"))
+INF_STATE = torch.zeros(SMALL.state_shape).index_fill_(0, torch.tensor([1]), float("inf"))
+
+FORGED_IMPORTS = {
+    "messages not a list": (lambda: _edited(lambda r: setattr(r, "messages", {"a": 1})),
+                            r"messages"),
+    "message not an object": (lambda: _edited(lambda r: _set(r.messages, 1, "hi")),
+                              r"messages\[1\]"),
+    "role not a string": (lambda: _edited(lambda r: _set(r.messages[0], "role", 3)),
+                          r"messages\[0\]"),
+    "content missing": (lambda: _edited(lambda r: r.messages[2].pop("content")),
+                        r"messages\[2\]"),
+    "content not a string": (lambda: _edited(lambda r: _set(r.messages[3], "content", [1])),
+                             r"messages\[3\]"),
+    "boundaries not sorted": (
+        lambda: _edited(lambda r: _set(r.meta, "boundaries", [0, 150, 100, 160])),
+        r"boundaries"),
+    "boundary past the transcript": (
+        lambda: _edited(lambda r: _set(r.meta, "boundaries", [0, 100, 201])), r"boundaries"),
+    "boundary negative": (lambda: _edited(lambda r: _set(r.meta, "boundaries", [-1, 100])),
+                          r"boundaries"),
+    "boundary not an int": (lambda: _edited(lambda r: _set(r.meta, "boundaries", [0, 1.5])),
+                            r"boundaries"),
+    "boundaries not a list": (lambda: _edited(lambda r: _set(r.meta, "boundaries", "0,50")),
+                              r"boundaries"),
+    "tokens_absorbed behind the transcript": (
+        lambda: _edited(lambda r: setattr(r, "tokens_absorbed", 150)), r"tokens_absorbed"),
+    "tokens_absorbed past the transcript": (
+        lambda: _forge(_valid_import(), tokens_absorbed=201), r"tokens_absorbed"),
+    "tokens_absorbed of an empty transcript": (
+        lambda: _forge(dataclasses.replace(_valid_import(), transcript=[], messages=[],
+                                           meta={}), tokens_absorbed=1),
+        r"tokens_absorbed"),
+    "turns negative": (lambda: _forge(_valid_import(), turns=-1), r"turns"),
+    "token id negative": (lambda: _forge(_valid_import(), tokens=[5] * 199 + [-7]),
+                          r"transcript"),
+    "state NaN": (lambda: _edited(lambda r: setattr(r, "state", NAN_STATE)), r"state"),
+    "state inf": (lambda: _edited(lambda r: setattr(r, "state", INF_STATE)), r"state"),
+    "extra state NaN": (lambda: _edited(lambda r: _set(r.extra_states, "epoch", NAN_STATE)),
+                        r"extra_states\['epoch'\]"),
+    "state of another shape": (
+        lambda: _forge(_valid_import(), tensors={"state": torch.zeros(2, 1, 2, 8)},
+                       state={"dtype": "float32", "shape": [2, 1, 2, 8]}),
+        r"state"),
+    "extra state of another shape": (
+        lambda: _forge(_valid_import(), tensors={
+            "state": torch.zeros(SMALL.state_shape), "extra.block": torch.zeros(2, 1, 4, 2),
+            "extra.epoch": torch.zeros(SMALL.state_shape)}),
+        r"block"),
+    "epoch past the transcript": (
+        lambda: _edited(lambda r: _set(r.meta, "epoch", {"window_start": 500,
+                                                         "write_from": 100})),
+        r"epoch"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FORGED_IMPORTS))
+async def test_import_refuses_forged_records(store: SessionStore, case: str) -> None:
+    make, match = FORGED_IMPORTS[case]
+    data = make()
+    with pytest.raises(CorruptRecord, match=match):
+        await store.import_(TENANT, "forged", data, expected_identity=SMALL)
+    with pytest.raises(SessionNotFound):
+        await store.load(TENANT, "forged")
+
+
+async def test_import_checks_token_ids_against_the_vocabulary(store: SessionStore) -> None:
+    data = encode_record(_valid_import())
+    top = max(_valid_import().transcript)
+    with pytest.raises(CorruptRecord, match=r"transcript.*vocab"):
+        await store.import_(TENANT, "v", data, vocab_size=top)
+    imported = await store.import_(TENANT, "v", data, expected_identity=SMALL,
+                                   vocab_size=top + 1)
+    assert_same_content(_valid_import(), await store.load(TENANT, "v"))
+    assert imported.version == 1
+    # An empty session and one that never had a state are fine.
+    empty = encode_record(SessionRecord("e", TENANT, SMALL))
+    assert (await store.import_(TENANT, "e", empty, vocab_size=10)).version == 1
+
+
+async def test_large_records_are_coded_off_the_event_loop(
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large record's encoding and decoding runs on a worker thread, so other requests'
+    tasks keep running meanwhile. Each coding step is slowed here by a sleep that blocks its
+    thread: a ticker task must tick inside every one of those windows."""
+    windows: list[tuple[str, float, float]] = []
+
+    def slowed(name: str, fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.monotonic()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                time.sleep(0.2)
+                windows.append((name, start, time.monotonic()))
+        return wrapper
+
+    for name in ("assemble", "plan_commit", "encode_record", "decode_record"):
+        monkeypatch.setattr(store_base, name, slowed(name, getattr(store_base, name)))
+
+    ticks: list[float] = []
+
+    async def ticker() -> None:
+        while True:
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.005)
+
+    big = dataclasses.replace(server_turn(SessionRecord("big", TENANT, SMALL), 1),
+                              transcript=list(range(100_000)), tokens_absorbed=99_999)
+    task = asyncio.create_task(ticker())
+    try:
+        await asyncio.sleep(0.01)
+        await store.commit(big, 0)
+        await store.load(TENANT, "big")
+        data = await store.export(TENANT, "big")
+        await store.import_(TENANT, "big-copy", data)
+    finally:
+        task.cancel()
+    names = {name for name, _, _ in windows}
+    assert names == {"assemble", "plan_commit", "encode_record", "decode_record"}, names
+    for name, start, end in windows:
+        assert any(start < t < end for t in ticks), f"the event loop stood still in {name}"
+    assert_same_content(big, await store.load(TENANT, "big-copy"))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_ttl_expires_idle_sessions_on_both_backends(
+    backend: str, tmp_path: Path, redis_server: Any
+) -> None:
+    async with _open(backend, tmp_path, redis_server, ttl_seconds=1) as store:
+        await store.commit(make_record("idle"), 0)
+        await store.commit(make_record("idle-b", tenant="tenant-b"), 0)
+        await asyncio.sleep(1.5)
+        kept = await store.commit(make_record("kept"), 0)
+        with pytest.raises(SessionNotFound):
+            await store.load(TENANT, "idle")
+        with pytest.raises(SessionNotFound):
+            await store.versions(TENANT, "idle")
+        with pytest.raises(SessionNotFound):
+            await store.export(TENANT, "idle")
+        assert_same_content(kept, await store.load(TENANT, "kept"))
+        assert [s.session_id for s in (await store.list(TENANT))[0]] == ["kept"]
+        assert await store.list("tenant-b") == ([], None)
+        assert await store.count(TENANT) == 1
+        assert await store.count("tenant-b") == 0
+        assert await store.count() == 1
+        # The id is free again, and starts clean.
+        assert (await store.commit(make_record("idle", seed=3), 0)).version == 1
+        assert await store.versions(TENANT, "idle") == [1]
+        with pytest.raises(VersionConflict):
+            await store.commit(make_record("idle-b", tenant="tenant-b"), 1)
+
+
+async def test_sqlite_ttl_purges_expired_rows(tmp_path: Path) -> None:
+    async with SqliteStore(tmp_path / "ttl.sqlite3", ttl_seconds=1) as store:
+        record = await store.commit(make_record("old"), 0)
+        await store.commit(next_turn(record, [1], seed=1), 1)
+        await store.commit(make_record("old-b", tenant="tenant-b"), 0)
+        await asyncio.sleep(1.5)
+        await store.commit(make_record("new"), 0)  # purges what has expired
+
+        def rows() -> dict[str, int]:
+            db = store._db()
+            return {t: db.execute(f"SELECT COUNT(*) FROM {t} WHERE session_id LIKE 'old%'")
+                    .fetchone()[0] for t in ("sessions", "versions", "spans", "deltas")}
+
+        assert await store._run(rows) == {"sessions": 0, "versions": 0, "spans": 0,
+                                          "deltas": 0}
+        assert await store.delete(TENANT, "old") is False
+    with pytest.raises(ValueError):
+        SqliteStore(tmp_path / "x.sqlite3", ttl_seconds=0)
+
+
+async def test_open_store_passes_the_options_to_both_backends(
+    tmp_path: Path, redis_server: Any
+) -> None:
+    for url in (None, f"sqlite://{tmp_path}/other.sqlite3", redis_server.url):
+        store = open_store(url, tmp_path, ttl_seconds=30, keep_versions=3,
+                           max_sessions_per_tenant=7)
+        try:
+            assert store.ttl_seconds == 30 and store.keep_versions == 3
+            assert store.max_sessions_per_tenant == 7
+        finally:
+            await store.close()
+
+
+async def _scans(store: RedisStore) -> int:
+    stats = await store._redis.info("commandstats")
+    return int(stats.get("cmdstat_scan", {}).get("calls", 0))
+
+
+async def test_redis_count_of_all_tenants_does_not_scan(redis_server: Any) -> None:
+    async with RedisStore(redis_server.url, prefix=f"cnt{uuid.uuid4().hex[:8]}") as store:
+        # A store that predates the tenant set: its first count of all tenants finds them
+        # once (the only walk of the keyspace), later ones read the set.
+        await store._redis.zadd(store._index_keys("legacy")[0], {"x": 0})
+        await store._redis.hset(store._session_keys("legacy", "x")[0], mapping={"v": 1})
+        for tenant, n in (("a", 3), ("b", 1), ("c", 2)):
+            for i in range(n):
+                await store.commit(make_record(f"s{i}", tenant=tenant), 0)
+        assert await store.count() == 7
+
+        before = await _scans(store)
+        assert await store.count() == 7
+        await store.delete("a", "s0")
+        await store.commit(make_record("s9", tenant="d"), 0)
+        assert await store.count() == 7
+        await store.delete("b", "s0")
+        assert await store.count() == 6
+        assert await store.count("a") == 2
+        assert await _scans(store) == before
+    # Another store on the same keys: the set is already there.
+    async with RedisStore(redis_server.url, prefix=store.prefix) as again:
+        before = await _scans(again)
+        assert await again.count() == 6
+        assert await _scans(again) == before
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_max_sessions_per_tenant(backend: str, tmp_path: Path, redis_server: Any) -> None:
+    async with _open(backend, tmp_path, redis_server, max_sessions_per_tenant=2) as store:
+        first = await store.commit(make_record("s1"), 0)
+        await store.commit(make_record("s2"), 0)
+        with pytest.raises(TooManySessions, match=r"2 sessions.*max_sessions_per_tenant=2"
+                                                  r".*delete") as info:
+            await store.commit(make_record("s3"), 0)
+        assert isinstance(info.value, StoreError) and info.value.limit == 2
+        data = await store.export(TENANT, "s1")
+        with pytest.raises(TooManySessions):
+            await store.fork(TENANT, "s1", "s1-fork")
+        with pytest.raises(TooManySessions):
+            await store.import_(TENANT, "s3", data)
+        with pytest.raises(TooManySessions):
+            await store.import_(TENANT, "s3", data, overwrite=True)
+        # Existing sessions go on; an existing id is still a conflict; other tenants have
+        # their own room.
+        await store.commit(next_turn(first, [1], seed=1), 1)
+        assert (await store.import_(TENANT, "s2", data, overwrite=True)).version == 2
+        await store.rollback(TENANT, "s2", 1)
+        with pytest.raises(VersionConflict):
+            await store.commit(make_record("s1"), 0)
+        await store.commit(make_record("s1", tenant="tenant-b"), 0)
+        assert await store.count(TENANT) == 2
+        # Deleting one makes room.
+        assert await store.delete(TENANT, "s2")
+        assert (await store.fork(TENANT, "s1", "s1-fork")).version == 1
+        with pytest.raises(SessionNotFound):
+            await store.load(TENANT, "s3")
+    for bad in (-1,):
+        with pytest.raises(ValueError):
+            _open(backend, tmp_path, redis_server, max_sessions_per_tenant=bad)

@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..chat_service import ChatService
 from ..errors import APIError, error_body
@@ -43,12 +43,38 @@ async def chat_completions(req: ChatCompletionRequest, request: Request,
     if req.model and req.model != s.model_name:
         raise APIError(404, f"model {req.model!r} does not exist; this server serves "
                        f"{s.model_name!r}", code="model_not_found", param="model")
+    key = idempotency_key(request)
     cid, created = new_completion_id(), int(time.time())
     if not req.stream:
-        return await _complete(s, req, tenant_id, session_id, request, cid, created)
-    return StreamingResponse(_stream(s, req, tenant_id, session_id, cid, created),
+        return await _complete(s, req, tenant_id, session_id, request, cid, created, key)
+    # Plan the turn before the stream starts, so that a request the turn refuses (a busy
+    # session, a bad session id, a history that does not match, ...) gets its real status.
+    queue: asyncio.Queue = asyncio.Queue()
+    ready = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(s.run_turn(
+        req, tenant_id, session_id, queue.put, idempotency_key=key,
+        ready=lambda: ready.done() or ready.set_result(None)))
+    try:
+        await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the client went away while the turn was being planned
+        task.cancel()
+        raise
+    if not ready.done():
+        task.result()  # raises the turn's error, mapped to its status by the error handlers
+    return StreamingResponse(_stream(s, req, task, queue, session_id, cid, created),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
+
+
+def idempotency_key(request: Request) -> str | None:
+    """The request's Idempotency-Key header (a retried turn returns its committed answer)."""
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 255 or not key.isprintable():
+        raise APIError(400, "Idempotency-Key must be 1 to 255 printable characters",
+                       param="Idempotency-Key", code="invalid_idempotency_key")
+    return key
 
 
 def _usage(gen) -> Usage:
@@ -56,9 +82,9 @@ def _usage(gen) -> Usage:
                  total_tokens=gen.prompt_tokens + len(gen.tokens))
 
 
-async def _complete(s: ChatService, req, tenant_id, session_id, request, cid, created):
+async def _complete(s: ChatService, req, tenant_id, session_id, request, cid, created, key):
     s.metrics.in_flight.inc()
-    task = asyncio.create_task(s.run_turn(req, tenant_id, session_id))
+    task = asyncio.create_task(s.run_turn(req, tenant_id, session_id, idempotency_key=key))
     try:
         # A client that goes away aborts the turn: nothing is committed.
         while not task.done():
@@ -72,16 +98,17 @@ async def _complete(s: ChatService, req, tenant_id, session_id, request, cid, cr
         if not task.done():
             task.cancel()
         s.metrics.in_flight.dec()
-    return ChatCompletion(
+    body = ChatCompletion(
         id=cid, created=created, model=s.model_name,
         choices=[Choice(message=AssistantMessage(content=gen.text),
                         finish_reason=gen.finish_reason)],
         usage=_usage(gen), session=s.session_info(rec))
+    return JSONResponse(body.model_dump(),
+                        headers={"Idempotent-Replayed": "true"} if gen.replayed else None)
 
 
-async def _stream(s: ChatService, req, tenant_id, session_id, cid, created
-                  ) -> AsyncIterator[str]:
-    queue: asyncio.Queue = asyncio.Queue()
+async def _stream(s: ChatService, req, task: asyncio.Task, queue: asyncio.Queue, session_id,
+                  cid, created) -> AsyncIterator[str]:
 
     def event(delta: Delta | None, finish=None, usage=None, session=None) -> str:
         c = ChatCompletionChunk(id=cid, created=created, model=s.model_name,
@@ -91,7 +118,6 @@ async def _stream(s: ChatService, req, tenant_id, session_id, cid, created
         return "data: " + c.model_dump_json(exclude_none=False) + "\n\n"
 
     s.metrics.in_flight.inc()
-    task = asyncio.create_task(s.run_turn(req, tenant_id, session_id, queue.put))
     try:
         yield event(Delta(role="assistant", content=""))
         while True:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from fastapi import APIRouter, Depends
@@ -15,6 +16,7 @@ from ..chat_service import ChatService
 from ..protocol import ModelCard, ModelList
 from . import service, tenant
 
+log = logging.getLogger("deltamem.server")
 router = APIRouter()
 
 
@@ -27,17 +29,21 @@ async def models(s: ChatService = Depends(service), _tenant: str = Depends(tenan
 
 @router.get("/health")
 async def health(s: ChatService = Depends(service)):
+    """Liveness for load balancers: the status of the engine and the store, no details (the
+    reasons go to the log, where an operator reads them and a passer-by does not)."""
     status = {"engine": "ok", "store": "ok"}
     code = 200
     try:
         await asyncio.wait_for(s.engine.check_health(), 5)
     except Exception as e:  # engine dead or wedged
-        status["engine"] = f"error: {type(e).__name__}"
+        log.error("health: engine check failed: %r", e)
+        status["engine"] = "error"
         code = 503
     try:
         await s.store.ping()
     except ms.StoreError as e:
-        status["store"] = f"error: {e}"
+        log.error("health: store check failed: %s", e)
+        status["store"] = "error"
         code = 503
     return JSONResponse({"status": "ok" if code == 200 else "degraded", **status,
                          "memory": s.engine.memory}, status_code=code)
@@ -45,8 +51,7 @@ async def health(s: ChatService = Depends(service)):
 
 @router.get("/metrics")
 async def metrics(s: ChatService = Depends(service)):
-    try:
-        s.metrics.sessions.set(await s.store.count())
-    except ms.StoreError:
-        pass
+    """Prometheus metrics of this process. The number of stored sessions is shown only on a
+    server without API keys: with keys it would tell every caller about all tenants."""
+    await s.refresh_session_count()
     return Response(generate_latest(s.metrics.registry), media_type=CONTENT_TYPE_LATEST)
