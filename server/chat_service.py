@@ -154,7 +154,7 @@ class ChatService:
 
     async def run_turn(self, req: ChatCompletionRequest, tenant: str, session_id: str | None,
                        stream_cb=None, *, ready=None, commit: bool = True,
-                       idempotency_key: str | None = None
+                       idempotency_key: str | None = None, load=None, stamp=None
                        ) -> tuple[Generated, ms.SessionRecord | None]:
         """Load, plan, generate, commit.
 
@@ -163,6 +163,11 @@ class ChatService:
         gets each delta. `commit=False` runs the turn on the session and keeps nothing. An
         `idempotency_key` the session has committed a turn under returns that turn's answer
         (`Generated.replayed`) instead of running it again.
+
+        Another API built on turns (the Responses API) may load the session its own way,
+        `load(tenant, session_id, identity)` under the session's lock (SessionNotFound: a new
+        session), and `stamp(record)` the finished record with what it keeps of the turn
+        before it is committed, in the same version.
         """
         sp = req.to_sampling_params(self.s.default_max_tokens, self.s.max_tokens_limit)
         window = self.s.memory_window_tokens if req.memory_window_tokens is None else \
@@ -181,7 +186,7 @@ class ChatService:
         async with self.locks.hold(tenant, session_id, self.s.session_lock_timeout):
             t0 = time.perf_counter()
             try:
-                record = await self.store.load(tenant, session_id, self.identity)
+                record = await (load or self.store.load)(tenant, session_id, self.identity)
             except ms.SessionNotFound:
                 record = ms.SessionRecord(session_id, tenant, self.identity)
             self.metrics.state_load.observe(time.perf_counter() - t0)
@@ -218,6 +223,8 @@ class ChatService:
                 kept = [e for e in new.meta.get("idempotency", [])
                         if e["key"] != idempotency_key]
                 new.meta["idempotency"] = (kept + [entry])[-IDEMPOTENCY_KEEP:]
+            if stamp is not None:
+                new = stamp(new)
             t0 = time.perf_counter()
             stored = await commit_through_cancellation(self.store, new, plan.expected_version)
             self.metrics.state_commit.observe(time.perf_counter() - t0)

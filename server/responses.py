@@ -9,12 +9,11 @@ new session branched from it by the turn's own commit), or starts a new session.
 items added without a turn wait in the session's meta as pending messages; the next response
 sends them before its input.
 
-Turns run through `ChatService.run_turn`, called on a `_ServiceView` (the same service, its
-store seen through a `_TurnStore`): when the turn loads the session, the view checks that it is
-still at the version the response was planned on (else the response is planned again), and
-the turn's own commit carries the response (its entry in meta, the item ids of its messages,
-the pending items it absorbed): a response costs one version, written atomically with its
-turn. With `store: false` the turn runs with `commit=False` and keeps nothing.
+Turns run through `ChatService.run_turn` with two hooks: its `load` (a `_TurnLoader`) checks
+that the session is still at the version the response was planned on (else the response is
+planned again), and its `stamp` makes the turn's own commit carry the response (its entry in
+meta, the item ids of its messages, the pending items it absorbed): a response costs one
+version, written atomically with its turn. With `store: false` the turn runs with `commit=False` and keeps nothing.
 """
 
 from __future__ import annotations
@@ -284,16 +283,13 @@ class _Plan:
             record, messages=record.messages[:self.loaded_messages] + labelled, meta=meta)
 
 
-class _TurnStore:
-    """The session store as one response's turn sees it (`ChatService.run_turn` loads and
-    commits through it); everything else passes through."""
+class _TurnLoader:
+    """How one response's turn loads its session (`ChatService.run_turn`'s `load` hook):
+    the version it was planned on, or the older version it branches from."""
 
     def __init__(self, store: ms.SessionStore, plan: _Plan):
         self._store = store
         self._plan = plan
-
-    def __getattr__(self, name: str):
-        return getattr(self._store, name)
 
     async def load(self, tenant: str, session_id: str,
                    expected_identity: ms.StateIdentity | None = None,
@@ -321,23 +317,6 @@ class _TurnStore:
         plan.loaded_messages = len(rec.messages)
         return rec
 
-    async def commit(self, record: ms.SessionRecord, expected_version: int
-                     ) -> ms.SessionRecord:
-        plan = self._plan
-        stored = await self._store.commit(plan.stamp(record), expected_version)
-        plan.stored = stored
-        return stored
-
-
-class _ServiceView:
-    """The chat service with the store seen through a `_TurnStore`, for one turn."""
-
-    def __init__(self, svc: ChatService, store: _TurnStore):
-        self._svc = svc
-        self.store = store
-
-    def __getattr__(self, name: str):
-        return getattr(self._svc, name)
 
 
 # --- the service ------------------------------------------------------------------------------
@@ -530,9 +509,9 @@ class ResponsesService:
         if plan.session_id is None:
             gen, _ = await s.run_turn(chat, tenant, None, delta, ready=ready)
         else:
-            view = _ServiceView(s, _TurnStore(s.store, plan))
-            gen, _ = await type(s).run_turn(view, chat, tenant, plan.session_id, delta,
-                                            ready=ready, commit=plan.store)
+            gen, plan.stored = await s.run_turn(
+                chat, tenant, plan.session_id, delta, ready=ready, commit=plan.store,
+                load=_TurnLoader(s.store, plan).load, stamp=plan.stamp)
         return self._finished(plan, entry, gen)
 
     def _finished(self, plan: _Plan, entry: dict, gen: Generated) -> ResponseObject:

@@ -68,6 +68,11 @@ def test_compose_file_validates():
     assert api["depends_on"]["redis"]["condition"] == "service_healthy"
     assert api["environment"]["REDIS_URL"] == "redis://redis:6379/0"
     assert api["environment"]["DELTAMEM_HOST"] == "0.0.0.0"
+    # On 0.0.0.0 without a key the server refuses to start unless told to run open; the
+    # stack passes the operator's choice through and defaults to refusing.
+    assert api["environment"]["DELTAMEM_ALLOW_OPEN"] == "false"
+    from server.settings import Settings, exposure_problem
+    assert exposure_problem(Settings(host=api["environment"]["DELTAMEM_HOST"])) is not None
     assert any(int(p["target"]) == 8000 for p in api["ports"])
     mounts = {v.split(":")[1] if isinstance(v, str) else v["target"] for v in api["volumes"]}
     assert {"/cache", "/data"} <= mounts
