@@ -53,7 +53,9 @@ ERROR_MAP: list[tuple[type[BaseException], int, str, str]] = [
     (ms.InvalidSessionId, 400, "invalid_request_error", "invalid_session_id"),
     (ms.VersionConflict, 409, "invalid_request_error", "session_conflict"),
     (ms.IdentityMismatch, 409, "invalid_request_error", "session_identity_mismatch"),
-    (ms.CorruptRecord, 422, "invalid_request_error", "corrupt_record"),
+    # A record the store holds that does not decode: the server's fault, not the client's (an
+    # import of bad bytes is a 422 the import endpoint raises itself).
+    (ms.CorruptRecord, 500, "server_error", "corrupt_session"),
     (ms.TooManySessions, 429, "invalid_request_error", "too_many_sessions"),
     (ms.StoreUnavailable, 503, "service_unavailable", "store_unavailable"),
     (ms.StoreError, 500, "server_error", "store_error"),

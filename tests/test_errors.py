@@ -49,8 +49,8 @@ def test_every_error_class_maps(cls):
     (ms.VersionConflict, 409, "session_conflict"),
     (ms.IdentityMismatch, 409, "session_identity_mismatch"),
     (ms.TooManySessions, 429, "too_many_sessions"),
-    (ms.UnknownFormat, 422, "corrupt_record"),  # a subclass takes its base's mapping
-    (ms.CorruptRecord, 422, "corrupt_record"),
+    (ms.UnknownFormat, 500, "corrupt_session"),  # a subclass takes its base's mapping
+    (ms.CorruptRecord, 500, "corrupt_session"),  # stored data; an import says 422 itself
     (ms.StoreUnavailable, 503, "store_unavailable"),
     (SessionBusy, 409, "session_busy"),
     (EngineError, 503, "engine_error"),

@@ -206,6 +206,24 @@ def test_tenants_are_isolated_on_every_session_endpoint(srv):
     assert err(httpx.get(u), 401)["type"] == "authentication_error"
 
 
+def test_a_record_corrupted_in_the_store_is_the_servers_fault(srv, redis_server):
+    import redis
+
+    chat(srv, "rotten", "Hello.")
+    tenant = Settings(api_key=["fault-a"]).keys()["fault-a"]
+    r = redis.Redis.from_url(redis_server.url)
+    cur = f"dmem:{{{tenant}/rotten}}:cur"
+    hist = cur[:-len("cur")] + "hist"
+    v = int(r.hget(cur, "v"))
+    r.hset(hist, str(v), b"\x00garbage")  # bit rot, a bad restore, a buggy writer
+    for resp in (httpx.get(f"{srv.url}/v1/sessions/rotten", headers=A), chat(srv, "rotten", "Hi")):
+        e = err(resp, 500)
+        assert e["type"] == "server_error" and e["code"] == "corrupt_session"
+    # Bad bytes from a client are still the client's: 422.
+    r = httpx.put(f"{srv.url}/v1/sessions/fresh/import", headers=A, content=b"\x00garbage")
+    assert err(r, 422)["code"] == "corrupt_record"
+
+
 def test_health_and_metrics_tell_a_stranger_nothing(srv, redis_server):
     h = httpx.get(srv.url + "/health")
     assert h.status_code == 200 and h.json()["store"] == "ok"

@@ -94,6 +94,10 @@ async def import_(session_id: str, request: Request, overwrite: bool = False,
     data = await request.body()
     if len(data) > s.s.max_body_bytes:
         raise APIError(413, "record exceeds the body size limit", code="body_too_large")
-    rec = await s.store.import_(tenant_id, session_id, data, s.identity, overwrite=overwrite,
-                                vocab_size=s.vocab_size)
+    try:
+        rec = await s.store.import_(tenant_id, session_id, data, s.identity,
+                                    overwrite=overwrite, vocab_size=s.vocab_size)
+    except ms.CorruptRecord as e:  # the client's bytes, not the store's
+        raise APIError(422, f"the record cannot be imported: {e}",
+                       code="corrupt_record") from e
     return view(rec)
