@@ -4,26 +4,34 @@ How a session is stored (both backends): every version has a **head** and most v
 **delta**.
 
 * The head holds what a version *is* apart from its append-only content: scalars, identity,
-  the states (``state`` and ``extra_states``), the small meta (every meta key but the
-  append-only lists), the content's lengths, and the version's **lineage**: the versions whose
-  deltas, in order, make its content, as inclusive ranges (``((1, 40), (43, 45))``). It also
-  has a **log lineage**: the versions whose turn-log parts hold its visible turn log.
+  the digests of its states (``state`` and ``extra_states``), the small meta (every meta key
+  but the append-only lists), the content's lengths, and the version's **lineage**: the
+  versions whose deltas, in order, make its content, as inclusive ranges
+  (``((1, 40), (43, 45))``). It also has a **log lineage**: the versions whose turn-log parts
+  hold its visible turn log.
+* Each state tensor is stored once per session, addressed by its digest
+  (``codec.state_digest``), while some kept head names it. The server's epoch state stays the
+  same for a whole epoch and its block snapshot for the turns that pass no KV-block boundary:
+  stored once, not once a turn and once a kept version.
 * The delta of version ``n`` holds what ``n`` appended to its parent: tokens, messages and
   ``meta["boundaries"]`` entries. Its **turn-log part** holds the ``meta["turn_log"]``
   entries it appended. A delta is kept while some kept head's lineage names it; a turn-log
   part while some kept head's log lineage does (the server shows the last 64 entries, so the
   parts of older turns go once every kept version has moved past them).
 
-A commit sends the new head and the new delta and turn-log part only: its cost follows the
-turn, not the conversation. Loading a version reads its head and the deltas and parts its
-lineages name in one round trip, and assembles an ordinary :class:`SessionRecord`.
+A commit sends the new head and the new delta and turn-log part only, and of the states
+those its base head did not name: its cost follows the turn, not the conversation. Loading a
+version reads its head, the deltas and parts its lineages name and the states it names in one
+round trip, and assembles an ordinary :class:`SessionRecord`.
 
 A record remembers what is stored of it (``SessionRecord.stored``, set by load and commit).
 If it was loaded as the version a commit expects, the commit's delta is what the record holds
-beyond that version (checked to extend it); otherwise, or if the record does not extend it,
-the commit stores the record's whole content as one delta with a lineage of the new version
-alone. Sessions stored whole by the previous layout (one record blob per version) still load;
-their first commit stores the whole content once.
+beyond that version (checked to extend it), and the states that version's head named are
+not sent again (the store checks that it holds them); otherwise, or if the record does not
+extend it, the commit stores the record's whole content as one delta with a lineage of the
+new version alone, and all its states. Sessions stored by earlier layouts (one record blob per
+version; heads holding their states inline) still load; their first commit stores the whole
+content and the states once.
 
 Encoding and decoding a record is CPU work in the calling thread: for records above
 ``OFFLOAD_BYTES`` (a long conversation, a large state) the async operations run it on a
@@ -49,18 +57,23 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 
+import torch
+
 from .codec import (
     CONTENT_LISTS,
     MAGIC,
     WINDOW_LIST,
+    StateRefs,
     decode_delta,
     decode_head,
     decode_record,
+    decode_state_blob,
     decode_turns,
     delta_tokens,
     encode_delta,
     encode_head,
     encode_record,
+    encode_states_by_ref,
     encode_turns,
     parse_delta_json,
     parse_turns_json,
@@ -118,6 +131,8 @@ class Fetched:
     data: bytes | None  # head (or whole legacy record) of the version asked for; None: not kept
     deltas: list[bytes]  # the deltas its lineage names, in order, as found
     turns: list[bytes | None]  # the turn-log parts its log lineage names, in order, as found
+    # The states the store lists for that head: digest -> blob (None: listed, not found).
+    states: dict[str, bytes | None]
 
 
 @dataclass
@@ -131,15 +146,31 @@ class CommitPlan:
     delta: bytes  # b"" when the version appended no content
     turns: bytes  # b"" when it appended no turn-log entry
     token: str  # the new head's id
-    # The current head's id this commit builds on (its lineage names deltas stored under it);
-    # "" when the commit stores the whole content and needs no earlier delta.
+    # The current head's id this commit builds on (its lineage names deltas stored under it,
+    # and it names the states not sent); "" when the commit stores the whole content and all
+    # its states, and needs nothing stored before.
     base_token: str
     new_base: StoredBase
+    # Every state digest the new head names (distinct, sorted), and the blobs of those the
+    # store may not hold yet (the rest the base head names: the store checks it has them).
+    state_refs: tuple[str, ...]
+    states: dict[str, bytes]
 
     @property
     def lineage_text(self) -> str:
         """Both lineages as ``"1-40,43-45|40-45"`` (what the Redis scripts read)."""
         return lineage_text(self.lineage) + "|" + lineage_text(self.log_lineage)
+
+    @property
+    def state_refs_text(self) -> str:
+        """The state digests as ``"<hex>,<hex>"`` (what the Redis scripts read)."""
+        return ",".join(self.state_refs)
+
+    @property
+    def size(self) -> int:
+        """The bytes of blobs this commit sends: head, delta, turn-log part, new states."""
+        return (len(self.head) + len(self.delta) + len(self.turns)
+                + sum(len(b) for b in self.states.values()))
 
 
 class StaleBase(Exception):
@@ -190,8 +221,10 @@ class SessionStore(ABC):
     async def _write(self, plan: CommitPlan, expected_version: int) -> None:
         """Store ``plan`` as version ``plan.record.version`` iff the current version is
         ``expected_version`` (VersionConflict otherwise) and, when ``plan.base_token`` is set,
-        the current head's id is that (StaleBase otherwise); then drop the heads beyond
-        ``keep_versions`` and the deltas and turn-log parts no kept head names.
+        the current head's id is that (StaleBase otherwise), and every digest of
+        ``plan.state_refs`` that ``plan.states`` does not carry is stored for the session
+        (StaleBase otherwise); then drop the heads beyond ``keep_versions`` and the deltas,
+        turn-log parts and states no kept head names.
 
         With ``expected_version`` 0 (a new session) it starts clean: nothing left of an
         earlier session of that id may show in the new one; and it raises TooManySessions
@@ -420,7 +453,8 @@ def _decode_import(
 
 def fetched_size(fetched: Fetched) -> int:
     return (len(fetched.data or b"") + sum(len(d) for d in fetched.deltas)
-            + sum(len(t or b"") for t in fetched.turns))
+            + sum(len(t or b"") for t in fetched.turns)
+            + sum(len(s or b"") for s in fetched.states.values()))
 
 
 def _decode(
@@ -616,9 +650,13 @@ def plan_commit(record: SessionRecord, base: StoredBase | None) -> CommitPlan:
         log_snapshot = (prev_log + new_log)[max(0, len(prev_log) + len(new_log) - n_log) :]
     log_lineage = _runs(sources)
 
+    refs, blobs = encode_states_by_ref(record)
+    # States the base head names are stored while it is current (the write checks both);
+    # everything else goes with this commit.
+    known = base.states if base is not None else frozenset()
     n_lists = {k: len(v) for k, v in lists.items()}
     head = encode_head(
-        record, small, positions, len(record.transcript), len(record.messages), n_lists,
+        record, refs, small, positions, len(record.transcript), len(record.messages), n_lists,
         lineage, log_lineage,
     )
     token = uuid.uuid4().hex
@@ -640,6 +678,7 @@ def plan_commit(record: SessionRecord, base: StoredBase | None) -> CommitPlan:
         transcript=(base.transcript if base is not None else []) + appended.tokens,
         messages=(base.messages if base is not None else []) + new_messages,
         lists=snapshot_lists,
+        states=frozenset(blobs),
     )
     return CommitPlan(
         record=record,
@@ -651,6 +690,8 @@ def plan_commit(record: SessionRecord, base: StoredBase | None) -> CommitPlan:
         token=token,
         base_token=base.token if base is not None else "",
         new_base=new_base,
+        state_refs=tuple(sorted(blobs)),
+        states={d: b for d, b in blobs.items() if d not in known},
     )
 
 
@@ -670,6 +711,11 @@ def assemble(
     record = head.record
     _check_owner(record, tenant, session_id)
     version = record.version
+    if head.states is not None:
+        record.state, record.extra_states = _resolve_states(
+            head.states, fetched.states, record.identity.state_shape,
+            f"version {version} of {tenant}/{session_id}",
+        )
 
     wanted = list(lineage_versions(head.lineage))
     if len(fetched.deltas) != len(wanted):
@@ -756,5 +802,23 @@ def assemble(
         transcript=list(transcript),
         messages=messages_copy,
         lists=snapshot,
+        # A head with inline states (the previous layout) names none: the next commit stores
+        # them by digest.
+        states=head.states.digests() if head.states is not None else frozenset(),
     )
     return record
+
+
+def _resolve_states(
+    refs: StateRefs, blobs: dict[str, bytes | None], shape: tuple[int, ...], where: str
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The state and extra states a head names, from the blobs fetched with it, each verified
+    against its digest (a tensor of its own per name, even where two names share one)."""
+
+    def one(digest: str) -> torch.Tensor:
+        blob = blobs.get(digest)
+        if not blob:
+            raise CorruptRecord(f"state {digest} of {where} is missing")
+        return decode_state_blob(blob, digest, shape)
+
+    return one(refs.state), {name: one(d) for name, d in refs.extra.items()}

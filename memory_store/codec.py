@@ -18,11 +18,25 @@ checked before any of its payload is parsed.
     digest    32 bytes blake2b-256 of everything above
 
 **Head** (``encode_head``; one a kept version): the record's framing with magic
-``b"DMEMHED\\0"``, ``n_tokens`` 0 and no tokens; the JSON header holds the record's scalar
-fields, identity and state entry, ``meta`` without the append-only lists, ``lists`` (each
+``b"DMEMHED\\0"``, format ``HEAD_FORMAT`` (2), ``n_tokens`` 0 and no tokens, and no state
+bytes either: the JSON header's ``state`` entry names the states by digest
+(``{"dtype": "float32", "shape": [...], "digest": "<hex>", "extra": {"<name>": "<hex>"}}``;
+null without a state), stored once per session beside the heads. The header also holds the
+record's scalar fields and identity, ``meta`` without the append-only lists, ``lists`` (each
 append-only list present: its position among the meta keys), ``lengths`` (``tokens``,
 ``messages``, and each present list's entries), ``lineage`` and ``log_lineage`` (inclusive
-version ranges, ``[[1, 40], [43, 45]]``).
+version ranges, ``[[1, 40], [43, 45]]``). Heads of format 1 (the layout before) carry their
+states inline, as a record does (safetensors); they still decode.
+
+**State** (``encode_state_blob``; one state tensor, content-addressed)::
+
+    magic     4 bytes  b"DMS\\x01" (the last byte is the format)
+    ndim      u8
+    dims      u32 x ndim
+    values    float32 little-endian, C order
+
+Its address (``state_digest``) is the first 16 bytes of the SHA-256 of the whole blob (shape
+included), as 32 lowercase hex digits; a load recomputes it, so the address is its checksum.
 
 **Delta** (``encode_delta``; what one version appended)::
 
@@ -49,6 +63,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
+import re
 import struct
 import sys
 from array import array
@@ -67,6 +83,9 @@ __all__ = ["FORMAT_VERSION", "MAGIC", "decode_record", "encode_record", "validat
 
 MAGIC = b"DMEMREC\x00"
 FORMAT_VERSION = 1
+# Heads name their states by digest (format 2); format 1 heads hold them inline.
+HEAD_FORMAT = 2
+_HEAD_FORMATS = (FORMAT_VERSION, HEAD_FORMAT)
 _PREFIX = struct.Struct("<8sHIII")
 _DIGEST_SIZE = 32
 _STATE_KEY = "state"
@@ -109,13 +128,14 @@ def _json(obj: Any) -> bytes:
 
 
 def _assemble(
-    header: dict[str, Any], tokens: bytes, state: bytes, magic: bytes = MAGIC
+    header: dict[str, Any], tokens: bytes, state: bytes, magic: bytes = MAGIC,
+    fmt: int = FORMAT_VERSION,
 ) -> bytes:
     """Frame already-encoded parts; separate from encode_record so tests can forge records."""
     header_bytes = _json(header)
     body = b"".join(
         (
-            _PREFIX.pack(magic, FORMAT_VERSION, len(header_bytes), len(tokens) // 4, len(state)),
+            _PREFIX.pack(magic, fmt, len(header_bytes), len(tokens) // 4, len(state)),
             header_bytes,
             tokens,
             state,
@@ -124,15 +144,17 @@ def _assemble(
     return body + _digest(body)
 
 
-def _encode_states(record: SessionRecord) -> tuple[bytes, dict[str, Any] | None]:
-    """The safetensors blob of ``state`` and ``extra_states``, and its header entry."""
+def _checked_states(record: SessionRecord) -> dict[str, torch.Tensor] | None:
+    """``state`` and ``extra_states`` by their stored names (``state``, ``extra.<name>``,
+    extras sorted), on the CPU and contiguous, checked against the identity; None without a
+    state. Raises ValueError for a record that breaks its own invariants."""
     identity = record.identity
     if not isinstance(identity, StateIdentity):
         raise ValueError("record.identity must be a StateIdentity")
     if record.state is None:
         if record.extra_states:
             raise ValueError("record.extra_states needs a state")
-        return b"", None
+        return None
     state = record.state
     if not isinstance(state, torch.Tensor):
         raise ValueError("record.state must be a torch.Tensor or None")
@@ -150,7 +172,15 @@ def _encode_states(record: SessionRecord) -> tuple[bytes, dict[str, Any] | None]
             raise ValueError(f"record.extra_states[{name!r}] must be float32 "
                              f"{identity.state_shape}")
         tensors[_EXTRA_PREFIX + name] = extra.detach().to("cpu").contiguous()
-    info: dict[str, Any] = {"dtype": "float32", "shape": list(identity.state_shape)}
+    return tensors
+
+
+def _encode_states(record: SessionRecord) -> tuple[bytes, dict[str, Any] | None]:
+    """The safetensors blob of ``state`` and ``extra_states``, and its header entry."""
+    tensors = _checked_states(record)
+    if tensors is None:
+        return b"", None
+    info: dict[str, Any] = {"dtype": "float32", "shape": list(record.identity.state_shape)}
     if record.extra_states:
         info["extra"] = sorted(record.extra_states)
     return st_save(tensors), info
@@ -193,9 +223,11 @@ def encode_record(record: SessionRecord) -> bytes:
 
 
 def _split(
-    data: bytes, magic: bytes = MAGIC, what: str = "record"
-) -> tuple[memoryview, memoryview, memoryview]:
-    """Check framing and digest; return the header, token and state sections."""
+    data: bytes, magic: bytes = MAGIC, what: str = "record",
+    formats: tuple[int, ...] = (FORMAT_VERSION,),
+) -> tuple[int, memoryview, memoryview, memoryview]:
+    """Check framing and digest; return the format and the header, token and state
+    sections."""
     view = memoryview(data)
     magic_len = len(magic)
     if len(view) < magic_len:
@@ -207,8 +239,9 @@ def _split(
     if len(view) < _PREFIX.size:
         raise CorruptRecord(f"{what} truncated: {len(view)} bytes")
     _, fmt, header_len, n_tokens, state_len = _PREFIX.unpack_from(view)
-    if fmt != FORMAT_VERSION:
-        raise UnknownFormat(f"{what} format {fmt}; this build reads format {FORMAT_VERSION}")
+    if fmt not in formats:
+        readable = " and ".join(str(f) for f in formats)
+        raise UnknownFormat(f"{what} format {fmt}; this build reads format {readable}")
     body_len = _PREFIX.size + header_len + 4 * n_tokens + state_len
     expected = body_len + _DIGEST_SIZE
     if len(view) < expected:
@@ -220,7 +253,7 @@ def _split(
     start = _PREFIX.size
     tokens_at = start + header_len
     state_at = tokens_at + 4 * n_tokens
-    return view[start:tokens_at], view[tokens_at:state_at], view[state_at:body_len]
+    return fmt, view[start:tokens_at], view[tokens_at:state_at], view[state_at:body_len]
 
 
 def _check_int(obj: dict[str, Any], key: str) -> int:
@@ -283,7 +316,7 @@ def decode_record(data: bytes, expected_identity: StateIdentity | None = None) -
     Raises UnknownFormat, CorruptRecord, or IdentityMismatch when ``expected_identity`` is
     given and differs from the record's.
     """
-    header_view, token_view, state_view = _split(bytes(data))
+    _, header_view, token_view, state_view = _split(bytes(data))
     header, identity = _parse_header(header_view, expected_identity, "record")
     try:
         messages, meta = header["messages"], header["meta"]
@@ -483,10 +516,119 @@ def _part_digest(data: bytes | memoryview) -> bytes:
     return hashlib.blake2b(data, digest_size=_PART_DIGEST_SIZE).digest()
 
 
+# -- states, content-addressed: stored once per session, named by digest from the heads ----
+
+STATE_MAGIC = b"DMS\x01"  # the last byte is the format
+_STATE_PREFIX = struct.Struct("<4sB")  # magic, ndim; then ndim u32 dims
+# 128 bits of SHA-256: an address is scoped to one session, whose own writer made every
+# state in it, so a collision could only mix up states that writer chose; 32 hex digits keep
+# the Redis field names and SQLite keys short.
+_STATE_DIGEST_SIZE = 16
+_STATE_DIGEST_RE = re.compile(r"[0-9a-f]{32}")
+
+
+def encode_state_blob(tensor: torch.Tensor) -> bytes:
+    """A state as stored: its shape, then its float32 values little-endian (no pickle, no
+    parser beyond ``np.frombuffer`` on the way back)."""
+    values = np.ascontiguousarray(tensor.detach().to("cpu").numpy(), dtype="<f4")
+    shape = values.shape
+    return (_STATE_PREFIX.pack(STATE_MAGIC, len(shape))
+            + struct.pack(f"<{len(shape)}I", *shape) + values.tobytes())
+
+
+def state_digest(blob: bytes | memoryview) -> str:
+    """A state blob's address (and checksum): truncated SHA-256, hex."""
+    return hashlib.sha256(blob).digest()[:_STATE_DIGEST_SIZE].hex()
+
+
+def decode_state_blob(
+    blob: bytes | memoryview, digest: str, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """The state stored at ``digest``, verified against its address and ``shape``
+    (CorruptRecord, UnknownFormat). The tensor owns its memory."""
+    view = memoryview(blob)
+    if not hmac.compare_digest(state_digest(view), digest):
+        raise CorruptRecord(f"state {digest} checksum mismatch")
+    if len(view) < _STATE_PREFIX.size:
+        raise CorruptRecord(f"state {digest} truncated: {len(view)} bytes")
+    magic, ndim = _STATE_PREFIX.unpack_from(view)
+    if magic != STATE_MAGIC:
+        raise UnknownFormat(f"not a δ-mem state (bad magic or format) at {digest}")
+    at = _STATE_PREFIX.size + 4 * ndim
+    if len(view) < at:
+        raise CorruptRecord(f"state {digest} truncated: {len(view)} bytes")
+    dims = struct.unpack_from(f"<{ndim}I", view, _STATE_PREFIX.size)
+    if dims != tuple(shape):
+        raise CorruptRecord(f"state {digest} has shape {dims}, expected {tuple(shape)}")
+    if len(view) - at != 4 * math.prod(dims):
+        raise CorruptRecord(f"state {digest} holds {len(view) - at} value bytes, "
+                            f"expected {4 * math.prod(dims)}")
+    # astype copies into native float32: a tensor that owns (and may write) its memory.
+    values = np.frombuffer(view, dtype="<f4", offset=at).astype(np.float32)
+    return torch.from_numpy(values).reshape(dims)
+
+
+@dataclass(frozen=True)
+class StateRefs:
+    """The states a head names: the digest of ``state`` and of each extra state."""
+
+    state: str
+    extra: dict[str, str]  # extra state name -> digest
+
+    def digests(self) -> frozenset[str]:
+        return frozenset((self.state, *self.extra.values()))
+
+
+def encode_states_by_ref(record: SessionRecord) -> tuple[StateRefs | None, dict[str, bytes]]:
+    """The record's states as blobs by digest (each distinct one once), and what a head names
+    them by; (None, {}) without a state. Raises ValueError for a record that breaks its own
+    invariants."""
+    tensors = _checked_states(record)
+    if tensors is None:
+        return None, {}
+    blobs: dict[str, bytes] = {}
+    names: dict[str, str] = {}
+    for name, tensor in tensors.items():
+        blob = encode_state_blob(tensor)
+        digest = state_digest(blob)
+        blobs[digest] = blob
+        names[name] = digest
+    refs = StateRefs(
+        state=names[_STATE_KEY],
+        extra={n[len(_EXTRA_PREFIX):]: d for n, d in names.items() if n != _STATE_KEY},
+    )
+    return refs, blobs
+
+
+def _parse_refs(info: Any, identity: StateIdentity) -> StateRefs | None:
+    """A format-2 head's state entry (CorruptRecord when malformed)."""
+    if info is None:
+        return None
+    if (
+        not isinstance(info, dict)
+        or info.get("dtype") != "float32"
+        or info.get("shape") != list(identity.state_shape)
+    ):
+        raise CorruptRecord(
+            f"head state entry {info!r} does not match float32 {identity.state_shape}"
+        )
+    digest, extra = info.get("digest"), info.get("extra", {})
+    if (
+        not isinstance(digest, str)
+        or _STATE_DIGEST_RE.fullmatch(digest) is None
+        or not isinstance(extra, dict)
+        or not all(isinstance(n, str) and isinstance(d, str)
+                   and _STATE_DIGEST_RE.fullmatch(d) is not None for n, d in extra.items())
+    ):
+        raise CorruptRecord(f"head state entry names bad digests: {info!r}")
+    return StateRefs(state=digest, extra=dict(sorted(extra.items())))
+
+
 @dataclass
 class Head:
-    """A decoded head: ``record`` has the scalars, identity, states and the small meta (no
-    transcript, messages or append-only meta lists); the rest says how to rebuild those."""
+    """A decoded head: ``record`` has the scalars, identity and the small meta (no transcript,
+    messages or append-only meta lists), and the states when the head holds them inline
+    (format 1); the rest says how to rebuild what it lacks."""
 
     record: SessionRecord
     positions: dict[str, int]  # append-only meta list present -> its position among meta keys
@@ -495,10 +637,13 @@ class Head:
     n_lists: dict[str, int]  # entries of each present append-only meta list
     lineage: Lineage
     log_lineage: Lineage
+    # The states it names by digest (format 2); None: inline (format 1), or no state at all.
+    states: StateRefs | None
 
 
 def encode_head(
     record: SessionRecord,
+    states: StateRefs | None,
     small_meta: dict[str, Any],
     positions: dict[str, int],
     n_tokens: int,
@@ -507,9 +652,17 @@ def encode_head(
     lineage: Lineage,
     log_lineage: Lineage,
 ) -> bytes:
-    """Serialise a head; raises ValueError for a record that breaks its own invariants."""
-    state_bytes, state_info = _encode_states(record)
+    """Serialise a head naming ``states`` (from :func:`encode_states_by_ref` of ``record``);
+    raises ValueError for a record that breaks its own invariants."""
+    if (states is None) != (record.state is None):
+        raise ValueError("a head names states exactly when its record has a state")
     _check_scalars(record, n_tokens)
+    state_info: dict[str, Any] | None = None
+    if states is not None:
+        if sorted(states.extra) != sorted(record.extra_states):
+            raise ValueError("the state digests do not name the record's extra states")
+        state_info = {"dtype": "float32", "shape": list(record.identity.state_shape),
+                      "digest": states.state, "extra": dict(sorted(states.extra.items()))}
     header = {
         **_scalar_header(record),
         "state": state_info,
@@ -520,7 +673,7 @@ def encode_head(
         "log_lineage": [list(r) for r in log_lineage],
     }
     try:
-        return _assemble(header, b"", state_bytes, HEAD_MAGIC)
+        return _assemble(header, b"", b"", HEAD_MAGIC, HEAD_FORMAT)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"record is not serialisable: {exc}") from exc
 
@@ -544,11 +697,20 @@ def _check_lineage(obj: Any, version: int) -> Lineage:
 
 
 def decode_head(data: bytes, expected_identity: StateIdentity | None = None) -> Head:
-    """Parse and verify a head (UnknownFormat, CorruptRecord, IdentityMismatch)."""
-    header_view, token_view, state_view = _split(bytes(data), HEAD_MAGIC, "head")
+    """Parse and verify a head (UnknownFormat, CorruptRecord, IdentityMismatch). A format 2
+    head's record has no states: ``Head.states`` names them."""
+    fmt, header_view, token_view, state_view = _split(
+        bytes(data), HEAD_MAGIC, "head", _HEAD_FORMATS
+    )
     if len(token_view):
         raise CorruptRecord("head holds tokens")
     header, identity = _parse_header(header_view, expected_identity, "head")
+    refs: StateRefs | None = None
+    if fmt == HEAD_FORMAT:
+        if len(state_view):
+            raise CorruptRecord("head of format 2 holds state bytes")
+        refs = _parse_refs(header.get("state"), identity)
+        header = {**header, "state": None}  # the record's states come from the store
     try:
         meta = header["meta"]
         if not isinstance(meta, dict):
@@ -583,6 +745,7 @@ def decode_head(data: bytes, expected_identity: StateIdentity | None = None) -> 
         n_lists={k: lengths[k] for k in positions},
         lineage=lineage,
         log_lineage=log_lineage,
+        states=refs,
     )
 
 

@@ -143,9 +143,10 @@ class StoredBase:
     """The stored version a record was loaded as (or committed as); private to the store.
 
     ``token`` is the id of the session's *current* head when this was read: while it is still
-    current (and the version unchanged), every delta of ``lineage`` is still stored. The lists
-    are the store's own copies of the stored content (never handed out), against which a
-    commit checks that the record it is given extends this version.
+    current (and the version unchanged), every delta of ``lineage`` and every state of
+    ``states`` is still stored. The lists are the store's own copies of the stored content
+    (never handed out), against which a commit checks that the record it is given extends
+    this version.
     """
 
     tenant: str
@@ -159,6 +160,9 @@ class StoredBase:
     messages: list[Any]
     # Append-only meta lists (``boundaries``, ``turn_log``): None where meta has no such list.
     lists: dict[str, list[Any] | None]
+    # Digests of the states this version's head names (stored by digest, once a session): a
+    # commit on this base does not send them again.
+    states: frozenset[str]
 
 
 @dataclass(frozen=True)

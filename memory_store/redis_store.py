@@ -10,12 +10,16 @@ only those)::
                                            "t<n>" -> turn-log part of version n (the turn-log
                                                      entries n appended), while a kept
                                                      head's log lineage names it
+                                           "s<n>" -> the state digests head n names,
+                                                     "<hex>,<hex>" (none without a state)
     {prefix}:{tenant/session}:delta  list: one element per version, oldest first; the element
                                      of version n is at index n - v - 1 from the end (v the
                                      current version): n's delta (codec.encode_delta), or ""
                                      when n appended nothing (a rollback) or no kept head
                                      names it any more; versions no kept head needs are
                                      trimmed from the front
+    {prefix}:{tenant/session}:states hash: "<digest>" -> a state (codec.encode_state_blob),
+                                     stored once while some kept head names it
     {prefix}:idx:{tenant}            sorted set, all scores 0: session ids in lexical order
     {prefix}:exp:{tenant}            sorted set: session id -> expiry time (only with a TTL)
     {prefix}:tenants                 set: every tenant that has had a session, and "" once
@@ -25,22 +29,26 @@ only those)::
 current version, ``token`` the current head's id (a random hex string per commit). The
 current version's head is ``hist["<v>"]``.
 
-A commit is one Lua script over ``cur``, ``hist`` and ``delta``: compare ``v`` (and, for a
-commit that builds on stored deltas, ``token``: the head its record was read as must still be
-current, else the record is stored whole), write ``cur``, the new head and its lineage
-text, push the new delta (or "") and set the new turn-log part; then drop the heads older
-than the last ``keep_versions`` versions and, of the deltas and turn-log parts their
-lineages named, those no kept head names (LTRIM of the list's front, "" in its middle,
-HDEL of "t<n>"); then set the TTL on all three keys. It sends the new head, delta and
-turn-log part, never the history. Loading a version is one Lua script too: read ``cur`` and
-the head, LRANGE the lineage's ranges of ``delta``, HMGET the log lineage's ``t<n>``, and
-return the deltas and the turn-log parts concatenated (each part says its own length).
+A commit is one Lua script over ``cur``, ``hist``, ``delta`` and ``states``: compare ``v``
+(and, for a commit that builds on stored deltas, ``token``: the head its record was read as
+must still be current, and every state the new head names but the commit does not send must
+be in ``states``, else the record is stored whole), write ``cur``, the new head, its lineage
+text and state digests, push the new delta (or "") and set the new turn-log part and the
+states sent; then drop the heads older than the last ``keep_versions`` versions and, of the
+deltas and turn-log parts their lineages named, those no kept head names (LTRIM of the list's
+front, "" in its middle, HDEL of "t<n>"), and the states no kept head names; then set the TTL
+on all four keys. It sends the new head, delta and turn-log part and the states the base head
+did not name, never the history. Loading a version is one Lua script too: read ``cur`` and
+the head, LRANGE the lineage's ranges of ``delta``, HMGET the log lineage's ``t<n>`` and the
+head's states, and return the deltas and the turn-log parts concatenated (each part says its
+own length) and the states in the order of ``s<n>``.
 
-Sessions written by the previous layout (``cur`` holding ``blob``, the whole current record;
-``hist["<n>"]`` whole records, no ``l<n>``; no ``delta``) load as they are; their first
-commit removes ``blob`` and starts ``delta`` with that version, stored whole. (The other way
-round does not work: a server running the previous code finds no ``blob`` and sees these
-sessions as missing, so do not serve one store with both.)
+Sessions written by the previous layouts load as they are: heads holding their states
+inline (head format 1, no ``s<n>``, no ``states``), and before those whole records (``cur``
+holding ``blob``, the whole current record; ``hist["<n>"]`` whole records, no ``l<n>``; no
+``delta``). Their first commit stores the whole content and the states once (and removes
+``blob``). (The other way round does not work: a server running the previous code cannot read
+these heads, so do not serve one store with both.)
 
 Every key of a session has the same TTL, set by each commit and refreshed by each load. A
 version is no longer one self-contained blob: run Redis with ``maxmemory-policy noeviction``,
@@ -49,10 +57,10 @@ unreadable (detected: a CorruptRecord, never a wrong record).
 
 '/' separates tenant and session because ids may contain ':' but never '/'.
 
-A delete is one Lua script too: it removes ``cur``, ``hist`` and ``delta`` at once, so no
-reader (and no new session of that id) ever sees a session half gone; the index entries go
-right after. A commit that creates a session (version 0) first deletes whatever ``hist`` and
-``delta`` hold (the leftovers of a gone session), so it starts clean.
+A delete is one Lua script too: it removes ``cur``, ``hist``, ``delta`` and ``states`` at
+once, so no reader (and no new session of that id) ever sees a session half gone; the index
+entries go right after. A commit that creates a session (version 0) first deletes whatever
+``hist``, ``delta`` and ``states`` hold (the leftovers of a gone session), so it starts clean.
 
 The tenant index lives on another slot than the session, so a Lua script cannot update both
 atomically on a cluster; it is updated right after the compare-and-set instead. That is safe
@@ -104,7 +112,13 @@ from .base import (
     _check_list_args,
 )
 from .codec import split_parts
-from .errors import SessionNotFound, StoreError, StoreUnavailable, VersionConflict
+from .errors import (
+    CorruptRecord,
+    SessionNotFound,
+    StoreError,
+    StoreUnavailable,
+    VersionConflict,
+)
 from .record import SessionSummary, validate_tenant
 
 __all__ = ["RedisStore"]
@@ -125,10 +139,12 @@ local function lineages(text)
 end
 """
 
-# KEYS: cur, hist, delta. ARGV: expected, head, lineage text, delta, turn-log part, turns,
-# absorbed, created, updated, keep, ttl, token, base token ("" = builds on nothing stored).
-# Returns {1, new_version}, {0, current_version} (conflict) or {2, current_version} (the
-# current head is not the base token's: the caller stores the whole content instead).
+# KEYS: cur, hist, delta, states. ARGV: expected, head, lineage text, delta, turn-log part,
+# turns, absorbed, created, updated, keep, ttl, token, base token ("" = builds on nothing
+# stored), the head's state digests ("<hex>,<hex>"), then a digest and a blob for each state
+# sent. Returns {1, new_version}, {0, current_version} (conflict) or {2, current_version}
+# (the current head is not the base token's, or a state the head names and the commit does
+# not send is not stored: the caller stores the whole content and every state instead).
 _COMMIT_LUA = _LUA_LINEAGE + """
 -- The parts of ranges `cands` that no range of `keeps` covers.
 local function subtract(cands, keeps)
@@ -158,16 +174,28 @@ if current ~= expected then
 end
 if ARGV[13] ~= '' and fields[2] ~= ARGV[13] then return {2, current} end
 if not string.find(ARGV[3], '|', 1, true) then return redis.error_reply('bad lineage') end
+if #ARGV % 2 ~= 0 then return redis.error_reply('bad state arguments') end
+-- A state the head names and the commit does not send must be stored (it is while the base
+-- head is current; checked, so that no head ever names a missing state). Before any write.
+local sent = {}
+for i = 15, #ARGV, 2 do sent[ARGV[i]] = true end
+for d in string.gmatch(ARGV[14], '[^,]+') do
+  if not sent[d] and (current == 0 or redis.call('HEXISTS', KEYS[4], d) == 0) then
+    return {2, current}
+  end
+end
 local new = expected + 1
 if current == 0 then
   -- Nothing may be left of a session that is gone (a crashed delete, an old writer).
-  redis.call('DEL', KEYS[2], KEYS[3])
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 end
 redis.call('HSET', KEYS[1], 'v', new, 'turns', ARGV[6], 'absorbed', ARGV[7],
            'created', ARGV[8], 'updated', ARGV[9], 'token', ARGV[12])
 redis.call('HDEL', KEYS[1], 'blob')
 redis.call('HSET', KEYS[2], tostring(new), ARGV[2], 'l' .. new, ARGV[3])
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 't' .. new, ARGV[5]) end
+if ARGV[14] ~= '' then redis.call('HSET', KEYS[2], 's' .. new, ARGV[14]) end
+if #ARGV > 14 then redis.call('HSET', KEYS[4], unpack(ARGV, 15)) end
 redis.call('RPUSH', KEYS[3], ARGV[4])
 
 local oldest_kept = new + 1 - tonumber(ARGV[10])
@@ -185,7 +213,7 @@ if #dropped > 0 then
     local d, t = lineages(redis.call('HGET', KEYS[2], 'l' .. f))
     for _, r in ipairs(d) do gone_d[#gone_d + 1] = r end
     for _, r in ipairs(t) do gone_t[#gone_t + 1] = r end
-    redis.call('HDEL', KEYS[2], f, 'l' .. f)
+    redis.call('HDEL', KEYS[2], f, 'l' .. f, 's' .. f)
   end
   local first = new + 1
   for _, f in ipairs(kept) do
@@ -214,37 +242,53 @@ if #dropped > 0 then
   for _, r in ipairs(subtract(gone_t, keep_t)) do
     for x = r[1], r[2] do redis.call('HDEL', KEYS[2], 't' .. x) end
   end
+  -- States: keep those a kept head names (a few per head), drop the rest.
+  local live = {}
+  for _, f in ipairs(kept) do
+    local refs = redis.call('HGET', KEYS[2], 's' .. f)
+    if refs then
+      for d in string.gmatch(refs, '[^,]+') do live[d] = true end
+    end
+  end
+  local dead = {}
+  for _, d in ipairs(redis.call('HKEYS', KEYS[4])) do
+    if not live[d] then dead[#dead + 1] = d end
+  end
+  if #dead > 0 then redis.call('HDEL', KEYS[4], unpack(dead)) end
 end
 local ttl = tonumber(ARGV[11])
 if ttl > 0 then
-  redis.call('EXPIRE', KEYS[1], ttl)
-  redis.call('EXPIRE', KEYS[2], ttl)
-  redis.call('EXPIRE', KEYS[3], ttl)
+  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
 end
 return {1, new}
 """
 
-# KEYS: cur, hist, delta. ARGV: version ("" = current), ttl (0 = leave the TTL alone).
-# Returns {} when the session does not exist, else {current version, token, created, data,
-# deltas, turn-log parts}: data is false when the version is not kept; the deltas its lineage
-# names and the turn-log parts its log lineage names come concatenated (each says its own
-# length), one bulk reply each rather than one per part.
+# KEYS: cur, hist, delta, states. ARGV: version ("" = current), ttl (0 = leave the TTL
+# alone). Returns {} when the session does not exist, else {current version, token, created,
+# data, deltas, turn-log parts, state digests, states}: data is false when the version is not
+# kept; the deltas its lineage names and the turn-log parts its log lineage names come
+# concatenated (each says its own length), one bulk reply each rather than one per part; the
+# states its head names ("<hex>,<hex>", "" for none) come as a list in that order (nil where
+# missing).
 _LOAD_LUA = _LUA_LINEAGE + """
 local c = redis.call('HMGET', KEYS[1], 'v', 'token', 'created', 'blob')
 if not c[1] then return {} end
 local ttl = tonumber(ARGV[2])
 if ttl > 0 then
-  redis.call('EXPIRE', KEYS[1], ttl)
-  redis.call('EXPIRE', KEYS[2], ttl)
-  redis.call('EXPIRE', KEYS[3], ttl)
+  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
 end
 local ver = ARGV[1]
 if ver == '' then
-  if c[4] then return {c[1], c[2] or '', c[3], c[4], '', ''} end  -- previous layout
+  if c[4] then return {c[1], c[2] or '', c[3], c[4], '', '', '', {}} end  -- whole records
   ver = c[1]
 end
-local h = redis.call('HMGET', KEYS[2], ver, 'l' .. ver)
-if not h[1] or not h[2] then return {c[1], c[2] or '', c[3], h[1], '', ''} end
+local h = redis.call('HMGET', KEYS[2], ver, 'l' .. ver, 's' .. ver)
+if not h[1] or not h[2] then return {c[1], c[2] or '', c[3], h[1], '', '', '', {}} end
+local refs = h[3] or ''
+local digests = {}
+for d in string.gmatch(refs, '[^,]+') do digests[#digests + 1] = d end
+local states = {}
+if #digests > 0 then states = redis.call('HMGET', KEYS[4], unpack(digests)) end
 local cv = tonumber(c[1])
 local d, t = lineages(h[2])
 local deltas = {}
@@ -268,13 +312,14 @@ for _, r in ipairs(t) do
   end
 end
 if #fields > 0 then fetch() end
-return {c[1], c[2] or '', c[3], h[1], table.concat(deltas), table.concat(turns)}
+return {c[1], c[2] or '', c[3], h[1], table.concat(deltas), table.concat(turns), refs, states}
 """
 
-# KEYS: cur, hist, delta. Removes every key of the session in one step; 1 if it existed.
+# KEYS: cur, hist, delta, states. Removes every key of the session in one step; 1 if it
+# existed.
 _DELETE_LUA = """
 local existed = redis.call('EXISTS', KEYS[1])
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 return existed
 """
 
@@ -346,10 +391,10 @@ class RedisStore(SessionStore):
 
     # -- keys --------------------------------------------------------------------------------
 
-    def _session_keys(self, tenant: str, session_id: str) -> tuple[str, str, str]:
-        """``cur``, ``hist`` and ``delta``: every key of one session."""
+    def _session_keys(self, tenant: str, session_id: str) -> tuple[str, str, str, str]:
+        """``cur``, ``hist``, ``delta`` and ``states``: every key of one session."""
         base = f"{self.prefix}:{{{tenant}/{session_id}}}"
-        return f"{base}:cur", f"{base}:hist", f"{base}:delta"
+        return f"{base}:cur", f"{base}:hist", f"{base}:delta", f"{base}:states"
 
     def _index_keys(self, tenant: str) -> tuple[str, str]:
         return f"{self.prefix}:idx:{{{tenant}}}", f"{self.prefix}:exp:{{{tenant}}}"
@@ -390,7 +435,11 @@ class RedisStore(SessionStore):
                 )
         if not reply:
             return None
-        current, token, created, data, deltas, turns = reply
+        current, token, created, data, deltas, turns, refs, states = reply
+        digests = refs.decode().split(",") if refs else []
+        if len(digests) != len(states):
+            raise CorruptRecord(f"session {tenant}/{session_id}: {len(digests)} state digests, "
+                                f"{len(states)} states read")
         return Fetched(
             current_version=int(current),
             token=token.decode() if token else "",
@@ -399,6 +448,7 @@ class RedisStore(SessionStore):
             # A missing part shows as a short list (the assembly then refuses the record).
             deltas=split_parts(deltas),
             turns=list(split_parts(turns)),
+            states=dict(zip(digests, states, strict=True)),
         )
 
     async def _eval_with(self, script: Any, keys: tuple[str, ...], args: list[Any],
@@ -420,7 +470,7 @@ class RedisStore(SessionStore):
         raise AssertionError("unreachable")
 
     async def _version(self, tenant: str, session_id: str) -> int:
-        cur, _, _ = self._session_keys(tenant, session_id)
+        cur = self._session_keys(tenant, session_id)[0]
         with self._translate():
             value = await self._redis.hget(cur, "v")
         return int(value) if value is not None else 0
@@ -441,6 +491,8 @@ class RedisStore(SessionStore):
             self.ttl_seconds or 0,
             plan.token,
             plan.base_token,
+            plan.state_refs_text,
+            *(item for digest, blob in plan.states.items() for item in (digest, blob)),
         ]
 
     async def _write(self, plan: CommitPlan, expected_version: int) -> None:
@@ -562,7 +614,7 @@ class RedisStore(SessionStore):
 
     async def versions(self, tenant: str, session_id: str) -> list[int]:
         _check_ids(tenant, session_id)
-        cur, hist, _ = self._session_keys(tenant, session_id)
+        cur, hist, _, _ = self._session_keys(tenant, session_id)
         with self._translate():
             # One transaction (one slot): a ``hist`` without ``cur`` is what a gone session
             # left behind, not versions of this one.
@@ -623,8 +675,8 @@ class RedisStore(SessionStore):
 
     async def ttl(self, tenant: str, session_id: str) -> tuple[int, int]:
         """Remaining TTL in seconds of the session's current key and of its history (the
-        least over ``hist`` and ``delta``); -1: none, -2: missing. For operations and tests;
-        :meth:`key_ttls` has every key's."""
+        least over ``hist``, ``delta`` and ``states``, of those present); -1: none, -2:
+        missing. For operations and tests; :meth:`key_ttls` has every key's."""
         ttls = await self.key_ttls(tenant, session_id)
         cur, *others = ttls.values()
         present = [t for t in others if t != -2]

@@ -9,7 +9,8 @@ Tables::
               session last written by the previous layout)
     versions  (tenant, session_id, version) -> record BLOB
               the head of each kept version (codec.encode_head), the last ``keep_versions``;
-              the previous layout's rows hold whole records (codec.encode_record)
+              rows of earlier layouts hold heads with inline states (head format 1) or whole
+              records (codec.encode_record)
     spans     (tenant, session_id, version, part, lo) -> hi
               the lineages of each kept head, one row per range: part 0 names the deltas
               making its content, part 1 the turn-log parts holding its visible turn log
@@ -17,19 +18,27 @@ Tables::
               part 0: the delta of a version (codec.encode_delta: the tokens, messages and
               boundaries it appended); part 1: its turn-log part (codec.encode_turns); a row
               exists while some kept head's spans name it
+    states    (tenant, session_id, digest) -> data BLOB
+              each state tensor once (codec.encode_state_blob), by its digest, while some
+              kept head names it
+    state_refs (tenant, session_id, version, digest)
+              the state digests each kept head names
 
 A commit is one transaction: compare ``sessions.version`` (and, for a commit that builds on
 stored deltas, ``sessions.token``: the head its record was read as must still be current,
-else the record is stored whole), then write one ``sessions`` row, one ``versions`` row, its
-few ``spans`` rows, and at most one ``deltas`` row of each part: the new head and what the
-turn appended, never the history. It then deletes the heads (and their spans) older than the last ``keep_versions``
-versions and, of the deltas those spans named, the ones no kept head's spans name. Loading a
-version is one SELECT: the head, and the deltas and turn-log parts its spans name.
+else the record is stored whole; the states the new head names and the commit does not
+send must be in ``states``, else likewise), then write one ``sessions`` row, one ``versions``
+row, its few ``spans`` and ``state_refs`` rows, at most one ``deltas`` row of each part, and
+the ``states`` rows of the states its base head did not name: the new head and what the turn
+appended or changed, never the history. It then deletes the heads (and their spans and state
+refs) older than the last ``keep_versions`` versions and, of the deltas those spans named,
+the ones no kept head's spans name, and the states no kept head names. Loading a version is
+one SELECT: the head, the deltas and turn-log parts its spans name, and its states.
 
-A file written by the previous layout (no ``spans``/``deltas`` tables, no ``token`` column)
-is upgraded in place when opened; its sessions load as they are and their first commit stores
-the whole content once. (A server running the previous code cannot read heads: do not serve
-one file with both.)
+A file written by an earlier layout is upgraded in place when opened (the tables and the
+``token`` column it lacks are added); its sessions load as they are (whole records, or heads
+with inline states) and their first commit stores the whole content and the states once. (A
+server running the previous code cannot read these heads: do not serve one file with both.)
 
 With ``ttl_seconds``, a session whose last commit (``updated_at``) is older than that is
 gone: every read skips it (load and versions say SessionNotFound, list and count leave it
@@ -114,13 +123,30 @@ CREATE TABLE IF NOT EXISTS deltas (
     data       BLOB    NOT NULL,
     PRIMARY KEY (tenant, session_id, part, version)
 )""",
+    """
+CREATE TABLE IF NOT EXISTS states (
+    tenant     TEXT    NOT NULL,
+    session_id TEXT    NOT NULL,
+    digest     TEXT    NOT NULL,
+    data       BLOB    NOT NULL,
+    PRIMARY KEY (tenant, session_id, digest)
+)""",
+    """
+CREATE TABLE IF NOT EXISTS state_refs (
+    tenant     TEXT    NOT NULL,
+    session_id TEXT    NOT NULL,
+    version    INTEGER NOT NULL,
+    digest     TEXT    NOT NULL,
+    PRIMARY KEY (tenant, session_id, version, digest)
+) WITHOUT ROWID""",
     # Finds the sessions a TTL has expired (the lazy purge).
     "CREATE INDEX IF NOT EXISTS sessions_by_updated ON sessions (updated_at)",
 )
 # Expired sessions a commit purges at most (the rest go with the next commits).
 _PURGE_BATCH = 100
-_SESSION_TABLES = ("sessions", "versions", "spans", "deltas")
+_SESSION_TABLES = ("sessions", "versions", "spans", "deltas", "states", "state_refs")
 _DELTA, _TURNS = 0, 1  # spans.part / deltas.part
+_STATE_ROW = 3  # the kind of the fetch's state rows (deltas and turn-log parts: 1 + part)
 
 _UPSERT_SESSION = """
 INSERT INTO sessions (tenant, session_id, version, turns, tokens_absorbed, created_at, updated_at,
@@ -137,7 +163,8 @@ ON CONFLICT (tenant, session_id) DO UPDATE SET
 
 # One SELECT, so one consistent snapshot: first a row with the version's head (NULL when that
 # version is not kept) and the session's current version, token and creation time (no row at
-# all: no such session); then its deltas (kind 1) and turn-log parts (kind 2) in order.
+# all: no such session); then its deltas (kind 1) and turn-log parts (kind 2) in order, and
+# the states its head names (kind 3: digest, data; NULL data where the state is missing).
 _FETCH = """
 WITH c AS (SELECT version, token, created_at FROM sessions
            WHERE tenant = :t AND session_id = :s AND updated_at >= :cut),
@@ -151,6 +178,11 @@ SELECT 1 + p.part, d.version, d.data, NULL, NULL, NULL
   JOIN spans p ON p.tenant = :t AND p.session_id = :s AND p.version = h.v
   JOIN deltas d ON d.tenant = :t AND d.session_id = :s AND d.part = p.part
                AND d.version BETWEEN p.lo AND p.hi
+UNION ALL
+SELECT 3, r.digest, st.data, NULL, NULL, NULL
+  FROM h
+  JOIN state_refs r ON r.tenant = :t AND r.session_id = :s AND r.version = h.v
+  LEFT JOIN states st ON st.tenant = :t AND st.session_id = :s AND st.digest = r.digest
 ORDER BY 1, 2
 """
 
@@ -231,6 +263,8 @@ class SqliteStore(SessionStore):
             data=None if data is None else bytes(data),
             deltas=[bytes(r[2]) for r in rows[1:] if r[0] == 1 + _DELTA],
             turns=[bytes(r[2]) for r in rows[1:] if r[0] == 1 + _TURNS],
+            states={str(r[1]): None if r[2] is None else bytes(r[2])
+                    for r in rows[1:] if r[0] == _STATE_ROW},
         )
 
     def _version_sync(self, tenant: str, session_id: str) -> int:
@@ -278,9 +312,21 @@ class SqliteStore(SessionStore):
                     if have >= self.max_sessions_per_tenant:
                         raise self._too_many(record.tenant, have)
                 # Nothing may be left of a session that is gone (expired, an old writer's
-                # delete): the new one starts clean, no kept version or delta of the old.
-                for table in ("versions", "spans", "deltas"):
+                # delete): the new one starts clean, no kept version, delta or state of the
+                # old.
+                for table in _SESSION_TABLES[1:]:
                     db.execute(f"DELETE FROM {table} WHERE tenant = ? AND session_id = ?", key)
+            # A state the head names and the commit does not send must be stored (it is while
+            # the base head is current; checked, so that no head names a missing state).
+            unsent = [d for d in plan.state_refs if d not in plan.states]
+            if unsent:
+                (have,) = db.execute(
+                    "SELECT COUNT(*) FROM states WHERE tenant = ? AND session_id = ? AND digest "
+                    f"IN ({','.join('?' * len(unsent))})", (*key, *unsent)
+                ).fetchone()
+                if have != len(unsent):
+                    raise StaleBase(f"session {record.session_id!r} lacks a state its base "
+                                    "head named")
             db.execute(
                 _UPSERT_SESSION,
                 (
@@ -303,6 +349,16 @@ class SqliteStore(SessionStore):
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 [(*key, new, _DELTA, lo, hi) for lo, hi in plan.lineage]
                 + [(*key, new, _TURNS, lo, hi) for lo, hi in plan.log_lineage],
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO state_refs (tenant, session_id, version, digest) "
+                "VALUES (?, ?, ?, ?)",
+                [(*key, new, digest) for digest in plan.state_refs],
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO states (tenant, session_id, digest, data) "
+                "VALUES (?, ?, ?, ?)",
+                [(*key, digest, data) for digest, data in plan.states.items()],
             )
             for part, data in ((_DELTA, plan.delta), (_TURNS, plan.turns)):
                 if data:
@@ -331,12 +387,21 @@ class SqliteStore(SessionStore):
 
     @staticmethod
     def _trim(db: sqlite3.Connection, key: tuple[str, str], oldest_kept: int) -> None:
-        """Drop the heads older than ``oldest_kept`` and the deltas only they named."""
+        """Drop the heads older than ``oldest_kept`` and the deltas and states only they
+        named."""
         where = "tenant = ? AND session_id = ? AND version < ?"
         gone = db.execute(f"SELECT part, lo, hi FROM spans WHERE {where}",
                           (*key, oldest_kept)).fetchall()
-        db.execute(f"DELETE FROM versions WHERE {where}", (*key, oldest_kept))
+        dropped = db.execute(f"DELETE FROM versions WHERE {where}", (*key, oldest_kept)).rowcount
         db.execute(f"DELETE FROM spans WHERE {where}", (*key, oldest_kept))
+        db.execute(f"DELETE FROM state_refs WHERE {where}", (*key, oldest_kept))
+        if dropped:
+            # A few states a kept head: the sweep reads only this session's rows.
+            db.execute(
+                "DELETE FROM states WHERE tenant = ? AND session_id = ? AND digest NOT IN "
+                "(SELECT digest FROM state_refs WHERE tenant = ? AND session_id = ?)",
+                (*key, *key),
+            )
         if not gone:
             return
         kept = db.execute(

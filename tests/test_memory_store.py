@@ -41,17 +41,22 @@ from memory_store import (
     open_store,
     validate_session_id,
 )
-from memory_store.base import plan_commit
+from memory_store.base import CommitPlan, plan_commit
 from memory_store.codec import (
+    HEAD_MAGIC,
     _assemble,
     _encode_states,
     _pack_tokens,
     _scalar_header,
     decode_delta,
     decode_head,
+    decode_state_blob,
     decode_turns,
+    encode_state_blob,
     split_parts,
+    state_digest,
 )
+from memory_store.record import StoredBase
 
 IDENTITY = StateIdentity(
     backbone="SmolLM2-135M-Instruct@sha256:ab12cd34",
@@ -472,7 +477,7 @@ async def test_count(store: SessionStore) -> None:
 async def _corrupt_current(store: SessionStore, tenant: str, session_id: str) -> None:
     """Flip one bit of the stored current record (its head), behind the store's back."""
     if isinstance(store, RedisStore):
-        cur, hist, _ = store._session_keys(tenant, session_id)
+        cur, hist = store._session_keys(tenant, session_id)[:2]
         version = (await store._redis.hget(cur, "v")).decode()
         blob = bytearray(await store._redis.hget(hist, version))
         blob[len(blob) // 2] ^= 0x10
@@ -571,34 +576,44 @@ def assert_same_record(a: SessionRecord, b: SessionRecord) -> None:
     assert list(a.meta) == list(b.meta)  # key order too
 
 
-async def commit_bytes(store: SessionStore, record: SessionRecord, expected: int) -> tuple[
-    SessionRecord, int
-]:
-    """Commit, and the bytes the commit sent (Redis: the server's input bytes, the tenant
-    index update and one INFO included) or wrote (SQLite: the rows of the new version)."""
+async def sent_bytes(store: SessionStore, action: Any) -> tuple[SessionRecord, int]:
+    """``await action()`` (one commit, rollback, fork...), and the bytes it sent (Redis: the
+    server's input bytes, the tenant index update and one INFO included) or wrote (SQLite:
+    the blobs of the plan that landed, and 16 bytes a spans or state_refs row: a few small
+    values beside the key)."""
     if isinstance(store, RedisStore):
         before = (await store._redis.info("stats"))["total_net_input_bytes"]
-        stored = await store.commit(record, expected)
+        stored = await action()
         after = (await store._redis.info("stats"))["total_net_input_bytes"]
         return stored, after - before
     assert isinstance(store, SqliteStore)
-    stored = await store.commit(record, expected)
-    key = (stored.tenant, stored.session_id, stored.version)
+    plans: list[CommitPlan] = []
+    write = store._write
 
-    def written() -> int:
-        db = store._db()
-        where = "tenant = ? AND session_id = ? AND version = ?"
-        head = db.execute(f"SELECT LENGTH(record) FROM versions WHERE {where}", key).fetchone()
-        parts = db.execute(f"SELECT SUM(LENGTH(data)) FROM deltas WHERE {where}", key).fetchone()
-        spans = db.execute(f"SELECT COUNT(*) FROM spans WHERE {where}", key).fetchone()
-        # A spans row is 3 small integers beside the key: count 16 bytes.
-        return int(head[0]) + int(parts[0] or 0) + 16 * int(spans[0])
+    async def spy(plan: CommitPlan, expected_version: int) -> None:
+        await write(plan, expected_version)
+        plans.append(plan)
 
-    return stored, await store._run(written)
+    store._write = spy  # type: ignore[method-assign]
+    try:
+        stored = await action()
+    finally:
+        del store._write
+    [plan] = plans
+    rows = len(plan.lineage) + len(plan.log_lineage) + len(plan.state_refs)
+    return stored, plan.size + 16 * rows
+
+
+async def commit_bytes(store: SessionStore, record: SessionRecord, expected: int) -> tuple[
+    SessionRecord, int
+]:
+    """Commit, and the bytes the commit sent or wrote (see :func:`sent_bytes`)."""
+    return await sent_bytes(store, lambda: store.commit(record, expected))
 
 
 async def stored_bytes(store: SessionStore, tenant: str, session_id: str) -> int:
-    """Redis: MEMORY USAGE of the session's keys; SQLite: its blobs (+16 a spans row)."""
+    """Redis: MEMORY USAGE of the session's keys; SQLite: its blobs (+16 a spans or
+    state_refs row)."""
     if isinstance(store, RedisStore):
         total = 0
         for key in store._session_keys(tenant, session_id):
@@ -610,12 +625,14 @@ async def stored_bytes(store: SessionStore, tenant: str, session_id: str) -> int
         db = store._db()
         key = (tenant, session_id)
         where = "tenant = ? AND session_id = ?"
-        heads = db.execute(f"SELECT SUM(LENGTH(record)) FROM versions WHERE {where}", key)
-        parts = db.execute(f"SELECT SUM(LENGTH(data)) FROM deltas WHERE {where}", key)
-        spans = db.execute(f"SELECT COUNT(*) FROM spans WHERE {where}", key)
-        return int(heads.fetchone()[0] or 0) + int(parts.fetchone()[0] or 0) + 16 * int(
-            spans.fetchone()[0]
+        blobs = sum(
+            int(db.execute(f"SELECT SUM(LENGTH({column})) FROM {table} WHERE {where}", key)
+                .fetchone()[0] or 0)
+            for table, column in (("versions", "record"), ("deltas", "data"), ("states", "data"))
         )
+        rows = sum(int(db.execute(f"SELECT COUNT(*) FROM {table} WHERE {where}", key)
+                       .fetchone()[0]) for table in ("spans", "state_refs"))
+        return blobs + 16 * rows
 
     return await store._run(size)
 
@@ -625,7 +642,7 @@ async def stored_parts(
 ) -> tuple[list[int], list[int], list[int]]:
     """Kept heads, versions with a stored delta, versions with a stored turn-log part."""
     if isinstance(store, RedisStore):
-        _, hist, delta = store._session_keys(tenant, session_id)
+        _, hist, delta, _ = store._session_keys(tenant, session_id)
         fields = await store._redis.hkeys(hist)
         heads = sorted(int(f) for f in fields if f.isdigit())
         turns = sorted(int(f[1:]) for f in fields if f.startswith(b"t"))
@@ -877,7 +894,7 @@ async def test_corrupt_or_missing_delta_is_detected(store: SessionStore) -> None
     for i in range(1, 4):
         record = await store.commit(server_turn(record, i), i - 1)
     if isinstance(store, RedisStore):
-        _, _, delta = store._session_keys(TENANT, "s")
+        delta = store._session_keys(TENANT, "s")[2]
         blob = bytearray(await store._redis.lindex(delta, -2))  # version 2's delta
         blob[len(blob) // 2] ^= 0x01
         await store._redis.lset(delta, -2, bytes(blob))
@@ -921,8 +938,22 @@ def test_head_delta_and_turn_log_blobs_detect_corruption() -> None:
         decode_head(plan.head, OTHER_BACKBONE)
     with pytest.raises(UnknownFormat):
         decode_head(encode_record(record))  # a record is not a head
+    # The head names its three states by digest and holds none of them.
+    head = decode_head(plan.head, SMALL)
+    assert head.record.state is None and head.record.extra_states == {}
+    assert head.states is not None and head.states.digests() == set(plan.states)
+    assert set(plan.state_refs) == set(plan.states) and len(plan.states) == 3
+    assert same_bits(decode_state_blob(plan.states[head.states.state], head.states.state,
+                                       SMALL.state_shape), record.state)
+    digest, state_blob = next(iter(plan.states.items()))
+    with pytest.raises(CorruptRecord, match="shape"):
+        decode_state_blob(state_blob, digest, (2, 1, 4, 5))
+
+    def decode_state(data: bytes) -> torch.Tensor:
+        return decode_state_blob(data, digest, SMALL.state_shape)
+
     for blob, decode in ((plan.head, decode_head), (plan.delta, decode_delta),
-                         (plan.turns, decode_turns)):
+                         (plan.turns, decode_turns), (state_blob, decode_state)):
         for pos in sorted({*range(0, len(blob), max(1, len(blob) // 97)), len(blob) - 1}):
             bad = bytearray(blob)
             bad[pos] ^= 0x04
@@ -1021,7 +1052,7 @@ async def write_old_layout(store: SessionStore, records: list[SessionRecord]) ->
     for rec in records:
         blob = encode_record(rec)
         if isinstance(store, RedisStore):
-            cur, hist, _ = store._session_keys(rec.tenant, rec.session_id)
+            cur, hist = store._session_keys(rec.tenant, rec.session_id)[:2]
             await store._redis.hset(cur, mapping={
                 "v": rec.version, "blob": blob, "turns": rec.turns,
                 "absorbed": rec.tokens_absorbed, "created": repr(float(rec.created_at)),
@@ -1095,7 +1126,8 @@ async def test_sessions_of_the_previous_layout_still_work(store: SessionStore) -
         def leftovers() -> int:
             db = store._db()
             return sum(db.execute(f"SELECT COUNT(*) FROM {t} WHERE session_id='old'").fetchone()[0]
-                       for t in ("sessions", "versions", "spans", "deltas"))
+                       for t in ("sessions", "versions", "spans", "deltas", "states",
+                                 "state_refs"))
         assert await store._run(leftovers) == 0
     else:
         assert not await store._redis.exists(*store._session_keys(TENANT, "old"))
@@ -1116,6 +1148,302 @@ async def test_leftovers_of_a_gone_session_do_not_leak_into_a_new_one(
     assert_same_record(fresh, await store.load(TENANT, "s"))
     assert await store.versions(TENANT, "s") == [1]
     assert (await stored_parts(store, TENANT, "s"))[1:] == ([1], [1])
+    # Not one state of the gone session is left (they would never be pruned: no head names
+    # them).
+    assert set(await stored_states(store, TENANT, "s")) == digests_of(fresh)
+
+
+# -- states stored by digest, once a session (both backends) --------------------------------
+
+# The shipped adapter's state: 30 layers x 12 heads x 8x8 float32, 92,160 bytes.
+SHIPPED = StateIdentity(
+    backbone="SmolLM2-135M-Instruct@sha256:ab12cd34", adapter="shipped",
+    num_layers=30, num_state_heads=12, rank=8,
+)
+STATE_BYTES = 4 * math.prod(SHIPPED.state_shape)
+# What a commit sends beside its states: head (~1 KB), delta, turn-log part, protocol.
+BESIDE_STATES = 8192
+EPOCH_TURNS = 10
+
+
+def epoch_turn(record: SessionRecord, i: int) -> SessionRecord:
+    """Turn ``i`` (server_turn's content) with 92 KB states set as server/sessions.py's
+    finish_turn sets them: ``state`` new every turn; ``extra_states["epoch"]`` the state at
+    the start of the current epoch, the same across the epoch (a new epoch on turns 2, 12,
+    22, ...: the previous turn's state); ``extra_states["block"]`` a new snapshot on even
+    turns (the turn passed a KV-block boundary), the previous one kept on odd turns."""
+    gen = torch.Generator().manual_seed(100_000 + i)
+    extra: dict[str, torch.Tensor] = {}
+    epoch = record.state if i % EPOCH_TURNS == 2 else record.extra_states.get("epoch")
+    if epoch is not None:
+        extra["epoch"] = epoch
+    if i % 2 == 0 or "block" not in record.extra_states:
+        extra["block"] = torch.randn(SHIPPED.state_shape, generator=gen)
+    else:
+        extra["block"] = record.extra_states["block"]
+    return dataclasses.replace(
+        server_turn(record, i), identity=SHIPPED,
+        state=torch.randn(SHIPPED.state_shape, generator=gen), extra_states=extra,
+    )
+
+
+def states_of(record: SessionRecord) -> list[torch.Tensor]:
+    assert record.state is not None
+    return [record.state, *record.extra_states.values()]
+
+
+def digests_of(record: SessionRecord) -> set[str]:
+    """The addresses of the record's states (the state and every extra state)."""
+    return {state_digest(encode_state_blob(t)) for t in states_of(record)}
+
+
+def assert_same_states(a: SessionRecord, b: SessionRecord) -> None:
+    assert same_bits(a.state, b.state)
+    assert sorted(a.extra_states) == sorted(b.extra_states)
+    for name in a.extra_states:
+        assert same_bits(a.extra_states[name], b.extra_states[name]), name
+
+
+async def stored_states(store: SessionStore, tenant: str, session_id: str) -> dict[str, bytes]:
+    """The state blobs stored for a session, by digest."""
+    if isinstance(store, RedisStore):
+        states = store._session_keys(tenant, session_id)[3]
+        return {k.decode(): v for k, v in (await store._redis.hgetall(states)).items()}
+    assert isinstance(store, SqliteStore)
+
+    def rows() -> dict[str, bytes]:
+        return {d: bytes(b) for d, b in store._db().execute(
+            "SELECT digest, data FROM states WHERE tenant = ? AND session_id = ?",
+            (tenant, session_id))}
+
+    return await store._run(rows)
+
+
+async def kept_digests(store: SessionStore, tenant: str, session_id: str) -> set[str]:
+    """The addresses of the states every kept version holds (loaded, then hashed here)."""
+    out: set[str] = set()
+    for v in await store.versions(tenant, session_id):
+        out |= digests_of(await store.load(tenant, session_id, version=v))
+    return out
+
+
+async def test_states_are_stored_once_and_a_commit_sends_only_new_ones(
+    store: SessionStore,
+) -> None:
+    """40 turns with states shaped as the server's: a turn that changes only ``state``
+    sends one state, not three; the store holds each distinct state of the kept versions
+    once; rollback to every kept version sends none and gives back exactly its states; a
+    fork outlives its original."""
+    keep = store.keep_versions
+    record = SessionRecord("s", TENANT, SHIPPED)
+    snapshots: dict[int, SessionRecord] = {}
+    cost: dict[int, int] = {}
+    for i in range(1, 41):
+        if i > 1:
+            record = await store.load(TENANT, "s", expected_identity=SHIPPED)
+            assert_same_record(snapshots[i - 1], record)
+        record, cost[i] = await commit_bytes(store, epoch_turn(record, i), i - 1)
+        snapshots[i] = record
+    print(f"\n{type(store).__name__}: commit bytes turn 10 {cost[10]}, 11 {cost[11]}, "
+          f"39 {cost[39]}, 40 {cost[40]} (a state is {STATE_BYTES})")
+    for i in range(2, 41):
+        # Odd turns change the state only (the epoch and block snapshot are the last turn's):
+        # one state. Even turns take a new block snapshot too; a new epoch's state is the
+        # last turn's state, stored already.
+        states = 1 if i % 2 else 2
+        assert states * STATE_BYTES < cost[i] < states * STATE_BYTES + BESIDE_STATES, (i, cost)
+
+    kept = await store.versions(TENANT, "s")
+    assert kept == list(range(41 - keep, 41))
+    distinct = set().union(*(digests_of(snapshots[v]) for v in kept))
+    # Versions 36-40: five states, their blocks of turns 36, 38 and 40, one epoch (turn 32's).
+    assert len(distinct) == keep + 3 + 1
+    stored = await stored_states(store, TENANT, "s")
+    assert set(stored) == distinct  # no orphan: states no kept head names are gone
+    assert await kept_digests(store, TENANT, "s") == distinct
+
+    # Store bytes: the distinct states once, the transcript and messages once, + 10% and a
+    # constant (as test_commit_cost_stays_flat_and_the_store_holds_the_content_once).
+    last = snapshots[40]
+    content = 4 * len(last.transcript) + json_size(last.messages)
+    constant = 2 * json_size(last.meta["turn_log"]) + keep * 1536 + 4096
+    budget = 1.1 * (len(distinct) * STATE_BYTES + content) + constant
+    size = await stored_bytes(store, TENANT, "s")
+    print(f"{type(store).__name__}: stored {size} B for {len(distinct)} distinct states "
+          f"({len(distinct) * STATE_BYTES} B) + content {content} B; budget {budget:.0f} B; "
+          f"three states a kept head would be {3 * keep * STATE_BYTES} B")
+    assert size <= budget
+    assert size < 3 * keep * STATE_BYTES * 0.75
+
+    # Rollback to every kept version: its head's states are all stored, none is sent, and
+    # the version comes back with exactly its states.
+    current = 40
+    for v in kept:
+        rolled, sent = await sent_bytes(store, lambda v=v: store.rollback(TENANT, "s", v))
+        current += 1
+        assert rolled.version == current
+        assert sent < BESIDE_STATES, (v, sent)
+        loaded = await store.load(TENANT, "s", expected_identity=SHIPPED)
+        assert_same_content(snapshots[v], loaded)
+        assert_same_states(snapshots[v], loaded)
+        snapshots[current] = loaded
+    assert await store.versions(TENANT, "s") == list(range(current - keep + 1, current + 1))
+    assert set(await stored_states(store, TENANT, "s")) == await kept_digests(store, TENANT, "s")
+
+    # A turn on top of a rollback: one state (the block and the epoch are the rolled-to's).
+    loaded = await store.load(TENANT, "s")
+    odd = dataclasses.replace(epoch_turn(loaded, 41), state=torch.ones(SHIPPED.state_shape))
+    _, sent = await commit_bytes(store, odd, current)
+    assert STATE_BYTES < sent < STATE_BYTES + BESIDE_STATES
+
+    # Fork, then delete the original: the fork has its own states, and goes on.
+    source = await store.load(TENANT, "s")
+    forked = await store.fork(TENANT, "s", "f")
+    assert set(await stored_states(store, TENANT, "f")) == digests_of(source)
+    assert await store.delete(TENANT, "s")
+    assert await stored_states(store, TENANT, "s") == {}
+    loaded = await store.load(TENANT, "f", expected_identity=SHIPPED)
+    assert_same_content(source, loaded)
+    assert_same_states(source, loaded)
+    nxt = await store.commit(epoch_turn(loaded, 42), forked.version)
+    assert_same_record(nxt, await store.load(TENANT, "f"))
+    # Export is the whole record, as before; an import stores its states again.
+    data = await store.export(TENANT, "f")
+    assert_same_states(nxt, decode_record(data))
+    imported = await store.import_(TENANT, "i", data)
+    assert set(await stored_states(store, TENANT, "i")) == digests_of(nxt)
+    assert_same_states(nxt, await store.load(TENANT, "i"))
+    assert imported.version == 1
+
+
+def inline_head(plan: CommitPlan) -> bytes:
+    """The head the previous layout wrote for ``plan`` (head format 1): the record's states
+    inline as safetensors, nothing named by digest (byte for byte what its encode_head
+    made)."""
+    record = plan.record
+    small, positions, lists = store_base.split_meta(record.meta)
+    state_bytes, state_info = _encode_states(record)
+    header = {
+        **_scalar_header(record),
+        "state": state_info,
+        "meta": small,
+        "lists": positions,
+        "lengths": {"tokens": len(record.transcript), "messages": len(record.messages),
+                    **{k: len(v) for k, v in lists.items()}},
+        "lineage": [list(r) for r in plan.lineage],
+        "log_lineage": [list(r) for r in plan.log_lineage],
+    }
+    return _assemble(header, b"", state_bytes, HEAD_MAGIC)
+
+
+def plan_inline(record: SessionRecord, base: StoredBase | None) -> CommitPlan:
+    """plan_commit as the previous layout planned: heads with inline states."""
+    plan = plan_commit(record, base)
+    return dataclasses.replace(
+        plan, head=inline_head(plan), state_refs=(), states={},
+        new_base=dataclasses.replace(plan.new_base, states=frozenset()),
+    )
+
+
+async def test_heads_with_inline_states_still_load_and_move_to_states_by_digest(
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(store_base, "plan_commit", plan_inline)
+    record = SessionRecord("s", TENANT, SHIPPED)
+    old: dict[int, SessionRecord] = {}
+    for i in range(1, 8):
+        if i > 1:
+            record = await store.load(TENANT, "s")
+        record = old[i] = await store.commit(epoch_turn(record, i), i - 1)
+    assert await stored_states(store, TENANT, "s") == {}  # all inline
+    monkeypatch.undo()
+
+    loaded = await store.load(TENANT, "s", expected_identity=SHIPPED)
+    assert_same_record(old[7], loaded)
+    assert loaded.stored is not None and not loaded.stored.states
+    assert_same_states(old[4], await store.load(TENANT, "s", version=4))
+    # The next commit stores its states by digest: all three (none was stored apart), not
+    # the content (still a delta).
+    eight, sent = await commit_bytes(store, epoch_turn(loaded, 8), 7)
+    assert 3 * STATE_BYTES < sent < 3 * STATE_BYTES + BESIDE_STATES
+    assert set(await stored_states(store, TENANT, "s")) == digests_of(eight)
+    loaded = await store.load(TENANT, "s", expected_identity=SHIPPED)
+    assert_same_record(eight, loaded)
+    assert loaded.stored is not None and loaded.stored.lineage == ((1, 8),)
+    assert loaded.stored.states == digests_of(eight)
+    # ... and the one after sends the changed state only.
+    _, sent = await commit_bytes(store, epoch_turn(loaded, 9), 8)
+    assert STATE_BYTES < sent < STATE_BYTES + BESIDE_STATES
+
+    # A rollback to an inline version: its states are stored by digest from then on.
+    rolled = await store.rollback(TENANT, "s", 5)
+    assert rolled.version == 10
+    loaded = await store.load(TENANT, "s", expected_identity=SHIPPED)
+    assert_same_content(old[5], loaded)
+    assert_same_states(old[5], loaded)
+    assert loaded.stored is not None and loaded.stored.states == digests_of(old[5])
+    for v in range(10, 15):
+        loaded = await store.commit(epoch_turn(loaded, v + 1), v)
+    assert_same_record(loaded, await store.load(TENANT, "s"))
+    # No inline head is kept any more; every state stored is one a kept head names.
+    assert await store.versions(TENANT, "s") == [11, 12, 13, 14, 15]
+    assert set(await stored_states(store, TENANT, "s")) == await kept_digests(store, TENANT, "s")
+    assert await store.delete(TENANT, "s")
+    assert await stored_states(store, TENANT, "s") == {}
+
+
+async def test_a_corrupt_or_missing_state_is_detected_and_never_relied_on(
+    store: SessionStore,
+) -> None:
+    record = SessionRecord("s", TENANT, SHIPPED)
+    for i in range(1, 4):
+        record = await store.commit(epoch_turn(record, i), i - 1)
+    base = await store.load(TENANT, "s")
+    epoch = state_digest(encode_state_blob(base.extra_states["epoch"]))
+    current = state_digest(encode_state_blob(base.state))
+
+    async def put(digest: str, blob: bytes | None) -> None:
+        """Replace (or with None, remove) a stored state behind the store's back."""
+        if isinstance(store, RedisStore):
+            states = store._session_keys(TENANT, "s")[3]
+            if blob is None:
+                await store._redis.hdel(states, digest)
+            else:
+                await store._redis.hset(states, digest, blob)
+            return
+        assert isinstance(store, SqliteStore)
+        where = "tenant = ? AND session_id = ? AND digest = ?"
+        if blob is None:
+            await store._run(lambda: store._db().execute(
+                f"DELETE FROM states WHERE {where}", (TENANT, "s", digest)))
+        else:
+            await store._run(lambda: store._db().execute(
+                f"UPDATE states SET data = ? WHERE {where}", (blob, TENANT, "s", digest)))
+
+    good = (await stored_states(store, TENANT, "s"))[current]
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0x01
+    await put(current, bytes(bad))
+    with pytest.raises(CorruptRecord, match="checksum"):
+        await store.load(TENANT, "s")
+    with pytest.raises(CorruptRecord):
+        await store.export(TENANT, "s")
+    await put(current, good)
+    assert_same_record(record, await store.load(TENANT, "s"))
+
+    # The epoch state goes missing: the head that names it no longer loads, and a commit
+    # whose base head named it (so would not send it) is stored whole, with every state.
+    await put(epoch, None)
+    with pytest.raises(CorruptRecord, match="missing"):
+        await store.load(TENANT, "s")
+    nxt = epoch_turn(base, 4)
+    assert epoch in digests_of(nxt)
+    stored, sent = await commit_bytes(store, nxt, 3)
+    assert sent > 3 * STATE_BYTES
+    loaded = await store.load(TENANT, "s")
+    assert_same_record(stored, loaded)
+    assert loaded.stored is not None and loaded.stored.lineage == ((4, 4),)
+    assert epoch in await stored_states(store, TENANT, "s")
 
 
 # -- Redis specifics -----------------------------------------------------------------------
@@ -1125,14 +1453,16 @@ async def test_redis_keys_share_one_hash_tag(redis_server: Any) -> None:
     async with RedisStore(redis_server.url, prefix="tags") as store:
         await store.commit(make_record("s:1", tenant="t-1"), 0)
         keys = sorted(k.decode() for k in await store._redis.keys("tags:*"))
-    # The layout has a third session key since deltas: "delta", on the same hash tag; and
-    # one key of the whole store, the set of tenants (counting without a SCAN).
+    # The layout has a third session key since deltas: "delta", and a fourth since states
+    # are stored by digest: "states", on the same hash tag; and one key of the whole store,
+    # the set of tenants (counting without a SCAN).
     assert keys == [
         "tags:idx:{t-1}",
         "tags:tenants",
         "tags:{t-1/s:1}:cur",
         "tags:{t-1/s:1}:delta",
         "tags:{t-1/s:1}:hist",
+        "tags:{t-1/s:1}:states",
     ]
 
 
@@ -1146,15 +1476,16 @@ async def test_redis_ttl_is_set_and_refreshed(redis_server: Any) -> None:
         # Every key of the session has the TTL.
         keys = store._session_keys(TENANT, "s1")
         assert all(95 <= t <= 100 for t in (await store.key_ttls(TENANT, "s1")).values())
-        cur, hist, delta = keys
-        await store._redis.expire(cur, 5)
-        await store._redis.expire(hist, 5)
-        await store._redis.expire(delta, 5)
+        assert len(keys) == 4 and await store._redis.exists(*keys) == 4
+        cur, hist, delta, states = keys
+        for key in keys:
+            await store._redis.expire(key, 5)
         await store.load(TENANT, "s1")
         assert min(await store.ttl(TENANT, "s1")) >= 95
         assert min((await store.key_ttls(TENANT, "s1")).values()) >= 95
         await store._redis.expire(cur, 5)
         await store._redis.expire(delta, 5)
+        await store._redis.expire(states, 5)
         await store.commit(next_turn(await store.load(TENANT, "s1"), [1], 1), 1)
         assert min(await store.ttl(TENANT, "s1")) >= 95
         assert min((await store.key_ttls(TENANT, "s1")).values()) >= 95
@@ -1319,7 +1650,7 @@ async def test_redis_delete_removes_every_key_in_one_command(redis_server: Any) 
         await store.commit(make_record("warm-up"), 0)
         assert await store.delete(TENANT, "warm-up")  # the server now has the script
         keys = store._session_keys(TENANT, "s")
-        assert await store._redis.exists(*keys) == 3
+        assert await store._redis.exists(*keys) == 4
 
         deleted, seen = await _monitored(redis_server, store, lambda: store.delete(TENANT, "s"))
         assert deleted is True
@@ -1571,10 +1902,11 @@ async def test_sqlite_ttl_purges_expired_rows(tmp_path: Path) -> None:
         def rows() -> dict[str, int]:
             db = store._db()
             return {t: db.execute(f"SELECT COUNT(*) FROM {t} WHERE session_id LIKE 'old%'")
-                    .fetchone()[0] for t in ("sessions", "versions", "spans", "deltas")}
+                    .fetchone()[0] for t in ("sessions", "versions", "spans", "deltas",
+                                             "states", "state_refs")}
 
         assert await store._run(rows) == {"sessions": 0, "versions": 0, "spans": 0,
-                                          "deltas": 0}
+                                          "deltas": 0, "states": 0, "state_refs": 0}
         assert await store.delete(TENANT, "old") is False
     with pytest.raises(ValueError):
         SqliteStore(tmp_path / "x.sqlite3", ttl_seconds=0)
