@@ -44,7 +44,9 @@ class Settings(BaseSettings):
                                       "reused) until it holds more, then jumps to half (0: "
                                       "state only, -1: everything that fits)")
     max_model_len: int = Field(8192, description="context length of the engine")
-    dtype: str = Field("bfloat16", description="engine dtype (bfloat16, float32, float16)")
+    dtype: str = Field("auto", description="engine dtype: auto (bfloat16, or float32 on a CPU "
+                       "without native bfloat16, where bfloat16 runs on slow fallback "
+                       "kernels), bfloat16, float32, float16")
     max_num_seqs: int = Field(32, description="concurrent sequences in the engine")
     max_num_batched_tokens: int | None = Field(None, description="tokens per engine step "
                                                "(chunked prefill budget)")

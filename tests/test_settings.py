@@ -86,3 +86,18 @@ def test_plugin_refuses_a_vllm_it_was_not_written_for():
     for other in ("0.32.1", "0.31.0", "1.0.0"):
         with pytest.raises(VLLMVersionError, match="0.32.0"):
             check_vllm_version(other)
+
+
+def test_dtype_auto_picks_float32_without_native_bf16(monkeypatch):
+    import torch
+
+    from server.engine.build import resolve_dtype
+
+    assert resolve_dtype("float16") == "float16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for bf16, amx, want in ((False, False, "float32"), (True, False, "bfloat16"),
+                            (False, True, "bfloat16")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert resolve_dtype("auto") == want
+    assert Settings().dtype == "auto"
