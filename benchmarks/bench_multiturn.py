@@ -460,50 +460,59 @@ def git_info() -> dict:
             "uncommitted_server_memory_store_deltamem": status.splitlines()}
 
 
+def serve_and_run(label: str, kind: str, cmd: list[str], work: Path, log_path: Path, a, convs,
+                  redis, env: dict | None = None) -> dict:
+    """Start one server, wait for /health, run the sessions' turns against it, stop it. The
+    result's "server" entry says how it was started."""
+    url = f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}"
+    proc = None
+    try:
+        log(f"{label}: starting {shlex.join(cmd[1:])} (log {log_path})")
+        t = time.perf_counter()
+        with open(log_path, "ab") as lf:
+            proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env,
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    cwd=work if kind == "vllm" else ROOT)
+        wait_healthy(url, proc, log_path, a.start_timeout, label)
+        start_s = time.perf_counter() - t
+        log(f"{label}: healthy after {start_s:.0f} s")
+        load0 = loadavg()
+        res = asyncio.run(run_turns(kind, url, a, convs, redis))
+        res["server"] = {"command": shlex.join(cmd[1:]), "start_s": round(start_s, 1),
+                         "loadavg_before": load0, "loadavg_after": loadavg()}
+        return res
+    except Exception:
+        log(f"{label} server log tail:\n" + tail(log_path))
+        raise
+    finally:
+        stop_process(proc)
+
+
 def run_deltamem(a, convs, work: Path) -> dict:
     redis = Redis(work / "redis")
     redis.workdir.mkdir()
     redis.start()
-    port = free_port()
-    cmd = [sys.executable, "-m", "deltamem.cli", "serve", "--port", str(port),
+    cmd = [sys.executable, "-m", "deltamem.cli", "serve", "--port", str(free_port()),
            "--data-dir", str(work / "data"), "--redis-url", redis.url]
     if a.model_given:
         cmd += ["--model", str(a.model)]
     cmd += shlex.split(a.deltamem_args)
-    log_path = work / "deltamem.log"
-    url = f"http://127.0.0.1:{port}"
-    proc = None
     git = git_info()  # what the server process imports now
     try:
-        log(f"δ-mem: starting {shlex.join(cmd[1:])} (log {log_path})")
-        t = time.perf_counter()
-        with open(log_path, "ab") as lf:
-            proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=ROOT)
-        wait_healthy(url, proc, log_path, a.start_timeout, "deltamem serve")
-        start_s = time.perf_counter() - t
-        log(f"δ-mem: healthy after {start_s:.0f} s")
-        load0 = loadavg()
-        res = asyncio.run(run_turns("deltamem", url, a, convs, redis))
-        res["server"] = {"command": shlex.join(cmd[1:]), "start_s": round(start_s, 1),
-                         "redis": "private redis-server, --save '' --appendonly no",
-                         "git_at_start": git, "git_at_end": git_info(),
-                         "loadavg_before": load0, "loadavg_after": loadavg()}
-        return res
-    except Exception:
-        log("δ-mem server log tail:\n" + tail(log_path))
-        raise
+        res = serve_and_run("δ-mem", "deltamem", cmd, work, work / "deltamem.log", a, convs,
+                            redis)
     finally:
-        stop_process(proc)
         redis.stop()
+    res["server"].update({"redis": "private redis-server, --save '' --appendonly no",
+                          "git_at_start": git, "git_at_end": git_info()})
+    return res
 
 
 def run_vllm(a, convs, work: Path) -> dict:
     from importlib.metadata import entry_points
 
-    port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(a.model),
-           "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "8192",
+           "--port", str(free_port()), "--dtype", "bfloat16", "--max-model-len", "8192",
            *shlex.split(a.vllm_args)]
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
@@ -511,30 +520,10 @@ def run_vllm(a, convs, work: Path) -> dict:
     # model classes and wraps two runner methods), every other installed plugin as usual.
     others = [e.name for e in entry_points(group="vllm.general_plugins") if e.name != "deltamem"]
     env["VLLM_PLUGINS"] = ",".join(others)
-    log_path = work / "vllm.log"
-    url = f"http://127.0.0.1:{port}"
-    proc = None
-    try:
-        log(f"plain vLLM: starting {shlex.join(cmd[1:])} (log {log_path})")
-        t = time.perf_counter()
-        with open(log_path, "ab") as lf:
-            proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env,
-                                    stdin=subprocess.DEVNULL, start_new_session=True,
-                                    cwd=work)
-        wait_healthy(url, proc, log_path, a.start_timeout, "vLLM api_server")
-        start_s = time.perf_counter() - t
-        log(f"plain vLLM: healthy after {start_s:.0f} s")
-        load0 = loadavg()
-        res = asyncio.run(run_turns("vllm", url, a, convs, None))
-        res["server"] = {"command": shlex.join(cmd[1:]), "start_s": round(start_s, 1),
-                         "env": {k: env[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_PLUGINS")},
-                         "loadavg_before": load0, "loadavg_after": loadavg()}
-        return res
-    except Exception:
-        log("vLLM server log tail:\n" + tail(log_path))
-        raise
-    finally:
-        stop_process(proc)
+    res = serve_and_run("plain vLLM", "vllm", cmd, work, work / "vllm.log", a, convs, None,
+                        env)
+    res["server"]["env"] = {k: env[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_PLUGINS")}
+    return res
 
 
 # --------------------------------------------------------------------------- report

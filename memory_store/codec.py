@@ -455,6 +455,16 @@ def _check_states(record: SessionRecord) -> None:
             raise CorruptRecord(f"{name} holds NaN or inf values")
 
 
+def _check_state_entry(info: Any, identity: StateIdentity, what: str) -> None:
+    """A header's description of the state: float32 of the identity's shape."""
+    if (
+        not isinstance(info, dict)
+        or info.get("dtype") != "float32"
+        or info.get("shape") != list(identity.state_shape)
+    ):
+        raise CorruptRecord(f"{what} {info!r} does not match float32 {identity.state_shape}")
+
+
 def _decode_state(
     info: Any, state_view: memoryview, identity: StateIdentity
 ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
@@ -462,14 +472,7 @@ def _decode_state(
         if len(state_view):
             raise CorruptRecord("record has state bytes but no state header")
         return None, {}
-    if (
-        not isinstance(info, dict)
-        or info.get("dtype") != "float32"
-        or info.get("shape") != list(identity.state_shape)
-    ):
-        raise CorruptRecord(
-            f"record state header {info!r} does not match float32 {identity.state_shape}"
-        )
+    _check_state_entry(info, identity, "record state header")
     try:
         tensors = st_load(bytes(state_view))
     except Exception as exc:  # safetensors raises its own error types
@@ -604,14 +607,7 @@ def _parse_refs(info: Any, identity: StateIdentity) -> StateRefs | None:
     """A format-2 head's state entry (CorruptRecord when malformed)."""
     if info is None:
         return None
-    if (
-        not isinstance(info, dict)
-        or info.get("dtype") != "float32"
-        or info.get("shape") != list(identity.state_shape)
-    ):
-        raise CorruptRecord(
-            f"head state entry {info!r} does not match float32 {identity.state_shape}"
-        )
+    _check_state_entry(info, identity, "head state entry")
     digest, extra = info.get("digest"), info.get("extra", {})
     if (
         not isinstance(digest, str)

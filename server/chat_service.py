@@ -94,8 +94,8 @@ class ChatService:
         self.fmt = ChatFormat(tokenizer)
         self.model_name = model_name
         self.locks = SessionLocks()
-        self.metrics = Metrics(count_sessions=not settings.keys())
         self.keys = settings.keys()
+        self.metrics = Metrics(count_sessions=not self.keys)
         self.vocab_size: int | None = None  # set by the app (the model's config)
         self._counted_at = -1e9
         self._key_digests = self.key_digests(self.keys)

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from .settings import LOOPBACK, add_arguments, exposure_problem, from_args
+from .settings import add_arguments, exposure_problem, from_args, serves_open
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     if problem := exposure_problem(settings):
         logging.getLogger("deltamem.server").error("%s", problem)
         return 2
-    if settings.host not in LOOPBACK and not settings.keys():
+    if serves_open(settings):
         logging.getLogger("deltamem.server").warning(
             "serving on %s WITHOUT authentication (--allow-open): anyone who reaches the port "
             "can read and delete every session", settings.host)

@@ -93,10 +93,15 @@ class Settings(BaseSettings):
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 
+def serves_open(settings: Settings) -> bool:
+    """Listening beyond this machine with no API key: anyone who reaches the port is in."""
+    return settings.host not in LOOPBACK and not settings.keys()
+
+
 def exposure_problem(settings: Settings) -> str | None:
-    """Why this server must not start as configured: listening beyond this machine with no
-    API key, unless the operator said so (--allow-open). None when it may start."""
-    if settings.host in LOOPBACK or settings.allow_open or settings.keys():
+    """Why this server must not start as configured: serving open, unless the operator said
+    so (--allow-open). None when it may start."""
+    if settings.allow_open or not serves_open(settings):
         return None
     return (f"refusing to serve on {settings.host} without an API key: anyone who reaches the "
             "port could list, read and delete every session. Set --api-key / DELTAMEM_API_KEY "

@@ -28,7 +28,7 @@ from ..protocol import (
     Usage,
     new_completion_id,
 )
-from . import service, tenant
+from . import finish_unless_gone, queued, service, tenant
 
 log = logging.getLogger("deltamem.server")
 router = APIRouter()
@@ -86,13 +86,8 @@ async def _complete(s: ChatService, req, tenant_id, session_id, request, cid, cr
     s.metrics.in_flight.inc()
     task = asyncio.create_task(s.run_turn(req, tenant_id, session_id, idempotency_key=key))
     try:
-        # A client that goes away aborts the turn: nothing is committed.
-        while not task.done():
-            done, _ = await asyncio.wait({task}, timeout=0.25)
-            if not done and await request.is_disconnected():
-                task.cancel()
-                log.info("client disconnected; turn aborted (session %s)", session_id)
-                return Response(status_code=499)
+        if not await finish_unless_gone(request, task, f"turn (session {session_id})"):
+            return Response(status_code=499)
         gen, rec = task.result()
     finally:
         if not task.done():
@@ -120,18 +115,9 @@ async def _stream(s: ChatService, req, task: asyncio.Task, queue: asyncio.Queue,
     s.metrics.in_flight.inc()
     try:
         yield event(Delta(role="assistant", content=""))
-        while True:
-            getter = asyncio.ensure_future(queue.get())
-            done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-            if getter in done:
-                if text := getter.result():
-                    yield event(Delta(content=text))
-                continue
-            getter.cancel()
-            while not queue.empty():
-                if text := queue.get_nowait():
-                    yield event(Delta(content=text))
-            break
+        async for text in queued(queue, task):
+            if text:
+                yield event(Delta(content=text))
         if (exc := task.exception()) is not None:
             _, body = error_body(exc)
             yield "data: " + json.dumps(body) + "\n\n"

@@ -20,7 +20,7 @@ from ..chat_service import ChatService
 from ..errors import APIError, error_body
 from ..responses import ResponsesService
 from ..responses_protocol import ResponseCreateRequest, ResponseDeleted, ResponseObject
-from . import service, tenant
+from . import finish_unless_gone, queued, service, tenant
 
 log = logging.getLogger("deltamem.server")
 router = APIRouter(prefix="/v1/responses")
@@ -48,13 +48,8 @@ async def _complete(s: ChatService, rs: ResponsesService, req, tenant_id, reques
     s.metrics.in_flight.inc()
     task = asyncio.create_task(rs.create(req, tenant_id))
     try:
-        # A client that goes away aborts the turn: nothing is committed.
-        while not task.done():
-            done, _ = await asyncio.wait({task}, timeout=0.25)
-            if not done and await request.is_disconnected():
-                task.cancel()
-                log.info("client disconnected; response aborted")
-                return Response(status_code=499)
+        if not await finish_unless_gone(request, task, "response"):
+            return Response(status_code=499)
         return task.result()
     finally:
         if not task.done():
@@ -108,20 +103,9 @@ async def _events(s: ChatService, skeleton: ResponseObject, item_id: str,
             "content": []})
         yield event("response.content_part.added", **where, part={
             "type": "output_text", "text": "", "annotations": [], "logprobs": []})
-        while True:
-            getter = asyncio.ensure_future(queue.get())
-            done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-            if getter in done:
-                kind, text = getter.result()
-                if kind == "delta":
-                    yield event("response.output_text.delta", **where, delta=text, logprobs=[])
-                continue
-            getter.cancel()
-            while not queue.empty():
-                kind, text = queue.get_nowait()
-                if kind == "delta":
-                    yield event("response.output_text.delta", **where, delta=text, logprobs=[])
-            break
+        async for kind, text in queued(queue, task):
+            if kind == "delta":
+                yield event("response.output_text.delta", **where, delta=text, logprobs=[])
         if (exc := task.exception()) is not None:
             _, body = error_body(exc)
             err = body["error"]
