@@ -51,7 +51,6 @@ import random
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -63,7 +62,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_engine import loadavg, machine_info  # noqa: E402
+from common import (  # noqa: E402
+    cpu_flags,
+    free_port,
+    git_info,
+    loadavg,
+    machine_info,
+    plain_vllm,
+    stop_process,
+    tail,
+    wait_healthy,
+)
 
 TABLE_TURNS = (1, 2, 3, 5, 10, 20, 30)
 SERVERS = ("deltamem", "vllm")
@@ -72,12 +81,6 @@ LABEL = {"deltamem": "δ-mem", "vllm": "plain vLLM"}
 
 def log(msg: str) -> None:
     print(f"[multiturn] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --------------------------------------------------------------------------- conversations
@@ -150,45 +153,6 @@ def make_messages(sessions: int, turns: int, user_tokens: int, seed: int, tokeni
 
 
 # --------------------------------------------------------------------------- processes
-
-def wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout: float, name: str
-                 ) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode} during start-up:\n"
-                               + tail(log_path))
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"{name} not healthy after {timeout:.0f} s:\n" + tail(log_path))
-
-
-def tail(path: Path, n: int = 4000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError:
-        return "(no log)"
-
-
-def stop_process(proc: subprocess.Popen | None, timeout: float = 30) -> None:
-    """SIGTERM the process group (vLLM's engine core is a child), SIGKILL if it hangs."""
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    except ProcessLookupError:
-        pass
-
 
 class Redis:
     """A private redis-server without persistence on a free loopback port."""
@@ -448,18 +412,6 @@ async def run_turns(kind: str, url: str, a, convs: list[list[str]], redis: Redis
 
 # --------------------------------------------------------------------------- servers
 
-def git_info() -> dict:
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True,
-                                  text=True, timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    status = git("status", "--short", "server", "memory_store", "deltamem")
-    return {"commit": git("log", "-1", "--format=%h"),
-            "uncommitted_server_memory_store_deltamem": status.splitlines()}
-
-
 def serve_and_run(label: str, kind: str, cmd: list[str], work: Path, log_path: Path, a, convs,
                   redis, env: dict | None = None) -> dict:
     """Start one server, wait for /health, run the sessions' turns against it, stop it. The
@@ -509,17 +461,8 @@ def run_deltamem(a, convs, work: Path) -> dict:
 
 
 def run_vllm(a, convs, work: Path) -> dict:
-    from importlib.metadata import entry_points
-
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(a.model),
-           "--port", str(free_port()), "--dtype", "bfloat16", "--max-model-len", "8192",
-           *shlex.split(a.vllm_args)]
-    env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-    # Plain vLLM as people run it: without this project's plugin (it registers the δ-mem
-    # model classes and wraps two runner methods), every other installed plugin as usual.
-    others = [e.name for e in entry_points(group="vllm.general_plugins") if e.name != "deltamem"]
-    env["VLLM_PLUGINS"] = ",".join(others)
+    cmd, env = plain_vllm(a.model, free_port(), "bfloat16",
+                          ["--max-model-len", "8192", *shlex.split(a.vllm_args)])
     res = serve_and_run("plain vLLM", "vllm", cmd, work, work / "vllm.log", a, convs, None,
                         env)
     res["server"]["env"] = {k: env[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_PLUGINS")}
@@ -687,29 +630,6 @@ def plot(results: dict, path: Path, a) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def cpu_flags() -> dict:
-    text = ""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        pass
-    flags: set[str] = set()
-    for line in text.splitlines():
-        if line.lower().startswith("flags:"):
-            flags = set(line.split(":", 1)[1].split())
-    if not flags:
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-        except OSError:
-            pass
-    return {"avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
-            "avx512_bf16": "avx512_bf16" in flags,
-            "amx": sorted(f for f in flags if f.startswith("amx")) or False}
 
 
 def main(argv=None) -> int:

@@ -50,6 +50,11 @@ scan_parallel = numba.njit(parallel=True, cache=True)(_scan)
 scan_serial = numba.njit(parallel=False, cache=True)(_scan)
 
 
+def pick(jobs: int, tokens: int):
+    """The build for a step of `jobs` (sequences × heads) scans over `tokens` tokens."""
+    return scan_parallel if jobs >= 4 and tokens >= 512 else scan_serial
+
+
 def run(q, k, v, beta, mask, cu_seqlens, state, reads, snap_at=None, snaps=None) -> None:
     """All arguments numpy arrays; `state` is updated in place and `reads` filled; with
     `snap_at` (B, P), `snaps` (B, P, H, r, r) gets the state before the given token indices."""
@@ -57,7 +62,6 @@ def run(q, k, v, beta, mask, cu_seqlens, state, reads, snap_at=None, snaps=None)
     if snap_at is None:
         snap_at = np.full((nseq, 0), -1, dtype=np.int64)
         snaps = np.empty((nseq, 0, *state.shape[1:]), dtype=state.dtype)
-    jobs = nseq * q.shape[1]
-    fn = scan_parallel if jobs >= 4 and q.shape[0] >= 512 else scan_serial
+    fn = pick(nseq * q.shape[1], q.shape[0])
     fn(q, k, v, beta, mask.astype(np.bool_, copy=False), cu_seqlens, state, reads, snap_at,
        snaps)

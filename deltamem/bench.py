@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHES = {
     "scan": "benchmarks/bench_scan.py",
     "store": "benchmarks/bench_store.py",
-    "engine": "benchmarks/bench_engine.py",
+    "served": "benchmarks/bench_served.py",
     "multiturn": "benchmarks/bench_multiturn.py",
 }
 

@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     dtype: str = Field("auto", description="engine dtype: auto (bfloat16, or float32 on a CPU "
                        "without native bfloat16, where bfloat16 runs on slow fallback "
                        "kernels), bfloat16, float32, float16")
+    enforce_eager: bool = Field(False, description="run the model eagerly: no torch.compile "
+                                "and no CUDA graphs (start-up ~1 min faster, serving slower)")
     max_num_seqs: int = Field(32, description="concurrent sequences in the engine")
     max_num_batched_tokens: int | None = Field(None, description="tokens per engine step "
                                                "(chunked prefill budget)")

@@ -395,7 +395,20 @@ def _runtime(layers: int = 2, d: int = 32, seed: int = 0, heads: int = 1):
     for i in cfg.layers:
         mod.layer(i).reset_parameters()
         torch.nn.init.normal_(mod.layer(i).w_beta.weight, std=0.1)
-    return DeltaMemRuntime(mod, torch.device("cpu"))
+    rt = DeltaMemRuntime(mod, torch.device("cpu"))
+    # What the engine installs on its attention modules, on stand-ins.
+    rt.test_layers = {}
+    for i in rt.layer_ids:
+        rt.test_layers[i] = torch.nn.Module()
+        rt.install(rt.test_layers[i], i)
+    return rt
+
+
+def _corrections(rt, layer, x):
+    """(Δq, Δo) of one layer, as the engine's attention forward computes them (eager)."""
+    from server.engine.model import memory_corrections
+
+    return memory_corrections(rt.test_layers[layer], x)
 
 
 def _request(state, write_start, key):
@@ -414,8 +427,7 @@ def _step(rt, runner_requests, batch):
     rt.begin_forward(x.shape[0])
     try:
         for layer in rt.layer_ids:  # same x per layer: only the bookkeeping is under test
-            rt.delta_q(layer, x)
-            rt.delta_o(layer)
+            _corrections(rt, layer, x)
     finally:
         rt.end_forward()
 
@@ -482,7 +494,7 @@ def test_runtime_corrections_match_the_layer_math(heads):
     rt.plan_step(["a"], [9], [0], {"a": _request(s0, 3, "A")})
     rt.begin_forward(9)
     try:
-        got = [(rt.delta_q(layer, x), rt.delta_o(layer)) for layer in rt.layer_ids]
+        got = [_corrections(rt, layer, x) for layer in rt.layer_ids]
     finally:
         rt.end_forward()
     mask = (torch.arange(9) >= 3).unsqueeze(0)
@@ -494,6 +506,56 @@ def test_runtime_corrections_match_the_layer_math(heads):
         assert rel_err(rt.requests["a"].state[slot], fin[0]) < 1e-5
 
 
+@pytest.mark.parametrize("backend", [None, "aot_eager", "inductor"],
+                         ids=["eager", "compiled-aot-eager", "compiled-inductor"])
+def test_scan_op_matches_the_reference_on_varlen_batches(backend):
+    """The engine's memory path (projections, the `deltamem::scan` op, read-out) on random
+    varlen steps (decode and prefill chunks mixed, random write starts and initial states,
+    padded rows as a CUDA-graph batch has), eager and under torch.compile with dynamic token
+    counts (one compile serves every step), against the per-token reference scan on each
+    request alone. Float32; tolerance 1e-5 relative."""
+    from deltamem.scan import delta_rule_scan_reference
+    from server.engine.model import memory_corrections
+
+    rt = _runtime(heads=4, seed=5)
+    d = rt.module.cfg.hidden_size
+    g = torch.Generator().manual_seed(6)
+    fn = memory_corrections
+    if backend is not None:
+        torch._dynamo.reset()
+        fn = torch.compile(memory_corrections, backend=backend, dynamic=True, fullgraph=True)
+    for step, lens in enumerate(([1, 7, 1, 13, 2], [3], [1, 1, 1, 1], [9, 1, 30])):
+        ids = [f"s{step}r{i}" for i in range(len(lens))]
+        init = [torch.randn(rt.state_shape, generator=g) for _ in lens]
+        ws = [int(torch.randint(0, n + 1, (1,), generator=g)) for n in lens]
+        reqs = {rid: _request(s0, w, rid) for rid, s0, w in zip(ids, init, ws, strict=True)}
+        xs = [torch.randn(n, d, generator=g) for n in lens]
+        pad = 3 * (step % 2)
+        x = torch.cat([*xs, torch.randn(pad, d, generator=g)])
+        rt.plan_step(ids, lens, [0] * len(lens), reqs)
+        rt.begin_forward(x.shape[0])
+        try:
+            got = {i: fn(rt.test_layers[i], x) for i in rt.layer_ids}
+        finally:
+            rt.end_forward()
+        for slot, layer in enumerate(rt.layer_ids):
+            mem = rt.module.layer(layer)
+            dq, do = got[layer]
+            assert dq.shape == do.shape == (x.shape[0], d)
+            if pad:
+                assert not dq[-pad:].any() and not do[-pad:].any()
+            at = 0
+            for b, (rid, xb) in enumerate(zip(ids, xs, strict=True)):
+                p_ = mem.project(xb.unsqueeze(0))
+                mask = (torch.arange(len(xb)) >= ws[b]).unsqueeze(0)
+                reads, fin = delta_rule_scan_reference(p_.q, p_.k, p_.v, p_.beta,
+                                                       init[b][slot].unsqueeze(0), mask)
+                assert rel_err(dq[at:at + len(xb)], mem.delta_q(reads)[0]) < 1e-5
+                assert rel_err(do[at:at + len(xb)], mem.delta_o(reads)[0]) < 1e-5
+                assert rel_err(rt.requests[rid].state[slot], fin[0]) < 1e-5
+                at += len(xb)
+
+
 def test_runtime_state_math_is_float32_under_a_bf16_default_dtype():
     # vLLM loads a bf16 model with torch's default dtype set to bf16; the runtime is built and
     # warmed up inside that (a bf16 `make serve` once crashed in the warm-up step).
@@ -501,11 +563,11 @@ def test_runtime_state_math_is_float32_under_a_bf16_default_dtype():
     torch.set_default_dtype(torch.bfloat16)
     try:
         rt = _runtime()
-        for W, b, _, _ in rt._fused:
-            assert W.dtype == b.dtype == torch.float32
+        for m in rt.test_layers.values():
+            assert m.deltamem_w.dtype == m.deltamem_b.dtype == torch.float32
         rt.begin_forward(3)
-        dq = rt.delta_q(rt.layer_ids[0], torch.randn(3, rt.module.cfg.hidden_size,
-                                                     dtype=torch.bfloat16))
+        dq, _ = _corrections(rt, rt.layer_ids[0], torch.randn(3, rt.module.cfg.hidden_size,
+                                                              dtype=torch.bfloat16))
         rt.end_forward()
         assert dq.dtype == torch.float32 and torch.isfinite(dq).all()
     finally:
@@ -553,8 +615,7 @@ def _step_at(rt, reqs, rid, x, start, block_size):
     rt.begin_forward(x.shape[0])
     try:
         for layer in rt.layer_ids:
-            rt.delta_q(layer, x)
-            rt.delta_o(layer)
+            _corrections(rt, layer, x)
     finally:
         rt.end_forward()
 

@@ -73,5 +73,6 @@ def build_engine(settings: Settings):
         max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         kv_cache_gib=settings.kv_cache_gib,
-        gpu_memory_utilization=settings.gpu_memory_utilization)
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        enforce_eager=settings.enforce_eager)
     return DeltaMemEngine.start(cfg)

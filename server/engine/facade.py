@@ -50,7 +50,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # chunked-prefill budget per step
     kv_cache_gib: int = 2  # CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE, an integer)
     gpu_memory_utilization: float = 0.5
-    enforce_eager: bool = True
+    enforce_eager: bool = False  # True: no torch.compile (and no CUDA graphs)
     seed: int = 0
     speculative_config: dict | None = None
     extra_engine_args: dict = field(default_factory=dict)
@@ -68,6 +68,22 @@ class GenerationChunk:
     snapshots: dict[int, torch.Tensor] = field(default_factory=dict)  # asked-for positions
     block: tuple[int, torch.Tensor] | None = None  # state at the last KV block boundary
     cached_tokens: int | None = None  # prompt tokens served from vLLM's prefix cache
+
+
+def _compilation_with_memory() -> dict:
+    """vLLM's compilation settings with δ-mem: its defaults, except on CUDA, where the
+    `deltamem::scan` op splits the graph as attention does and runs between the captured
+    pieces (piecewise CUDA graphs; the op reads the step's request layout on the host). The CPU
+    has no CUDA graphs: there vLLM traces the whole model once and the op stays opaque in it."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda_alike():
+        return {}
+    from vllm.config import CompilationConfig
+
+    ops = [*CompilationConfig._attention_ops, "vllm::unified_kv_cache_update",
+           "vllm::unified_mla_kv_cache_update", "deltamem::scan"]
+    return {"splitting_ops": ops, "cudagraph_mode": "PIECEWISE"}
 
 
 class DeltaMemEngine:
@@ -103,6 +119,7 @@ class DeltaMemEngine:
         backbone = backbone_fingerprint(model_dir)
         adapter = None
         overrides: dict = {}
+        additional: dict = {}
         if cfg.memory:
             if cfg.adapter_dir is None:
                 raise EngineError("memory on but no adapter given")
@@ -117,6 +134,13 @@ class DeltaMemEngine:
                                   f"{hf_cfg.architectures}")
             overrides = {"architectures": archs,
                          "deltamem_adapter": str(Path(cfg.adapter_dir).resolve())}
+            # vLLM keys its compile cache on the engine config, not on hf_overrides: the
+            # adapter's shapes (heads, rank, layers) are in the traced graph, so it must be in
+            # the key.
+            additional["deltamem_adapter"] = adapter.fingerprint()
+        compilation: dict = {}
+        if cfg.memory and not cfg.enforce_eager:
+            compilation = _compilation_with_memory()
         # Set per engine (not setdefault): a later engine in the same process gets its own size.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(cfg.kv_cache_gib))
         args = AsyncEngineArgs(
@@ -137,7 +161,9 @@ class DeltaMemEngine:
             # stop is known, writing a token that is not yet absorbed (invariant 5).
             async_scheduling=False if cfg.memory else None,
             hf_overrides=overrides,  # a dict ({} with memory off), never None
+            additional_config=additional,
             worker_extension_cls="server.engine.model.DeltaMemWorkerExtension",
+            **({"compilation_config": compilation} if compilation else {}),
             **cfg.extra_engine_args,
         )
         log.info("starting vLLM engine: model=%s memory=%s adapter=%s", model_dir, cfg.memory,

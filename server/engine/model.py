@@ -25,14 +25,12 @@ from __future__ import annotations
 import base64
 import logging
 import time
-import types
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from deltamem import _cpu_kernel
 from deltamem.adapter import Adapter, load_adapter
 from deltamem.layer import NORM_EPS, DeltaMem
 from deltamem.scan import delta_rule_scan_chunked
@@ -115,16 +113,28 @@ class DeltaMemRuntime:
         self._snap_pos: list = []  # per request: (asked positions, block boundary or -1)
         self._snaps: torch.Tensor | None = None  # (L, B, P, H, r, r)
         self._n_valid = 0
-        self._delta_o: dict[int, torch.Tensor] = {}
         self.recomputes = 0  # requests restarted from their initial state (preemption)
-        self._fused = [self._fuse(module.layer(i)) for i in self.layer_ids]
+        if device.type == "cpu":
+            # Imported here, in the worker once the model loads, not with this module: numba's
+            # llvmlite in sys.modules when vLLM's worker starts breaks its Triton-override scan
+            # (vLLM 0.32.0, llvmlite 0.47: AttributeError on an llvmlite ffi wrapper), and the
+            # API process imports this module before spawning the engine.
+            from deltamem import _cpu_kernel
 
-    def _fuse(self, mem):
-        """Per-layer weights packed so a step costs two matmuls instead of six: decode is
-        dominated by per-op overhead, not arithmetic (~0.3 ms/layer unfused on 2 cores).
+            self._kernel = _cpu_kernel
+        _RUNTIMES.append(self)
+        self.id = len(_RUNTIMES) - 1  # the `deltamem::scan` op's way back here
+
+    def install(self, attn: torch.nn.Module, layer_idx: int) -> None:
+        """Give a module (vLLM's attention of that layer) this layer's δ-mem, as
+        `memory_corrections` reads it: its weights packed as buffers (a step costs two matmuls
+        instead of six: decode is dominated by per-op overhead, not arithmetic), its sizes,
+        and the op's way back to this runtime.
 
         W (d, 4m) = [W_q; W_k; W_v; W_β]ᵀ, b = [0, 0, 0, b_β]; B (m, q_out + d) = (α/r)[B_q; B_o]ᵀ.
+        Kept off the parameters (non-persistent buffers), so vLLM's loader never looks for them.
         """
+        mem = self.module.layer(layer_idx)
         c = mem.cfg
         m = c.mem_dim
         with torch.no_grad():
@@ -132,10 +142,14 @@ class DeltaMemRuntime:
                            mem.w_beta.weight]).t().contiguous()
             b = torch.cat([torch.zeros(3 * m, dtype=torch.float32, device=W.device),
                            mem.w_beta.bias.float()])
-            q_out = c.q_out_size if mem.b_q is not None else 0
             parts = [x.weight for x in (mem.b_q, mem.b_o) if x is not None]
             B = (c.scale * torch.cat(parts)).t().contiguous() if parts else None
-        return W, b, B, q_out
+        attn.register_buffer("deltamem_w", W, persistent=False)
+        attn.register_buffer("deltamem_b", b, persistent=False)
+        attn.register_buffer("deltamem_read", B, persistent=False)
+        attn.deltamem_q_out = c.q_out_size if mem.b_q is not None else 0
+        attn.deltamem_heads, attn.deltamem_rank = c.num_state_heads, c.rank
+        attn.deltamem_runtime_id, attn.deltamem_slot = self.id, self.slot_of[layer_idx]
 
     # --- request lifecycle (called from the model runner hooks) ------------------------------
     def _memory_of(self, req_id: str, runner_requests) -> RequestMemory:
@@ -205,6 +219,7 @@ class DeltaMemRuntime:
                                        dtype=torch.float32, device=self.device)
             self._n_valid = num_tokens
             self._snap_at = self._snaps = None
+            self._prepare_cpu_scan()
             return
         active = []
         write_starts = np.empty(len(plan.req_ids), dtype=np.int64)
@@ -242,6 +257,21 @@ class DeltaMemRuntime:
         self._plan_snapshots(active, plan.start_pos, n, cu)
         for rm, n in zip(active, plan.num_tokens, strict=True):
             rm.pos += int(n)
+        self._prepare_cpu_scan()
+
+    def _prepare_cpu_scan(self) -> None:
+        """The CPU kernel's arguments that every layer of this step shares."""
+        if self.device.type != "cpu":
+            return
+        B = len(self._cu_np) - 1
+        self._cpu_scan = self._kernel.pick(B * self.state_shape[1], self._n_valid)
+        self._states_np = self._states.numpy()
+        if self._snap_at is None:
+            self._snap_at_np = np.full((B, 0), -1, dtype=np.int64)
+            self._snaps_np = np.empty((self.state_shape[0], B, 0, *self.state_shape[1:]),
+                                      dtype=np.float32)
+        else:
+            self._snap_at_np, self._snaps_np = self._snap_at, self._snaps.numpy()
 
     def _plan_snapshots(self, active, start_pos, num_tokens, cu) -> None:
         """Which states this step copies out, per request: the asked-for positions it passes,
@@ -282,47 +312,23 @@ class DeltaMemRuntime:
                     if blk >= 0:
                         rm.block = (blk, self._snaps[:, b, -1].clone())
         self._active = self._states = self._snaps = self._snap_at = None
-        self._delta_o.clear()
 
-    def delta_q(self, layer_idx: int, x: torch.Tensor) -> torch.Tensor | None:
-        """Project x, run the scan for this layer, keep Δo for later; return Δq (float32).
-
-        The same math as DeltaMemLayer.project / delta_q / delta_o (the HF runtime's), on
-        the packed weights of `_fuse`."""
-        slot = self.slot_of.get(layer_idx)
-        if slot is None or self._states is None:
-            return None
-        W, b, B, q_out = self._fused[slot]
-        H, r = self.state_shape[1], self.state_shape[2]
+    def scan_layer(self, slot: int, q, k, v, beta, reads: torch.Tensor) -> None:
+        """The body of the `deltamem::scan` op: run this step's scan for one layer on its
+        projected q, k, v, β ((N, H, r) float32, N the step's tokens, padding included), fill
+        `reads` (zeros for padding) and advance the requests' states in place."""
         n = self._n_valid
-        proj = torch.addmm(b, x[:n].float(), W).view(n, 4, H, r)
-        qk = torch.tanh(proj[:, :2])
-        qk = qk / qk.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
-        beta = torch.sigmoid(proj[:, 3])
-        states = self._states[slot]
         if self.device.type == "cpu":
-            # Straight into the compiled kernel (numpy views, no copies): the scan wrapper's
-            # conversions cost more than the scan at decode.
-            reads = torch.empty(n, H, r, dtype=torch.float32)
-            qk_np = qk.numpy()
-            snaps = None if self._snaps is None else self._snaps[slot].numpy()
-            _cpu_kernel.run(qk_np[:, 0], qk_np[:, 1], proj.detach().numpy()[:, 2],
-                            beta.numpy(), self._mask_np, self._cu_np, states.numpy(),
-                            reads.numpy(), self._snap_at, snaps)
+            # Straight into the compiled kernel, on arguments prepared once a step (numpy
+            # views, no copies): any wrapper's conversions cost more than the scan at decode.
+            self._cpu_scan(q.numpy(), k.numpy(), v.numpy(), beta.numpy(), self._mask_np,
+                           self._cu_np, self._states_np[slot], reads.numpy(), self._snap_at_np,
+                           self._snaps_np[slot])
         else:
-            reads = self._scan_padded(qk[:, 0], qk[:, 1], proj[:, 2], beta, states, slot)
-        if B is None:
-            return None
-        dqo = reads.view(n, H * r) @ B
-        if n < x.shape[0]:  # padded tokens read nothing
-            dqo = torch.cat([dqo, dqo.new_zeros(x.shape[0] - n, dqo.shape[1])])
-        if dqo.shape[1] > q_out:
-            self._delta_o[slot] = dqo[:, q_out:]
-        return dqo[:, :q_out] if q_out else None
-
-    def delta_o(self, layer_idx: int) -> torch.Tensor | None:
-        slot = self.slot_of.get(layer_idx)
-        return None if slot is None else self._delta_o.pop(slot, None)
+            reads[:n] = self._scan_padded(q[:n], k[:n], v[:n], beta[:n], self._states[slot],
+                                          slot)
+        if n < reads.shape[0]:
+            reads[n:].zero_()
 
     def _scan_padded(self, q, k, v, beta, states: torch.Tensor, slot: int) -> torch.Tensor:
         """Accelerator path: pad the varlen batch to (B, Tmax) and run the chunked scan.
@@ -357,18 +363,68 @@ class DeltaMemRuntime:
         return reads[idx_b, idx_t]
 
 
-# --- the attention forward with δ-mem -----------------------------------------------------------
+# --- the scan as an op the compiler treats as opaque ------------------------------------------
 
-def _deltamem_attention_forward(self, positions: torch.Tensor, hidden_states: torch.Tensor):
+# The op finds its runtime by number: ops take tensors and scalars, not Python objects.
+_RUNTIMES: list[DeltaMemRuntime] = []
+
+
+def deltamem_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                  reads: torch.Tensor, runtime: int, slot: int) -> None:
+    """`deltamem::scan`: one layer's delta-rule scan over the current step's tokens, under the
+    step layout that `DeltaMemRuntime.begin_forward` prepared (which request each token
+    belongs to, its write mask, the requests' states). Opaque to torch.compile, as vLLM's
+    attention op is: the graph around it (projections, normalisation, corrections) is compiled
+    once for every batch."""
+    _RUNTIMES[runtime].scan_layer(slot, q, k, v, beta, reads)
+
+
+def _deltamem_scan_fake(q, k, v, beta, reads, runtime, slot) -> None:
+    return None
+
+
+# Registered on a Library directly, not with torch.library.custom_op, whose dispatch costs tens
+# of microseconds a call (vLLM registers its own ops this way for the same reason).
+_LIB = torch.library.Library("deltamem", "FRAGMENT")
+_LIB.define("scan(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor(a!) reads, int runtime, "
+            "int slot) -> ()")
+_LIB.impl("scan", deltamem_scan, "CompositeExplicitAutograd")
+_LIB._register_fake("scan", _deltamem_scan_fake)
+
+
+def memory_corrections(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Δq and Δo of one layer for the step's tokens x (the normed layer input): the same math
+    as DeltaMemLayer.project / delta_q / delta_o (the HF runtime's) on the packed weights of
+    `_pack_weights`, the scan through the `deltamem::scan` op."""
+    n = x.shape[0]
+    H, r = self.deltamem_heads, self.deltamem_rank
+    proj = torch.addmm(self.deltamem_b, x.float(), self.deltamem_w).view(n, 4, H, r)
+    qk = torch.tanh(proj[:, :2])
+    qk = qk / qk.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    beta = torch.sigmoid(proj[:, 3])
+    reads = torch.empty(n, H, r, dtype=torch.float32, device=x.device)
+    args = (qk[:, 0], qk[:, 1], proj[:, 2], beta, reads, self.deltamem_runtime_id,
+            self.deltamem_slot)
+    if torch.compiler.is_compiling():
+        torch.ops.deltamem.scan(*args)
+    else:  # eager: the op's dispatch would cost more than the decode-step scan itself
+        _RUNTIMES[args[-2]].scan_layer(args[-1], *args[:5])
+    if self.deltamem_read is None:
+        return None, None
+    dqo = reads.view(n, H * r) @ self.deltamem_read
+    q_out = self.deltamem_q_out
+    return (dqo[:, :q_out] if q_out else None,
+            dqo[:, q_out:] if dqo.shape[1] > q_out else None)
+
+
+def _attention_forward(self, positions: torch.Tensor, hidden_states: torch.Tensor):
     """LlamaAttention / Qwen3Attention forward plus Δq (before q_norm and RoPE) and Δo.
 
     `hidden_states` is the normed layer input, i.e. the δ-mem x_t; the paged attention and KV
-    cache are vLLM's own, untouched.
-    """
-    rt: DeltaMemRuntime = self._deltamem_runtime
+    cache are vLLM's own, untouched."""
     qkv, _ = self.qkv_proj(hidden_states)
     q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-    dq = rt.delta_q(self._deltamem_layer, hidden_states)
+    dq, do = memory_corrections(self, hidden_states)
     if dq is not None:
         q = q + dq.to(q.dtype)
     if hasattr(self, "q_norm"):  # Qwen3: per-head RMSNorm on q and k before RoPE
@@ -377,10 +433,21 @@ def _deltamem_attention_forward(self, positions: torch.Tensor, hidden_states: to
     q, k = self.rotary_emb(positions, q, k)
     attn_output = self.attn(q, k, v)
     output, _ = self.o_proj(attn_output)
-    do = rt.delta_o(self._deltamem_layer)
     if do is not None:
         output = output + do.to(output.dtype)
     return output
+
+
+_ATTENTION_CLASSES: dict[type, type] = {}
+
+
+def _with_memory(attn_cls: type) -> type:
+    """The δ-mem subclass of a vLLM attention class (a real class, not a patched instance
+    method, so torch.compile traces it as it traces any module)."""
+    if attn_cls not in _ATTENTION_CLASSES:
+        _ATTENTION_CLASSES[attn_cls] = type(f"DeltaMem{attn_cls.__name__}", (attn_cls,),
+                                            {"forward": _attention_forward})
+    return _ATTENTION_CLASSES[attn_cls]
 
 
 class _DeltaMemMixin:
@@ -406,17 +473,16 @@ class _DeltaMemMixin:
         device = next(self.parameters()).device
         rt = DeltaMemRuntime(adapter.module, device)
         self.deltamem_runtime = rt
-        for i, layer in enumerate(self.model.layers):
-            attn = layer.self_attn
-            attn._deltamem_runtime = rt
-            attn._deltamem_layer = i
-            attn.forward = types.MethodType(_deltamem_attention_forward, attn)
+        for i in rt.layer_ids:
+            attn = self.model.layers[i].self_attn
+            rt.install(attn, i)
+            attn.__class__ = _with_memory(type(attn))
         # One throwaway step through the same path a request takes, so the CPU kernel's
         # compile (for the strided views it is called with) happens now, not in a request.
         with torch.inference_mode():
             rt.begin_forward(1)
-            rt.delta_q(rt.layer_ids[0], torch.zeros(1, adapter.config.hidden_size,
-                                                    device=device))
+            memory_corrections(self.model.layers[rt.layer_ids[0]].self_attn,
+                    torch.zeros(1, adapter.config.hidden_size, device=device))
             rt.end_forward()
         log.info("δ-mem adapter %s loaded on %d layers (%d parameters)", adapter.fingerprint(),
                  len(rt.layer_ids), adapter.module.num_parameters())
