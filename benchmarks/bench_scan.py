@@ -3,7 +3,11 @@
 Shape of the default model's prefill: T tokens, one row per layer (batch = 30), H = 1, r = 8.
 Then training (forward and backward): the chunked path with its blocks kept for backward
 against the checkpointed one the dispatcher uses under autograd, in time and in memory kept.
-Prints tables and writes JSON; ratios are against a baseline measured in the same run.
+Then the engine's memory path for one step, all layers (server/engine/model.py: step layout,
+projections, the `deltamem::scan` op, read-out), eager and compiled with inductor as vLLM
+compiles it, for decode steps of 1 and 16 requests and a prefill chunk: the fixed cost δ-mem
+adds to each engine step. Prints tables and writes JSON; ratios are against a baseline measured
+in the same run.
 """
 
 from __future__ import annotations
@@ -64,6 +68,64 @@ def _bench_training(batch, tokens, heads, repeats):
     return out
 
 
+def _bench_engine_step(adapter_dir: Path | None, repeats: int) -> dict:
+    """Milliseconds of the memory path of one engine step, all layers, eager and compiled."""
+    from types import SimpleNamespace
+
+    from deltamem.adapter import load_adapter, new_adapter_from_checkpoint
+    from server.engine.build import SHIPPED_ADAPTERS
+    from server.engine.model import EXTRA_ARGS_KEY, DeltaMemRuntime, memory_corrections
+
+    if adapter_dir is None:
+        shipped = sorted(SHIPPED_ADAPTERS.glob("*/adapter_config.json"))
+        adapter_dir = shipped[0].parent if shipped else None
+    if adapter_dir is not None:
+        adapter = load_adapter(adapter_dir)
+    else:
+        from deltamem.model_fetch import resolve_model
+
+        adapter = new_adapter_from_checkpoint(resolve_model(None), seed=0)
+    rt = DeltaMemRuntime(adapter.module, torch.device("cpu"))
+    layers = {}
+    for i in rt.layer_ids:
+        layers[i] = torch.nn.Module()
+        rt.install(layers[i], i)
+    d = adapter.config.hidden_size
+
+    def step(x):  # each layer's corrections, as the engine's attention forwards add them
+        for i in rt.layer_ids:
+            dq, do = memory_corrections(layers[i], x)
+            x = x + 1e-3 * do
+        return x
+
+    compiled = torch.compile(step, dynamic=True)
+    out = {"adapter": str(adapter_dir or "untrained"), "layers": len(rt.layer_ids),
+           "heads": adapter.config.num_state_heads}
+    for label, lens in (("decode, 1 request", [1]), ("decode, 16 requests", [1] * 16),
+                        ("prefill, 512 tokens", [512])):
+        ids = [f"r{b}" for b in range(len(lens))]
+        reqs = {r: SimpleNamespace(sampling_params=SimpleNamespace(
+            extra_args={EXTRA_ARGS_KEY: {"key": r}})) for r in ids}
+        row = {}
+        for name, fn in (("eager", step), ("compiled", compiled)):
+            pos, times = [0] * len(lens), []
+            with torch.inference_mode():
+                for it in range(repeats * 10 + 3):
+                    x = torch.randn(sum(lens), d)
+                    t = time.perf_counter()
+                    rt.plan_step(ids, lens, pos, reqs)
+                    rt.begin_forward(x.shape[0])
+                    fn(x)
+                    rt.end_forward()
+                    if it >= 3:  # after warm-up (and compiles)
+                        times.append(time.perf_counter() - t)
+                    pos = [p + n for p, n in zip(pos, lens, strict=True)]
+            rt.requests.clear()
+            row[name] = sorted(times)[len(times) // 2]
+        out[label] = row
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tokens", type=int, default=2048)
@@ -75,6 +137,8 @@ def main(argv=None) -> int:
                     help="history tokens an episode in the training comparison (default 1000)")
     ap.add_argument("--train-heads", type=int, default=5,
                     help="state heads in the training comparison (default 5)")
+    ap.add_argument("--adapter", type=Path, default=None,
+                    help="adapter of the engine-step comparison (default: the shipped one)")
     ap.add_argument("--json", type=Path, default=Path("results/bench_scan.json"))
     a = ap.parse_args(argv)
     args = random_inputs(a.batch, a.tokens, 1, 8, dtype=torch.float32)
@@ -96,8 +160,18 @@ def main(argv=None) -> int:
     for name, t, m in (("blocks kept for backward", t_kept, m_kept),
                        ("checkpointed (default)", t_ckpt, m_ckpt)):
         print(f"{name:34s} {t * 1e3:10.1f} {m / 1e6:10.1f} {t / t_kept:13.2f}x")
+    st = _bench_engine_step(a.adapter, a.repeats)
+    print(f"\nengine step, memory path of all {st['layers']} layers ({st['heads']} state heads, "
+          f"{st['adapter']}), median")
+    print(f"{'step':34s} {'eager ms':>10s} {'compiled ms':>12s} {'µs a layer':>11s} "
+          f"{'compiled vs eager':>18s}")
+    for label in ("decode, 1 request", "decode, 16 requests", "prefill, 512 tokens"):
+        e, c = st[label]["eager"], st[label]["compiled"]
+        print(f"{label:34s} {e * 1e3:10.2f} {c * 1e3:12.2f} {c / st['layers'] * 1e6:11.0f} "
+              f"{c / e:17.2f}x")
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps({
+        "engine_step_s": st,
         "tokens": a.tokens, "batch": a.batch, "threads": torch.get_num_threads(),
         "machine": platform.node(), "loop_s": t_loop, "fast_s": t_fast, "chunked_s": t_chunk,
         "fast_speedup": t_loop / t_fast, "chunked_speedup": t_loop / t_chunk,

@@ -5,7 +5,10 @@ once), each started and stopped by this script:
 - `vllm`: `python -m vllm.entrypoints.openai.api_server --model DIR --dtype D`, its defaults
   otherwise (default compilation, prefix caching on), without this project's plugin;
 - `nomem`: `deltamem serve --no-memory --dtype D` (the δ-mem server with the memory off);
-- `deltamem`: `deltamem serve --dtype D` (memory on, the shipped adapter for the default model).
+- `deltamem`: `deltamem serve --dtype D` (memory on, the shipped adapter for the default model);
+- `deltamem-1h` (with `--one-head`): the same with an untrained adapter of the paper's shape,
+  one 8×8 state per layer (TSW): what the memory costs at that size (the cost does not depend
+  on the weights' values).
 
 D is the same for all three: `--dtype auto` (the default) resolves as `deltamem serve` does
 (bfloat16, or float32 on a CPU without native bfloat16) and is passed to each explicitly.
@@ -54,8 +57,9 @@ from common import (  # noqa: E402
     wait_healthy,
 )
 
-SERVERS = ("vllm", "nomem", "deltamem")
-LABEL = {"vllm": "plain vLLM", "nomem": "δ-mem --no-memory", "deltamem": "δ-mem"}
+SERVERS = ("vllm", "nomem", "deltamem", "deltamem-1h")
+LABEL = {"vllm": "plain vLLM", "nomem": "δ-mem --no-memory", "deltamem": "δ-mem",
+         "deltamem-1h": "δ-mem, 1 head"}
 WORDS = ("river morning garden letter window yellow quiet market bridge coffee winter "
          "station paper music orange travel doctor friend summer kitchen number island "
          "village mountain forest silver candle harbour pencil ticket").split()
@@ -163,6 +167,12 @@ def run_server(kind: str, a, work: Path, prefill_words: int) -> dict:
             cmd += ["--model", str(a.model)]
         if kind == "nomem":
             cmd.append("--no-memory")
+        if kind == "deltamem-1h":
+            from deltamem.adapter import new_adapter_from_checkpoint, save_adapter
+
+            one = save_adapter(new_adapter_from_checkpoint(a.model, seed=0, num_state_heads=1),
+                               work / "adapter-1h")
+            cmd += ["--adapter", str(one)]
         cmd += shlex.split(a.deltamem_args)
         env, cwd = None, ROOT
     log_path = work / f"{kind}.log"
@@ -217,8 +227,11 @@ def report(results: dict, a) -> tuple[str, dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--servers", default=",".join(SERVERS),
-                    help=f"comma list of {', '.join(SERVERS)} (run in that order)")
+    ap.add_argument("--servers", default="vllm,nomem,deltamem",
+                    help=f"comma list of {', '.join(SERVERS)} (run in that order; default "
+                    "the first three)")
+    ap.add_argument("--one-head", action="store_true",
+                    help="also run deltamem-1h (an adapter of one state head a layer)")
     ap.add_argument("--model", type=Path, default=None,
                     help="backbone folder (default: the project's default model)")
     ap.add_argument("--dtype", default="auto",
@@ -236,6 +249,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=Path("results/bench_served.json"))
     a = ap.parse_args(argv)
     kinds = [k.strip() for k in a.servers.split(",") if k.strip()]
+    if a.one_head and "deltamem-1h" not in kinds:
+        kinds.append("deltamem-1h")
     if not kinds or not set(kinds) <= set(SERVERS):
         ap.error(f"--servers takes {', '.join(SERVERS)}")
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -109,7 +110,9 @@ def engine_host(model_dir, tmp_path_factory):
 
     adapter_dir = tmp_path_factory.mktemp("engine") / "adapter"
     make_test_adapter(model_dir, adapter_dir)
-    host = EngineHost(model_dir, adapter_dir)
+    # Compiled, as served; DELTAMEM_TEST_EAGER=1 runs the same tests on the eager engine.
+    host = EngineHost(model_dir, adapter_dir,
+                      enforce_eager=os.environ.get("DELTAMEM_TEST_EAGER") == "1")
     try:
         host.start()
     except Exception as exc:

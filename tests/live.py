@@ -60,7 +60,9 @@ class InThreadServer:
 class ServerProcess:
     def __init__(self, args: list[str], env: dict | None = None, log_path: Path | None = None):
         self.port = free_port()
-        self.args = ["--port", str(self.port), *args]
+        # Eager: these replicas test sessions across processes, and a compiled start costs a
+        # minute more; the compiled engine is tested on the shared one.
+        self.args = ["--port", str(self.port), "--enforce-eager", *args]
         self.env = {**os.environ, **(env or {})}
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None

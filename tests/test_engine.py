@@ -3,8 +3,10 @@ engine (tests/engine_host.py), checked against the HF reference runtime.
 
 The shared engine runs float32 with a seeded random adapter whose B_q/B_o are scaled ×10 (a
 state then visibly changes the answers) and a 64-token step budget, so any longer prompt is
-prefilled in chunks. Two extra engines (a zero-B δ-mem engine with a tiny KV cache, then the
-plain backbone) are started one after the other in one test and shut down at its end.
+prefilled in chunks. It runs under vLLM's default compilation, as served
+(DELTAMEM_TEST_EAGER=1: the same tests on the eager engine). Two extra engines (an eager zero-B
+δ-mem engine with a tiny KV cache, then the compiled plain backbone) are started one after the
+other in one test and shut down at its end.
 """
 
 from __future__ import annotations
@@ -332,7 +334,7 @@ def test_zero_b_equals_plain_vllm_and_recompute_resets_state(host, tokenizer, sh
     zero_dir = tmp_path / "zero-b"
     make_test_adapter(model_dir, zero_dir, b_scale=0.0)
     small = {"max_model_len": 384, "max_num_seqs": 4, "max_num_batched_tokens": 384,
-             "kv_cache_gib": 1,
+             "kv_cache_gib": 1, "enforce_eager": True,
              # Extra engines keep out of the process-wide Prometheus registry.
              "extra_engine_args": {"num_gpu_blocks_override": 4, "disable_log_stats": True}}
     chats = [chat(tokenizer, p) for p in PROMPTS[:3]]
@@ -371,7 +373,9 @@ def test_zero_b_equals_plain_vllm_and_recompute_resets_state(host, tokenizer, sh
         assert err <= REL_TOL, f"request {i}: state after recompute rel err {err:.2e}"
     del hf0
 
-    plain = host.start_engine(host.config(memory=False, adapter_dir=None, **small))
+    # Plain vLLM compiled, as its defaults run it; the zero-B engine above ran eager.
+    plain = host.start_engine(host.config(memory=False, adapter_dir=None,
+                                          **{**small, "enforce_eager": False}))
     try:
         base = [host.generate(ids, greedy(24), engine=plain) for ids in chats]
     finally:

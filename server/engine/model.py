@@ -125,7 +125,8 @@ class DeltaMemRuntime:
         _RUNTIMES.append(self)
         self.id = len(_RUNTIMES) - 1  # the `deltamem::scan` op's way back here
 
-    def install(self, attn: torch.nn.Module, layer_idx: int) -> None:
+    def install(self, attn: torch.nn.Module, layer_idx: int,
+                dtype: torch.dtype = torch.float32) -> None:
         """Give a module (vLLM's attention of that layer) this layer's δ-mem, as
         `memory_corrections` reads it: its weights packed as buffers (a step costs two matmuls
         instead of six: decode is dominated by per-op overhead, not arithmetic), its sizes,
@@ -133,6 +134,9 @@ class DeltaMemRuntime:
 
         W (d, 4m) = [W_q; W_k; W_v; W_β]ᵀ, b = [0, 0, 0, b_β]; B (m, q_out + d) = (α/r)[B_q; B_o]ᵀ.
         Kept off the parameters (non-persistent buffers), so vLLM's loader never looks for them.
+        They are in `dtype`, the model's: the projections and the read-out run as the
+        backbone's own linear layers do (a bfloat16 engine's matmuls on native bfloat16 kernels,
+        half the bytes to stream each step), the state and its scan always in float32.
         """
         mem = self.module.layer(layer_idx)
         c = mem.cfg
@@ -144,9 +148,10 @@ class DeltaMemRuntime:
                            mem.w_beta.bias.float()])
             parts = [x.weight for x in (mem.b_q, mem.b_o) if x is not None]
             B = (c.scale * torch.cat(parts)).t().contiguous() if parts else None
-        attn.register_buffer("deltamem_w", W, persistent=False)
-        attn.register_buffer("deltamem_b", b, persistent=False)
-        attn.register_buffer("deltamem_read", B, persistent=False)
+        attn.register_buffer("deltamem_w", W.to(dtype), persistent=False)
+        attn.register_buffer("deltamem_b", b.to(dtype), persistent=False)
+        attn.register_buffer("deltamem_read", None if B is None else B.to(dtype),
+                             persistent=False)
         attn.deltamem_q_out = c.q_out_size if mem.b_q is not None else 0
         attn.deltamem_heads, attn.deltamem_rank = c.num_state_heads, c.rank
         attn.deltamem_runtime_id, attn.deltamem_slot = self.id, self.slot_of[layer_idx]
@@ -393,12 +398,14 @@ _LIB._register_fake("scan", _deltamem_scan_fake)
 
 
 def memory_corrections(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Δq and Δo of one layer for the step's tokens x (the normed layer input): the same math
-    as DeltaMemLayer.project / delta_q / delta_o (the HF runtime's) on the packed weights of
-    `_pack_weights`, the scan through the `deltamem::scan` op."""
+    """Δq and Δo of one layer for the step's tokens x (the normed layer input), in the packed
+    weights' dtype: the same math as DeltaMemLayer.project / delta_q / delta_o (the HF
+    runtime's) on the weights `DeltaMemRuntime.install` packed, the scan (float32) through the
+    `deltamem::scan` op."""
     n = x.shape[0]
     H, r = self.deltamem_heads, self.deltamem_rank
-    proj = torch.addmm(self.deltamem_b, x.float(), self.deltamem_w).view(n, 4, H, r)
+    W = self.deltamem_w
+    proj = torch.addmm(self.deltamem_b, x.to(W.dtype), W).float().view(n, 4, H, r)
     qk = torch.tanh(proj[:, :2])
     qk = qk / qk.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
     beta = torch.sigmoid(proj[:, 3])
@@ -411,7 +418,7 @@ def memory_corrections(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torc
         _RUNTIMES[args[-2]].scan_layer(args[-1], *args[:5])
     if self.deltamem_read is None:
         return None, None
-    dqo = reads.view(n, H * r) @ self.deltamem_read
+    dqo = reads.view(n, H * r).to(self.deltamem_read.dtype) @ self.deltamem_read
     q_out = self.deltamem_q_out
     return (dqo[:, :q_out] if q_out else None,
             dqo[:, q_out:] if dqo.shape[1] > q_out else None)
@@ -475,7 +482,7 @@ class _DeltaMemMixin:
         self.deltamem_runtime = rt
         for i in rt.layer_ids:
             attn = self.model.layers[i].self_attn
-            rt.install(attn, i)
+            rt.install(attn, i, dtype=attn.qkv_proj.weight.dtype)
             attn.__class__ = _with_memory(type(attn))
         # One throwaway step through the same path a request takes, so the CPU kernel's
         # compile (for the strided views it is called with) happens now, not in a request.
