@@ -6,7 +6,7 @@ once), each started and stopped by this script:
   otherwise (default compilation, prefix caching on), without this project's plugin;
 - `nomem`: `deltamem serve --no-memory --dtype D` (the δ-mem server with the memory off);
 - `deltamem`: `deltamem serve --dtype D` (memory on, the shipped adapter for the default model);
-- `deltamem-1h` (with `--one-head`): the same with an untrained adapter of the paper's shape,
+- `deltamem-1h`: the same with an untrained adapter of the paper's shape,
   one 8×8 state per layer (TSW): what the memory costs at that size (the cost does not depend
   on the weights' values).
 
@@ -23,7 +23,8 @@ full length), prompts distinct per request (no prefix-cache hits):
 Prints a table with each server's ratio to plain vLLM and writes JSON (machine, commands,
 start-up times, every round).
 
-    python benchmarks/bench_served.py [--servers vllm,nomem,deltamem] [--concurrency 16]
+    python benchmarks/bench_served.py [--servers vllm,nomem,deltamem,deltamem-1h]
+        [--concurrency 16]
         [--json results/bench_served.json]
 """
 
@@ -227,11 +228,8 @@ def report(results: dict, a) -> tuple[str, dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--servers", default="vllm,nomem,deltamem",
-                    help=f"comma list of {', '.join(SERVERS)} (run in that order; default "
-                    "the first three)")
-    ap.add_argument("--one-head", action="store_true",
-                    help="also run deltamem-1h (an adapter of one state head a layer)")
+    ap.add_argument("--servers", default=",".join(SERVERS),
+                    help=f"comma list of {', '.join(SERVERS)} (run in that order)")
     ap.add_argument("--model", type=Path, default=None,
                     help="backbone folder (default: the project's default model)")
     ap.add_argument("--dtype", default="auto",
@@ -249,8 +247,6 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=Path("results/bench_served.json"))
     a = ap.parse_args(argv)
     kinds = [k.strip() for k in a.servers.split(",") if k.strip()]
-    if a.one_head and "deltamem-1h" not in kinds:
-        kinds.append("deltamem-1h")
     if not kinds or not set(kinds) <= set(SERVERS):
         ap.error(f"--servers takes {', '.join(SERVERS)}")
 
