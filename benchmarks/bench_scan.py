@@ -68,7 +68,7 @@ def _bench_training(batch, tokens, heads, repeats):
     return out
 
 
-def _bench_engine_step(adapter_dir: Path | None, repeats: int) -> dict:
+def _bench_engine_step(adapter_dir: Path | None, repeats: int, dtype: torch.dtype) -> dict:
     """Milliseconds of the memory path of one engine step, all layers, eager and compiled."""
     from types import SimpleNamespace
 
@@ -89,7 +89,7 @@ def _bench_engine_step(adapter_dir: Path | None, repeats: int) -> dict:
     layers = {}
     for i in rt.layer_ids:
         layers[i] = torch.nn.Module()
-        rt.install(layers[i], i)
+        rt.install(layers[i], i, dtype=dtype)
     d = adapter.config.hidden_size
 
     def step(x):  # each layer's corrections, as the engine's attention forwards add them
@@ -99,7 +99,8 @@ def _bench_engine_step(adapter_dir: Path | None, repeats: int) -> dict:
         return x
 
     compiled = torch.compile(step, dynamic=True)
-    out = {"adapter": str(adapter_dir or "untrained"), "layers": len(rt.layer_ids),
+    out = {"adapter": str(adapter_dir or "untrained"), "dtype": str(dtype),
+           "layers": len(rt.layer_ids),
            "heads": adapter.config.num_state_heads}
     for label, lens in (("decode, 1 request", [1]), ("decode, 16 requests", [1] * 16),
                         ("prefill, 512 tokens", [512])):
@@ -111,7 +112,7 @@ def _bench_engine_step(adapter_dir: Path | None, repeats: int) -> dict:
             pos, times = [0] * len(lens), []
             with torch.inference_mode():
                 for it in range(repeats * 10 + 3):
-                    x = torch.randn(sum(lens), d)
+                    x = torch.randn(sum(lens), d, dtype=dtype)
                     t = time.perf_counter()
                     rt.plan_step(ids, lens, pos, reqs)
                     rt.begin_forward(x.shape[0])
@@ -139,6 +140,9 @@ def main(argv=None) -> int:
                     help="state heads in the training comparison (default 5)")
     ap.add_argument("--adapter", type=Path, default=None,
                     help="adapter of the engine-step comparison (default: the shipped one)")
+    ap.add_argument("--dtype", default="auto",
+                    help="engine dtype of the engine-step comparison (default: as deltamem "
+                    "serve resolves auto on this machine)")
     ap.add_argument("--json", type=Path, default=Path("results/bench_scan.json"))
     a = ap.parse_args(argv)
     args = random_inputs(a.batch, a.tokens, 1, 8, dtype=torch.float32)
@@ -160,9 +164,11 @@ def main(argv=None) -> int:
     for name, t, m in (("blocks kept for backward", t_kept, m_kept),
                        ("checkpointed (default)", t_ckpt, m_ckpt)):
         print(f"{name:34s} {t * 1e3:10.1f} {m / 1e6:10.1f} {t / t_kept:13.2f}x")
-    st = _bench_engine_step(a.adapter, a.repeats)
+    from server.engine.build import resolve_dtype
+
+    st = _bench_engine_step(a.adapter, a.repeats, getattr(torch, resolve_dtype(a.dtype)))
     print(f"\nengine step, memory path of all {st['layers']} layers ({st['heads']} state heads, "
-          f"{st['adapter']}), median")
+          f"{st['adapter']}, {st['dtype']}), median")
     print(f"{'step':34s} {'eager ms':>10s} {'compiled ms':>12s} {'µs a layer':>11s} "
           f"{'compiled vs eager':>18s}")
     for label in ("decode, 1 request", "decode, 16 requests", "prefill, 512 tokens"):

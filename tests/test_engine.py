@@ -560,6 +560,41 @@ def test_scan_op_matches_the_reference_on_varlen_batches(backend):
                 at += len(xb)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_bf16_memory_path_is_the_float32_one_within_rounding(compiled):
+    """A bfloat16 engine packs the projections and read-out in bfloat16 (on the CPU through
+    vLLM's prepacked GEMM); the state stays float32. Against the float32 path on the same
+    step: Δq, Δo and the new states agree to bfloat16 rounding (2% relative)."""
+    from server.engine.model import memory_corrections
+
+    g = torch.Generator().manual_seed(8)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        rt = _runtime(heads=4, seed=9)
+        for i in rt.layer_ids:
+            rt.install(rt.test_layers[i], i, dtype=dtype)
+        fn = memory_corrections
+        if compiled:
+            torch._dynamo.reset()
+            fn = torch.compile(memory_corrections, dynamic=True, fullgraph=True)
+        g.manual_seed(8)
+        x = torch.randn(11, rt.module.cfg.hidden_size, generator=g)
+        s0 = torch.randn(rt.state_shape, generator=g)
+        rt.plan_step(["a", "b"], [1, 10], [0, 0], {"a": _request(s0, 0, "A"),
+                                                 "b": _request(s0, 2, "B")})
+        rt.begin_forward(11)
+        try:
+            got = [fn(rt.test_layers[i], x.to(dtype)) for i in rt.layer_ids]
+        finally:
+            rt.end_forward()
+        out[dtype] = (got, rt.requests["b"].state)
+    (f32, st32), (b16, st16) = out[torch.float32], out[torch.bfloat16]
+    assert st16.dtype == torch.float32 and rel_err(st16, st32) < 2e-2
+    for (dq32, do32), (dq16, do16) in zip(f32, b16, strict=True):
+        assert dq16.dtype == torch.bfloat16
+        assert rel_err(dq16, dq32) < 2e-2 and rel_err(do16, do32) < 2e-2
+
+
 def test_runtime_state_math_is_float32_under_a_bf16_default_dtype():
     # vLLM loads a bf16 model with torch's default dtype set to bf16; the runtime is built and
     # warmed up inside that (a bf16 `make serve` once crashed in the warm-up step).
@@ -568,7 +603,7 @@ def test_runtime_state_math_is_float32_under_a_bf16_default_dtype():
     try:
         rt = _runtime()
         for m in rt.test_layers.values():
-            assert m.deltamem_w.dtype == m.deltamem_b.dtype == torch.float32
+            assert m.deltamem_in.weight.dtype == m.deltamem_in.bias.dtype == torch.float32
         rt.begin_forward(3)
         dq, _ = _corrections(rt, rt.layer_ids[0], torch.randn(3, rt.module.cfg.hidden_size,
                                                               dtype=torch.bfloat16))

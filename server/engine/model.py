@@ -128,30 +128,28 @@ class DeltaMemRuntime:
     def install(self, attn: torch.nn.Module, layer_idx: int,
                 dtype: torch.dtype = torch.float32) -> None:
         """Give a module (vLLM's attention of that layer) this layer's δ-mem, as
-        `memory_corrections` reads it: its weights packed as buffers (a step costs two matmuls
-        instead of six: decode is dominated by per-op overhead, not arithmetic), its sizes,
-        and the op's way back to this runtime.
+        `memory_corrections` reads it: its weights packed into two linear maps (a step costs
+        two matmuls instead of six: decode is dominated by per-op overhead, not arithmetic),
+        its sizes, and the op's way back to this runtime.
 
-        W (d, 4m) = [W_q; W_k; W_v; W_β]ᵀ, b = [0, 0, 0, b_β]; B (m, q_out + d) = (α/r)[B_q; B_o]ᵀ.
-        Kept off the parameters (non-persistent buffers), so vLLM's loader never looks for them.
-        They are in `dtype`, the model's: the projections and the read-out run as the
-        backbone's own linear layers do (a bfloat16 engine's matmuls on native bfloat16 kernels,
-        half the bytes to stream each step), the state and its scan always in float32.
+        In (4m × d) = [W_q; W_k; W_v; W_β], bias [0, 0, 0, b_β]; out ((q_out + d) × m) =
+        (α/r)[B_q; B_o]. Kept as buffers of plain submodules, off the parameters, so vLLM's
+        loader never looks for them. They are in `dtype`, the model's: the projections and the
+        read-out run as the backbone's own linear layers do (in a bfloat16 engine on the CPU
+        through vLLM's prepacked CPU GEMM, about twice as fast as torch's matmul at these
+        sizes, and half the bytes of float32), the state and its scan always in float32.
         """
         mem = self.module.layer(layer_idx)
         c = mem.cfg
         m = c.mem_dim
         with torch.no_grad():
-            W = torch.cat([mem.w_q.weight, mem.w_k.weight, mem.w_v.weight,
-                           mem.w_beta.weight]).t().contiguous()
+            W = torch.cat([mem.w_q.weight, mem.w_k.weight, mem.w_v.weight, mem.w_beta.weight])
             b = torch.cat([torch.zeros(3 * m, dtype=torch.float32, device=W.device),
                            mem.w_beta.bias.float()])
             parts = [x.weight for x in (mem.b_q, mem.b_o) if x is not None]
-            B = (c.scale * torch.cat(parts)).t().contiguous() if parts else None
-        attn.register_buffer("deltamem_w", W.to(dtype), persistent=False)
-        attn.register_buffer("deltamem_b", b.to(dtype), persistent=False)
-        attn.register_buffer("deltamem_read", None if B is None else B.to(dtype),
-                             persistent=False)
+            B = c.scale * torch.cat(parts) if parts else None
+        attn.deltamem_in = _linear_map(W, b, dtype)
+        attn.deltamem_out = None if B is None else _linear_map(B, None, dtype)
         attn.deltamem_q_out = c.q_out_size if mem.b_q is not None else 0
         attn.deltamem_heads, attn.deltamem_rank = c.num_state_heads, c.rank
         attn.deltamem_runtime_id, attn.deltamem_slot = self.id, self.slot_of[layer_idx]
@@ -397,6 +395,27 @@ _LIB.impl("scan", deltamem_scan, "CompositeExplicitAutograd")
 _LIB._register_fake("scan", _deltamem_scan_fake)
 
 
+def _linear_map(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+                ) -> torch.nn.Module:
+    """x ↦ x Wᵀ + b as a module of buffers; in bfloat16 on the CPU through vLLM's own CPU
+    GEMM dispatch (prepacked weights), which vLLM's linear layers use too."""
+    lin = torch.nn.Module()
+    lin.register_buffer("weight", weight.to(dtype).contiguous(), persistent=False)
+    lin.register_buffer("bias", None if bias is None else bias.to(dtype), persistent=False)
+    if weight.device.type == "cpu" and dtype == torch.bfloat16:
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        dispatch_cpu_unquantized_gemm(lin, remove_weight=False)
+    return lin
+
+
+def _apply(lin: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    f = getattr(lin, "cpu_linear", None)
+    if f is not None:
+        return f(x, lin.weight, lin.bias)
+    return torch.nn.functional.linear(x, lin.weight, lin.bias)
+
+
 def memory_corrections(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Δq and Δo of one layer for the step's tokens x (the normed layer input), in the packed
     weights' dtype: the same math as DeltaMemLayer.project / delta_q / delta_o (the HF
@@ -404,8 +423,8 @@ def memory_corrections(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torc
     `deltamem::scan` op."""
     n = x.shape[0]
     H, r = self.deltamem_heads, self.deltamem_rank
-    W = self.deltamem_w
-    proj = torch.addmm(self.deltamem_b, x.to(W.dtype), W).float().view(n, 4, H, r)
+    lin = self.deltamem_in
+    proj = _apply(lin, x.to(lin.weight.dtype)).float().view(n, 4, H, r)
     qk = torch.tanh(proj[:, :2])
     qk = qk / qk.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
     beta = torch.sigmoid(proj[:, 3])
@@ -416,9 +435,10 @@ def memory_corrections(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torc
         torch.ops.deltamem.scan(*args)
     else:  # eager: the op's dispatch would cost more than the decode-step scan itself
         _RUNTIMES[args[-2]].scan_layer(args[-1], *args[:5])
-    if self.deltamem_read is None:
+    out = self.deltamem_out
+    if out is None:
         return None, None
-    dqo = reads.view(n, H * r).to(self.deltamem_read.dtype) @ self.deltamem_read
+    dqo = _apply(out, reads.view(n, H * r).to(out.weight.dtype))
     q_out = self.deltamem_q_out
     return (dqo[:, :q_out] if q_out else None,
             dqo[:, q_out:] if dqo.shape[1] > q_out else None)
