@@ -99,11 +99,14 @@ ENV DELTAMEM_HOST=0.0.0.0 \
     DELTAMEM_DATA_DIR=/data \
     DELTAMEM_CACHE_DIR=/cache \
     NUMBA_CACHE_DIR=/cache/numba \
+    TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor \
+    VLLM_CACHE_ROOT=/cache/vllm \
     HF_HOME=/cache/huggingface \
     HF_HUB_OFFLINE=1 \
     VLLM_NO_USAGE_STATS=1 \
     DO_NOT_TRACK=1
-# /data: the embedded session store (SQLite) and generated adapters; /cache: the model.
+# /data: the embedded session store (SQLite) and generated adapters; /cache: the model
+# and the compile caches (a restart reuses them: about 50 s instead of 100 on 2 cores).
 VOLUME ["/data", "/cache"]
 EXPOSE 8000
 # The start period covers the first start's model fetch (a download from PyPI and a
