@@ -694,3 +694,21 @@ def test_cache_salt_separates_tenants_states_and_write_starts():
               state_salt("tenant-a", "sha256:ad", 1, "c3RhdGU="),
               state_salt("tenant-a", "sha256:ad", 0, None)]
     assert len({base, *others}) == 5
+
+
+def test_cuda_compilation_splits_the_graph_at_the_scan(monkeypatch):
+    """On CUDA the δ-mem engine asks vLLM for piecewise CUDA graphs split at its scan op as at
+    attention (the op reads a host-prepared layout); the settings are ones vLLM accepts. On
+    the CPU it keeps vLLM's defaults."""
+    from vllm.config import CompilationConfig
+    from vllm.platforms import current_platform
+
+    from server.engine.facade import _compilation_with_memory
+
+    assert _compilation_with_memory() == {}
+    monkeypatch.setattr(type(current_platform), "is_cuda_alike", lambda self: True)
+    cfg = _compilation_with_memory()
+    assert "deltamem::scan" in cfg["splitting_ops"]
+    assert set(CompilationConfig._attention_ops) <= set(cfg["splitting_ops"])
+    cc = CompilationConfig(**cfg)
+    assert "deltamem::scan" in cc.splitting_ops and cc.cudagraph_mode.name == "PIECEWISE"
