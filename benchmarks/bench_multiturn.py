@@ -69,9 +69,9 @@ from common import (  # noqa: E402
     loadavg,
     machine_info,
     plain_vllm,
+    serve_and_run,
     stop_process,
     tail,
-    wait_healthy,
 )
 
 TABLE_TURNS = (1, 2, 3, 5, 10, 20, 30)
@@ -412,32 +412,12 @@ async def run_turns(kind: str, url: str, a, convs: list[list[str]], redis: Redis
 
 # --------------------------------------------------------------------------- servers
 
-def serve_and_run(label: str, kind: str, cmd: list[str], work: Path, log_path: Path, a, convs,
-                  redis, env: dict | None = None) -> dict:
-    """Start one server, wait for /health, run the sessions' turns against it, stop it. The
-    result's "server" entry says how it was started."""
-    url = f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}"
-    proc = None
-    try:
-        log(f"{label}: starting {shlex.join(cmd[1:])} (log {log_path})")
-        t = time.perf_counter()
-        with open(log_path, "ab") as lf:
-            proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env,
-                                    stdin=subprocess.DEVNULL, start_new_session=True,
-                                    cwd=work if kind == "vllm" else ROOT)
-        wait_healthy(url, proc, log_path, a.start_timeout, label)
-        start_s = time.perf_counter() - t
-        log(f"{label}: healthy after {start_s:.0f} s")
-        load0 = loadavg()
-        res = asyncio.run(run_turns(kind, url, a, convs, redis))
-        res["server"] = {"command": shlex.join(cmd[1:]), "start_s": round(start_s, 1),
-                         "loadavg_before": load0, "loadavg_after": loadavg()}
-        return res
-    except Exception:
-        log(f"{label} server log tail:\n" + tail(log_path))
-        raise
-    finally:
-        stop_process(proc)
+def serve_and_turns(label: str, kind: str, cmd: list[str], work: Path, log_path: Path, a,
+                    convs, redis, env: dict | None = None) -> dict:
+    """One server's run of the sessions' turns (common.serve_and_run)."""
+    return serve_and_run(label, cmd, lambda url: asyncio.run(run_turns(kind, url, a, convs, redis)),
+                         cwd=work if kind == "vllm" else ROOT, log_path=log_path,
+                         start_timeout=a.start_timeout, log=log, env=env)
 
 
 def run_deltamem(a, convs, work: Path) -> dict:
@@ -451,7 +431,7 @@ def run_deltamem(a, convs, work: Path) -> dict:
     cmd += shlex.split(a.deltamem_args)
     git = git_info()  # what the server process imports now
     try:
-        res = serve_and_run("δ-mem", "deltamem", cmd, work, work / "deltamem.log", a, convs,
+        res = serve_and_turns("δ-mem", "deltamem", cmd, work, work / "deltamem.log", a, convs,
                             redis)
     finally:
         redis.stop()
@@ -463,7 +443,7 @@ def run_deltamem(a, convs, work: Path) -> dict:
 def run_vllm(a, convs, work: Path) -> dict:
     cmd, env = plain_vllm(a.model, free_port(), "bfloat16",
                           ["--max-model-len", "8192", *shlex.split(a.vllm_args)])
-    res = serve_and_run("plain vLLM", "vllm", cmd, work, work / "vllm.log", a, convs, None,
+    res = serve_and_turns("plain vLLM", "vllm", cmd, work, work / "vllm.log", a, convs, None,
                         env)
     res["server"]["env"] = {k: env[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_PLUGINS")}
     return res

@@ -38,7 +38,6 @@ import json
 import random
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,9 +54,7 @@ from common import (  # noqa: E402
     loadavg,
     machine_info,
     plain_vllm,
-    stop_process,
-    tail,
-    wait_healthy,
+    serve_and_run,
 )
 
 SERVERS = ("vllm", "nomem", "deltamem", "deltamem-1h")
@@ -178,28 +175,9 @@ def run_server(kind: str, a, work: Path, prefill_words: int) -> dict:
             cmd += ["--adapter", str(one)]
         cmd += shlex.split(a.deltamem_args)
         env, cwd = None, ROOT
-    log_path = work / f"{kind}.log"
-    url = f"http://127.0.0.1:{port}"
-    proc = None
-    try:
-        log(f"{LABEL[kind]}: starting {shlex.join(cmd[1:])} (log {log_path})")
-        t = time.perf_counter()
-        with open(log_path, "ab") as lf:
-            proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd)
-        wait_healthy(url, proc, log_path, a.start_timeout, LABEL[kind])
-        start_s = time.perf_counter() - t
-        log(f"{LABEL[kind]}: healthy after {start_s:.0f} s")
-        load0 = loadavg()
-        res = asyncio.run(workload(url, a, prefill_words))
-        res["server"] = {"command": shlex.join(cmd[1:]), "start_s": round(start_s, 1),
-                         "loadavg_before": load0, "loadavg_after": loadavg()}
-        return res
-    except Exception:
-        log(f"{LABEL[kind]} server log tail:\n" + tail(log_path))
-        raise
-    finally:
-        stop_process(proc)
+    return serve_and_run(LABEL[kind], cmd, lambda url: asyncio.run(workload(url, a, prefill_words)),
+                         cwd=cwd, log_path=work / f"{kind}.log", start_timeout=a.start_timeout,
+                         log=log, env=env)
 
 
 def best_of(runs: list[dict]) -> dict:

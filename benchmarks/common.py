@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,3 +159,32 @@ def plain_vllm(model: Path, port: int, dtype: str, extra: list[str] = ()) -> tup
     others = [e.name for e in entry_points(group="vllm.general_plugins") if e.name != "deltamem"]
     env["VLLM_PLUGINS"] = ",".join(others)
     return cmd, env
+
+
+def serve_and_run(label: str, cmd: list[str], run: Callable[[str], dict], *, cwd: Path,
+                  log_path: Path, start_timeout: float, log: Callable[[str], None],
+                  env: dict | None = None) -> dict:
+    """Start one server (`cmd` carries `--port`), wait for /health, `run(url)`, stop it. The
+    result's "server" entry says how it was started; on failure the server's log tail goes to
+    `log`."""
+    url = f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}"
+    proc = None
+    try:
+        log(f"{label}: starting {shlex.join(cmd[1:])} (log {log_path})")
+        t = time.perf_counter()
+        with open(log_path, "ab") as lf:
+            proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env,
+                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd)
+        wait_healthy(url, proc, log_path, start_timeout, label)
+        start_s = time.perf_counter() - t
+        log(f"{label}: healthy after {start_s:.0f} s")
+        load0 = loadavg()
+        res = run(url)
+        res["server"] = {"command": shlex.join(cmd[1:]), "start_s": round(start_s, 1),
+                         "loadavg_before": load0, "loadavg_after": loadavg()}
+        return res
+    except Exception:
+        log(f"{label} server log tail:\n" + tail(log_path))
+        raise
+    finally:
+        stop_process(proc)

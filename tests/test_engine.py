@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -699,15 +700,18 @@ def test_cache_salt_separates_tenants_states_and_write_starts():
 def test_cuda_compilation_splits_the_graph_at_the_scan(monkeypatch):
     """On CUDA the δ-mem engine asks vLLM for piecewise CUDA graphs split at its scan op as at
     attention (the op reads a host-prepared layout); the settings are ones vLLM accepts. On
-    the CPU it keeps vLLM's defaults."""
+    the CPU it keeps vLLM's defaults and turns off vLLM's AOT cache (it never loads there)."""
     from vllm.config import CompilationConfig
     from vllm.platforms import current_platform
 
-    from server.engine.facade import _compilation_with_memory
+    from server.engine.facade import _compilation_settings
 
-    assert _compilation_with_memory() == {}
+    monkeypatch.delenv("VLLM_USE_AOT_COMPILE", raising=False)
+    assert _compilation_settings(memory=True) == {}
+    assert os.environ["VLLM_USE_AOT_COMPILE"] == "0"
     monkeypatch.setattr(type(current_platform), "is_cuda_alike", lambda self: True)
-    cfg = _compilation_with_memory()
+    assert _compilation_settings(memory=False) == {}
+    cfg = _compilation_settings(memory=True)
     assert "deltamem::scan" in cfg["splitting_ops"]
     assert set(CompilationConfig._attention_ops) <= set(cfg["splitting_ops"])
     cc = CompilationConfig(**cfg)

@@ -70,14 +70,24 @@ class GenerationChunk:
     cached_tokens: int | None = None  # prompt tokens served from vLLM's prefix cache
 
 
-def _compilation_with_memory() -> dict:
-    """vLLM's compilation settings with δ-mem: its defaults, except on CUDA, where the
-    `deltamem::scan` op splits the graph as attention does and runs between the captured
-    pieces (piecewise CUDA graphs; the op reads the step's request layout on the host). The CPU
-    has no CUDA graphs: there vLLM traces the whole model once and the op stays opaque in it."""
+def _compilation_settings(memory: bool) -> dict:
+    """vLLM's compilation settings for a compiled engine: its defaults, except
+
+    - on CUDA with memory: the `deltamem::scan` op splits the graph as attention does and runs
+      between the captured pieces (piecewise CUDA graphs; the op reads the step's request
+      layout on the host);
+    - on the CPU (no CUDA graphs: vLLM traces the whole model once and the op stays opaque in
+      it): vLLM 0.32.0 saves an AOT artifact it then fails to load ("'function' object has no
+      attribute 'finalize_loading'") and compiles again at every start; without AOT, inductor's
+      own cache serves a second start (measured 52 s against 104 s, eager 35 s). An operator's
+      VLLM_USE_AOT_COMPILE wins.
+    """
     from vllm.platforms import current_platform
 
     if not current_platform.is_cuda_alike():
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+        return {}
+    if not memory:
         return {}
     from vllm.config import CompilationConfig
 
@@ -138,15 +148,7 @@ class DeltaMemEngine:
             # adapter's shapes (heads, rank, layers) are in the traced graph, so it must be in
             # the key.
             additional["deltamem_adapter"] = adapter.fingerprint()
-        compilation: dict = {}
-        if cfg.memory and not cfg.enforce_eager:
-            compilation = _compilation_with_memory()
-        if not cfg.enforce_eager and not torch.cuda.is_available():
-            # vLLM 0.32.0's CPU backend saves an AOT artifact it then fails to load ("'function'
-            # object has no attribute 'finalize_loading'") and compiles again, every start:
-            # without AOT, inductor's own cache serves a second start (measured 52 s against
-            # 104 s, eager 35 s). An operator's setting wins.
-            os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+        compilation = {} if cfg.enforce_eager else _compilation_settings(cfg.memory)
         # Set per engine (not setdefault): a later engine in the same process gets its own size.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(cfg.kv_cache_gib))
         args = AsyncEngineArgs(

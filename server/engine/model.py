@@ -429,12 +429,11 @@ def memory_corrections(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torc
     qk = qk / qk.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
     beta = torch.sigmoid(proj[:, 3])
     reads = torch.empty(n, H, r, dtype=torch.float32, device=x.device)
-    args = (qk[:, 0], qk[:, 1], proj[:, 2], beta, reads, self.deltamem_runtime_id,
-            self.deltamem_slot)
-    if torch.compiler.is_compiling():
-        torch.ops.deltamem.scan(*args)
-    else:  # eager: the op's dispatch would cost more than the decode-step scan itself
-        _RUNTIMES[args[-2]].scan_layer(args[-1], *args[:5])
+    # Compiled: the op, opaque to the compiler. Eager: its body, as the op's dispatch would
+    # cost more than a decode step's scan.
+    scan = torch.ops.deltamem.scan if torch.compiler.is_compiling() else deltamem_scan
+    scan(qk[:, 0], qk[:, 1], proj[:, 2], beta, reads, self.deltamem_runtime_id,
+         self.deltamem_slot)
     out = self.deltamem_out
     if out is None:
         return None, None
