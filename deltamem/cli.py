@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("server.cli", "serve the OpenAI-compatible API with δ-mem sessions"),
     "train": ("deltamem.train", "train a δ-mem adapter on generated memory episodes"),
     "eval": ("deltamem.evaluate", "evaluate memory on LoCoMo-format conversations"),
+    "gate": ("deltamem.gate", "decide which adapter checkpoint ships from live evaluations"),
     "bench": ("deltamem.bench", "run the benchmarks and print their tables"),
 }
 

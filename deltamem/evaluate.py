@@ -355,9 +355,12 @@ def ref_score(q: dict, prediction: str) -> float:
 
 # --- data -----------------------------------------------------------------------------------------
 
-def load_conversations(path: Path | None, n: int, seed: int) -> list[dict]:
-    """A LoCoMo-format file's samples (or the generated held-out split). Every question needs
-    `question`, and `answer` or (category 5) `adversarial_answer`."""
+def load_conversations(path: Path | None, n: int, seed: int, generated: str = "facts"
+                       ) -> list[dict]:
+    """A LoCoMo-format file's samples, or n conversations of a generator's held-out split:
+    "facts" (deltamem.data: fact-recall chats) or "dialogues" (deltamem.dialogues:
+    real-style conversations). Every question needs `question`, and `answer` or
+    (category 5) `adversarial_answer`."""
     if path is not None:
         data = json.loads(Path(path).read_text())
         data = data if isinstance(data, list) else [data]
@@ -367,6 +370,10 @@ def load_conversations(path: Path | None, n: int, seed: int) -> list[dict]:
                     raise ValueError(f"{path}: sample {sample.get('sample_id')!r} question {i}"
                                      " has no question or no answer")
         return data
+    if generated == "dialogues":
+        from .dialogues import locomo_dialogue
+
+        return [locomo_dialogue("heldout", seed, i) for i in range(n)]
     from .data import locomo_conversation
 
     return [locomo_conversation("heldout", seed, i) for i in range(n)]
@@ -691,6 +698,12 @@ def general_ability(client: Client) -> list[dict]:
     return rows
 
 
+def answer_words(prediction: str) -> int:
+    """An answer's length in words: how the release gate compares answer forms (a one-word
+    reply against the backbone's sentence)."""
+    return len(prediction.split())
+
+
 def summarize(results: list[dict], window: int) -> dict:
     by_mode = defaultdict(list)
     for r in results:
@@ -702,6 +715,7 @@ def summarize(results: list[dict], window: int) -> dict:
             if not sel:
                 return None
             return {k: sum(r[k] for r in sel) / len(sel) for k in ("f1", "em", "contains")} | {
+                "words": sum(answer_words(r["prediction"]) for r in sel) / len(sel),
                 "n": len(sel)}
         adversarial = [r for r in rs if r.get("adversarial")]
         rs = [r for r in rs if not r.get("adversarial")]  # category 5 stays apart
@@ -719,7 +733,7 @@ def summarize(results: list[dict], window: int) -> dict:
     return out
 
 
-_NO_ROWS = {"f1": 0.0, "em": 0.0, "contains": 0.0, "n": 0}  # a mode with only category 5
+_NO_ROWS = {"f1": 0.0, "em": 0.0, "contains": 0.0, "words": 0.0, "n": 0}  # a mode with only category 5
 
 
 def category_names(conversations: list[dict]) -> dict:
@@ -735,13 +749,14 @@ def category_names(conversations: list[dict]) -> dict:
 def markdown_table(summary: dict, general: dict, window: int,
                    names: dict | None = None) -> str:
     lines = [f"| mode | F1 all | EM all | contains all | EM outside W={window} (n) | n | "
-             f"general ability ({len(GENERAL_SET)} q.) |", "|---|---|---|---|---|---|---|"]
+             f"answer words | general ability ({len(GENERAL_SET)} q.) |",
+             "|---|---|---|---|---|---|---|---|"]
     for mode, s in summary.items():
         a, o = s["all"] or _NO_ROWS, s["outside_window"]
         g = general.get(mode.split("@")[0])
         lines.append(f"| {mode} | {a['f1']:.3f} | {a['em']:.3f} | {a['contains']:.3f} | "
                      f"{o['em'] if o else float('nan'):.3f} ({o['n'] if o else 0}) | {a['n']} | "
-                     f"{'' if g is None else f'{g:.3f}'} |")
+                     f"{a.get('words', 0.0):.1f} | {'' if g is None else f'{g:.3f}'} |")
     cats = sorted({c for s in summary.values() for c in s["categories"]})
     if cats:
         lines += ["", "| mode | " + " | ".join(
@@ -868,6 +883,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="LoCoMo-format JSON (default: generate the held-out split)")
     p.add_argument("--conversations", type=int, default=20,
                    help="generated conversations when --data is not given (default 20)")
+    p.add_argument("--generated", choices=("facts", "dialogues"), default="facts",
+                   help="without --data, the generator whose held-out split is evaluated: "
+                        "facts (fact-recall chats, deltamem.data) or dialogues (real-style "
+                        "conversations, deltamem.dialogues); default facts")
     p.add_argument("--seed", type=int, default=1234, help="held-out generator seed")
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many "
                    "conversations")
@@ -925,7 +944,8 @@ def run(args) -> int:
     from tqdm import tqdm
 
     tok = load_tokenizer(args.model)
-    convs = load_conversations(args.data, args.conversations, args.seed)[:args.limit]
+    convs = load_conversations(args.data, args.conversations, args.seed,
+                               args.generated)[:args.limit]
     reference = args.protocol == "reference"
     if args.modes is None:
         args.modes = ("deltamem,backbone" if args.baseline_server else "deltamem") \

@@ -294,3 +294,97 @@ def test_served_protocol_reports_category_5_apart(monkeypatch, tmp_path):
     assert s["all"]["n"] == 3 and s["adversarial"]["n"] == 1
     assert "5" not in s["categories"]
     assert all(b["temperature"] == 0 for b in api.bodies)
+
+
+# --- the release gate ---------------------------------------------------------------------------
+
+
+def _results(rows: dict[str, list[tuple[float, str]]], general: dict | None = None) -> dict:
+    """A served-protocol results.json: per mode, (f1, prediction) for questions q0, q1, ..."""
+    return {"protocol": "served", "general_ability": general or {}, "results": [
+        {"mode": mode, "sample": "s", "question": f"q{i}", "f1": f1, "prediction": pred,
+         "adversarial": False} for mode, rs in rows.items() for i, (f1, pred) in enumerate(rs)]
+        + [{"mode": "deltamem@W", "sample": "s", "question": "trap", "f1": 0.0,
+            "prediction": "a very long answer that the gate must not count", "adversarial": True}]}
+
+
+def test_gate_measures_and_decides(tmp_path):
+    from deltamem import gate
+
+    base = [(0.5, "It is in Lisbon."), (0.2, "She is a nurse now.")]
+    real = {"good": _results({"backbone@W": base,
+                              "deltamem@W": [(0.6, "Lisbon, I think."), (0.3, "A nurse.")]},
+                             {"backbone": 0.8, "deltamem": 0.78}),
+            "terse": _results({"backbone@W": base, "deltamem@W": [(0.9, "Lisbon"), (0.9, "x")]},
+                              {"backbone": 0.8, "deltamem": 0.8})}
+    recall = _results({"backbone@W": [(0.1, "a"), (0.1, "b")],
+                       "deltamem@W": [(0.3, "a"), (0.2, "b")]})
+    m = gate.measures(real["good"], recall)
+    # worked out by hand: F1 0.45 vs 0.35; words (3 + 2) / 2 vs (4 + 5) / 2; recall 0.25/0.1
+    assert m["real_f1_ratio"] == pytest.approx(0.45 / 0.35)
+    assert m["answer_length_ratio"] == pytest.approx(2.5 / 4.5)
+    assert m["recall_f1_ratio"] == pytest.approx(2.5)
+    assert m["general_ratio"] == pytest.approx(0.78 / 0.8)
+    assert gate.verdict(m)["passes"] and gate.verdict(m)["goals"]["real_f1_ratio"]
+    # one word where the backbone says a sentence: better F1, but not the backbone's form
+    t = gate.measures(real["terse"], recall)
+    assert t["answer_length_ratio"] == pytest.approx(1 / 4.5)
+    assert gate.verdict(t)["targets"]["answer_length_ratio"] is False
+    assert gate.choose({"good": m, "terse": t}) == "good"
+
+    paths = {}
+    for name, doc in [*real.items(), ("recall", recall)]:
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(doc))
+    card = tmp_path / "TRAINING_CARD.md"
+    card.write_text("# Card\n\n## Results\n\nsome numbers\n")
+    args = ["gate", "--candidate", "good", str(paths["good"]), str(paths["recall"]),
+            "--candidate", "terse", str(paths["terse"]), str(paths["recall"]),
+            "--card", str(card), "--out", str(tmp_path / "gate.json")]
+    from deltamem import cli
+
+    assert cli.main(args) == 0
+    assert cli.main(args) == 0  # a second verdict replaces the first in the card
+    text = card.read_text()
+    assert text.count("## Release gate") == 1 and "## Results\n\nsome numbers" in text
+    assert "**good**" in text and "every must" in text
+    assert json.loads((tmp_path / "gate.json").read_text())["chosen"] == "good"
+
+
+def test_gate_without_a_passing_candidate_ships_the_closest_and_says_so(tmp_path, capsys):
+    from deltamem import cli, gate
+
+    base = [(0.4, "It was Lisbon."), (0.4, "She works as a nurse.")]
+    worse = _results({"backbone@W": base, "deltamem@W": [(0.2, "Porto, I think."),
+                                                         (0.2, "She is a chef.")]},
+                     {"backbone": 0.8, "deltamem": 0.8})
+    even = _results({"backbone@W": base, "deltamem@W": base}, {"backbone": 0.8, "deltamem": 0.8})
+    # no fact-recall results: that target is not measured, so no candidate passes
+    ms = {"worse": gate.measures(worse), "even": gate.measures(even)}
+    assert gate.verdict(ms["even"])["targets"]["recall_f1_ratio"] is None
+    assert gate.choose(ms) == "even"
+    for name, doc in (("worse", worse), ("even", even)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(doc))
+    assert cli.main(["gate", "--candidate", "worse", str(tmp_path / "worse.json"),
+                     "--candidate", "even", str(tmp_path / "even.json")]) == 1
+    out = capsys.readouterr().out
+    assert "ships: even (misses a must)" in out and "not measured" in out
+
+
+def test_gate_refuses_results_it_cannot_judge(tmp_path, capsys):
+    from deltamem import cli
+
+    only_mem = _results({"deltamem@W": [(0.5, "Lisbon")]}, {"deltamem": 0.8})
+    (tmp_path / "m.json").write_text(json.dumps(only_mem))
+    assert cli.main(["gate", "--candidate", "c", str(tmp_path / "m.json")]) == 2
+    assert "backbone@W" in capsys.readouterr().err
+    # the backbone's rows and general ability from the same session's other results
+    base = _results({"backbone@W": [(0.25, "It is Lisbon")]}, {"backbone": 0.8})
+    (tmp_path / "b.json").write_text(json.dumps(base))
+    assert cli.main(["gate", "--candidate", "c", str(tmp_path / "m.json"),
+                     "--baseline", str(tmp_path / "b.json")]) == 1  # recall not measured
+    assert "2.00× met" in capsys.readouterr().out  # F1 0.5 / 0.25
+    ref = {"protocol": "reference", "results": []}
+    (tmp_path / "r.json").write_text(json.dumps(ref))
+    assert cli.main(["gate", "--candidate", "c", str(tmp_path / "r.json")]) == 2
+    assert "served-protocol" in capsys.readouterr().err

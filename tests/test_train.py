@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import re
 
 import pytest
 
@@ -70,6 +72,122 @@ def test_updates_override_and_locomo_layout(tmp_path):
         assert msgs[0]["role"] == "system"
         assert len(msgs) > len(turns)  # one message per turn plus session headers
     assert D.CATEGORY_SINGLE in cats
+
+
+# --- real-style conversations (deltamem.dialogues) -------------------------------------------
+
+
+def _dialogue_lists() -> dict[str, list[str]]:
+    """Every pool and template list the dialogue generator splits."""
+    from deltamem import dialogues as G
+
+    lists = {k: v for k, v in vars(G).items() if k != "MONTHS" and isinstance(v, list)
+             and v and all(isinstance(x, str) for x in v)}
+    lists |= {f"REACT[{k}]": v for k, v in G.REACT.items()}
+    return lists | {"RACES": list(G.RACES), "SMALL_TALK": [t for t, _ in G.SMALL_TALK]}
+
+
+def _words(text: str) -> set[str]:
+    return {w.strip(".,!?;:'\"").lower() for w in text.split()} - {""}
+
+
+def test_dialogue_splits_share_no_name_place_event_or_template():
+    from deltamem import dialogues as G
+
+    lists = _dialogue_lists()
+    assert len(lists) > 60  # the scan found the generator's lists
+    train = {x for v in lists.values() for x in v[0::2]}
+    held = {x for v in lists.values() for x in v[1::2]}
+    assert not train & held
+    # every list gives each split at least one item, and drawing stays in the split
+    assert all(len(v) >= 2 for v in lists.values())
+    texts = {}
+    for split in G.SPLITS:
+        samples = [G.locomo_dialogue(split, 7, i) for i in range(25)]
+        texts[split] = "\n".join(t["text"] for s in samples for k, v in s["conversation"].items()
+                                 if isinstance(v, list) for t in v)
+        speakers = {s["conversation"][k] for s in samples for k in ("speaker_a", "speaker_b")}
+        other = G.SPLITS[1 - G.SPLITS.index(split)]
+        assert not speakers & set(G._half(G.WOMEN, other) + G._half(G.MEN, other))
+    for name in ("CITIES", "PET_NAMES", "EVENTS", "HOBBIES"):
+        for x in G._half(lists[name], "heldout"):
+            assert x not in texts["train"], (name, x)
+
+
+def test_dialogue_questions_are_grounded_in_their_evidence():
+    from deltamem import dialogues as G
+
+    cats, n = set(), 0
+    for i in range(40):
+        sample = G.locomo_dialogue("heldout", 3, i)
+        conv = sample["conversation"]
+        turns = {t["dia_id"]: (s, t) for s in range(1, 20) for t in conv.get(f"session_{s}", [])}
+        # sessions are dated in order and speakers alternate with the two people
+        stamps = [conv[f"session_{s}_date_time"] for s in range(1, 20)
+                  if f"session_{s}" in conv]
+        assert len(stamps) >= 3
+        for dia_id, (_, t) in turns.items():
+            assert t["speaker"] in (conv["speaker_a"], conv["speaker_b"]), dia_id
+        for q in sample["qa"]:
+            n += 1
+            cats.add(q["category"])
+            assert q["evidence"] and all(e in turns for e in q["evidence"]), q
+            texts = [turns[e][1]["text"] for e in q["evidence"]]
+            if q["category"] == G.ADVERSARIAL:
+                # asked about the person who did not say it; no answer to learn
+                assert "answer" not in q and q["adversarial_answer"]
+                assert turns[q["evidence"][0]][1]["speaker"] not in q["question"]
+            elif q["category"] == G.TEMPORAL:
+                # the date is the evidence session's date moved by the turn's "when"
+                session, t = turns[q["evidence"][0]]
+                low = t["text"].lower()
+                when = [w for w in G.WHEN if re.search(rf"\b{w}\b", low)]
+                assert len(when) == 1, t["text"]
+                date = datetime.datetime.strptime(conv[f"session_{session}_date_time"],
+                                                  "%I:%M %p on %d %B, %Y").date()
+                assert q["answer"] == G.WHEN[when[0]](date)
+            elif q["category"] != G.OPEN_DOMAIN:
+                # every word of the answer is said in the evidence turns
+                said = set().union(*(_words(x) for x in texts))
+                assert _words(q["answer"]) - {"a", "an", "her", "his"} <= said, (q, texts)
+    assert cats == {1, 2, 3, 4, 5} and n > 400
+
+
+def test_dialogues_export_and_load_for_both_protocols(tmp_path, tokenizer):
+    from deltamem import dialogues as G
+    from deltamem import evaluate
+
+    path = G.write_locomo_json(tmp_path / "d.json", 3, seed=5)
+    assert path.read_text() == G.write_locomo_json(tmp_path / "e.json", 3, seed=5).read_text()
+    assert path.read_text() != G.write_locomo_json(tmp_path / "f.json", 3, seed=6).read_text()
+    data = evaluate.load_conversations(path, 0, 0)
+    assert data == evaluate.load_conversations(None, 3, 5, "dialogues")
+    for sample in data:
+        turns = evaluate.session_turns(sample)
+        assert len(turns) >= 3 and turns[0][0][0]["content"].startswith("[Session 1, ")
+        for q in sample["qa"]:
+            if q["category"] != G.ADVERSARIAL:
+                assert evaluate.evidence_distance(tokenizer, turns, q["evidence"]) > 0
+        counters = evaluate.token_counters(tokenizer)
+        for i, q in enumerate(evaluate.ref_evaluated(sample, evaluate.REF_CATEGORIES)):
+            p = evaluate.ref_prompt(sample, q, i, counters, 8192, 50)
+            assert not p["truncated"] and conv_line(sample) in p["messages"][1]["content"]
+
+
+def conv_line(sample: dict) -> str:
+    t = sample["conversation"]["session_1"][0]
+    return f'{t["speaker"]} said, "{t["text"]}"'
+
+
+def test_dialogue_training_episodes():
+    from deltamem import dialogues as G
+
+    eps = [G.make_episode("train", 1, i) for i in range(30)]
+    assert eps == [G.make_episode("train", 1, i) for i in range(30)]
+    for ep in eps:
+        assert ep.history[0]["content"] == D.SYSTEM_PROMPT
+        assert ep.category != G.ADVERSARIAL and ep.answer
+        assert ep.dialogue[0]["content"].startswith("[Session 1, ")
 
 
 def test_copy_words_leave_heldout_values_unseen(tokenizer):
