@@ -150,7 +150,9 @@ def run_info(run) -> dict:
         "clip": cfg.clip, "batch": cfg.batch, "steps": cfg.steps,
         "steps_done": state["step"], "seed": cfg.seed, "curriculum": cfg.curriculum,
         "advance_at": cfg.advance_at, "p_earlier": cfg.p_earlier,
-        "read_write_prob": cfg.read_write_prob, "stages": list(run.stage_sets),
+        "read_write_prob": cfg.read_write_prob, "read_pass": cfg.read_pass,
+        "dialogues": cfg.dialogues, "keep_weight": cfg.keep_weight,
+        "stages": list(run.stage_sets),
         "context_prob": cfg.context_prob, "outside_window": cfg.outside_window,
         "p_copy": cfg.p_copy, "p_multi": cfg.p_multi,
         "probe_values": cfg.probe_values, "max_minutes": cfg.max_minutes,
@@ -191,14 +193,31 @@ def _recipe(info: dict) -> list[str]:
 
     written = (f" (the question and answer written in {100 * info['read_write_prob']:.0f}% "
                "of episodes, as a served question turn is)" if info["read_write_prob"] else "")
+    loss = (f"loss = cross-entropy on the answer tokens and the closing `<|im_end|>`, + "
+            f"{BETA_WEIGHT}·mean((mean β − {BETA_TARGET})²).")
+    if info.get("read_pass") == "stream":
+        episode = ("- Episode, as a session is served: history, question and answer in one "
+                   "stream (chat template, every token written under the state of its time, "
+                   "gradients through the state, the history's K/V kept); the question and "
+                   "the answer attend to the system prompt and the window only; " + loss)
+    else:
+        episode = ("- Episode: write pass over the history (chat template, writes on, gradients "
+                   "through the state) → read pass over only [system, question, answer] from "
+                   f"the write pass's final state, writes off{written}; " + loss)
+    extra = []
+    if info.get("dialogues"):
+        extra.append(f"- Real-style conversations (`deltamem/dialogues.py`, train split): "
+                     f"{info['dialogues']:.0%} of the served episodes.")
+    if info.get("keep_weight"):
+        extra.append("- Keep term: where the window shows the answer's evidence, "
+                     f"{info['keep_weight']} · KL(backbone ‖ δ-mem) over the answer's tokens "
+                     "replaces the cross-entropy to the reference answer.")
     return [
         "## Recipe",
         "- Frozen backbone; only the δ-mem parameters train "
         f"({info['n_params']:,} parameters).",
-        "- Episode: write pass over the history (chat template, writes on, gradients through "
-        "the state) → read pass over only [system, question, answer] from the write pass's "
-        f"final state, writes off{written}; loss = cross-entropy on the answer tokens and the "
-        f"closing `<|im_end|>`, + {BETA_WEIGHT}·mean((mean β − {BETA_TARGET})²).",
+        episode,
+        *extra,
         _episode_mix(info),
         f"- AdamW (weight decay 0), peak lr {info['lr']}, cosine with {info['warmup']:.0%} "
         f"warm-up, gradient clip {info['clip']}, {info['batch']} episodes per step, "

@@ -465,6 +465,9 @@ class Episode:
     answer: str
     category: int
     slot: str
+    # Indices into `dialogue` of the messages that hold the answer, where the generator
+    # knows them (deltamem.dialogues); None: the last message stating the answer.
+    evidence: tuple[int, ...] | None = None
 
     @property
     def dialogue(self) -> list[dict]:
@@ -523,6 +526,18 @@ def messages_after_fact(ep: Episode) -> int:
     if not stated:
         raise ValueError(f"the answer {ep.answer!r} is stated nowhere in the history")
     return len(hist) - 1 - stated[-1]
+
+
+def answer_in_window(ep: Episode, context: int) -> bool:
+    """Whether a read pass re-sending the last `context` history messages shows the answer's
+    evidence, so that the backbone could answer from the window alone."""
+    n = len(ep.dialogue)
+    if ep.evidence is not None:
+        return all(i >= n - context for i in ep.evidence)
+    try:
+        return messages_after_fact(ep) < context
+    except ValueError:  # the answer is stated nowhere as such (a temporal answer, say)
+        return False
 
 
 def read_messages(ep: Episode, system_prompt: str = SYSTEM_PROMPT, context: int = 0

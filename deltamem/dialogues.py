@@ -832,8 +832,18 @@ def make_episode(split: str, seed: int, index: int, shape: str = "standard",
     sample = locomo_dialogue(split, seed, index, shape)
     rng = rng or random.Random(f"deltamem-dialogue-question:{split}:{seed}:{index}")
     q = rng.choice([q for q in sample["qa"] if q["category"] != ADVERSARIAL])
-    return Episode(sample_messages(sample), q["question"], q["answer"], q["category"],
-                   "dialogue")
+    history = sample_messages(sample)
+    # dia_id -> index among the history's non-system messages (session headers included)
+    place, i, s = {}, 0, 1
+    conv = sample["conversation"]
+    while f"session_{s}" in conv:
+        i += 1  # the session's header
+        for t in conv[f"session_{s}"]:
+            place[t["dia_id"]] = i
+            i += 1
+        s += 1
+    return Episode(history, q["question"], q["answer"], q["category"], "dialogue",
+                   evidence=tuple(place[e] for e in q["evidence"]))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,9 +15,12 @@ fact (`state_gain`). Research scripts import these too, so the names stay put.
 from __future__ import annotations
 
 import json
+import random
 from contextlib import contextmanager
 from pathlib import Path
 
+# Messages a served window (W = 256 tokens) holds of a real-style conversation, about.
+DIALOGUE_WINDOW = 14
 BETA_TARGET = 0.05
 BETA_WEIGHT = 0.01
 
@@ -150,6 +153,45 @@ def make_batch(enc: Encoder, episodes, write_read: list[bool] | None = None,
     return batch
 
 
+def make_stream_batch(enc: Encoder, episodes, contexts: list[int] | None = None, device=None):
+    """Episodes as a served session runs them (`--read-pass stream`): history, question and
+    answer in one stream, every token written under the state of its time, the history's K/V
+    kept for the question as the server keeps a session's KV; the question and the answer
+    attend to the system prompt and the window (the last `context` history messages) only.
+
+    Returns ids, write mask (the real tokens), labels (the answer and <|im_end|>), and a
+    (B, 1, T, T) boolean attention mask (True: attend). The history's own tokens attend
+    causally to all the history before them, where a served ingest sees its window: the
+    question's read of the state and of the window's K/V is what this makes exact."""
+    import torch
+
+    rows, starts = [], []
+    for ep, c in zip(episodes, contexts or [0] * len(episodes), strict=True):
+        hist = ep.history
+        if not hist or hist[0]["role"] != "system":
+            raise ValueError("a stream episode's history starts with its system message")
+        prompt = enc.ids([*hist, {"role": "user", "content": ep.question}],
+                         generation_prompt=True)
+        from .data import ANSWER_PREFIX
+
+        answer = enc.tok(ANSWER_PREFIX + ep.answer, add_special_tokens=False).input_ids
+        ids = prompt + answer + [enc.end_id]
+        q_start = len(enc.ids(hist))
+        if prompt[:q_start] != enc.ids(hist):
+            raise ValueError("the chat template is not prefix-stable")
+        sys_len = len(enc.ids(hist[:1]))
+        win = len(enc.ids(hist[:len(hist) - min(c, len(hist) - 1)])) if c else q_start
+        rows.append(ids)
+        starts.append((sys_len, win, q_start, len(prompt)))
+    ids, real, labels = pad_rows(rows, enc.pad_id, [a for *_, a in starts])
+    B, T = ids.shape
+    mask = torch.ones((T, T), dtype=torch.bool).tril().repeat(B, 1, 1, 1)
+    for b, (sys_len, win, q_start, _) in enumerate(starts):
+        mask[b, 0, q_start:len(rows[b]), sys_len:win] = False  # history outside the window
+    return {"s_ids": ids.to(device), "s_mask": real.to(device), "s_attn": mask.to(device),
+            "labels": labels.to(device), "n_hist_tokens": sum(q for *_, q, _ in starts)}
+
+
 def training_episodes(cfg, stages: list, stage: int, step: int, rng, copy_words=None):
     """A training step's episodes and how each read pass is served: (episodes, write_read,
     contexts), make_batch's arguments. `cfg` is a TrainConfig, `stages` its curriculum,
@@ -159,17 +201,28 @@ def training_episodes(cfg, stages: list, stage: int, step: int, rng, copy_words=
     eps, write_read, contexts = [], [], []
     for i in range(cfg.batch):
         s = stage if stage == 0 or rng.random() >= cfg.p_earlier else rng.randrange(stage)
-        ep = D.make_episode("train", cfg.seed, step * cfg.batch + i, stages[s], copy_words,
-                            cfg.p_copy, cfg.p_multi)
-        eps.append(ep)
         served = not stages[s].state_only  # else: the probe setting, the state only
+        # No draw for --dialogues when it is 0, as for --outside-window below.
+        if served and cfg.dialogues > 0 and rng.random() < cfg.dialogues:
+            from . import dialogues as G
+
+            ep = G.make_episode("train", cfg.seed, step * cfg.batch + i,
+                                rng=random.Random(rng.random()))
+        else:
+            ep = D.make_episode("train", cfg.seed, step * cfg.batch + i, stages[s],
+                                copy_words, cfg.p_copy, cfg.p_multi)
+        eps.append(ep)
         write_read.append(served and rng.random() < cfg.read_write_prob)
+        # A real-style conversation is far longer than a served window: its read pass
+        # re-sends at most a window's worth of messages.
+        longest = len(ep.dialogue) if ep.evidence is None else DIALOGUE_WINDOW
         # No draw for --outside-window when it is 0: runs without it keep the data
         # stream of earlier versions (the same seed gives the same episodes and windows).
         if served and cfg.outside_window > 0 and rng.random() < cfg.outside_window:
-            contexts.append(D.messages_after_fact(ep))
+            contexts.append(min(D.messages_after_fact(ep) if ep.evidence is None
+                                else len(ep.dialogue) - 1 - max(ep.evidence), longest))
         else:
-            contexts.append(rng.randint(1, len(ep.dialogue))
+            contexts.append(rng.randint(1, min(len(ep.dialogue), longest))
                             if served and rng.random() < cfg.context_prob else 0)
     return eps, write_read, contexts
 
@@ -218,12 +271,27 @@ def _no_lm_head(rt):
         rt.model.lm_head = head
 
 
-def episode_loss(rt, batch, probe: BetaProbe | None = None, memory: bool = True):
-    """Loss and metrics of a batch. With grad enabled it is differentiable through the state."""
-    import torch
-    import torch.nn.functional as F
+def keep_rows(episodes, contexts: list[int]) -> list[bool]:
+    """Which read passes show the answer's evidence in their window: the rows the keep term
+    (episode_loss's `keep_weight`) holds to the backbone's own answer."""
+    from .data import answer_in_window
 
-    B = batch["h_ids"].shape[0]
+    return [c > 0 and answer_in_window(ep, c) for ep, c in zip(episodes, contexts, strict=True)]
+
+
+def episode_loss(rt, batch, probe: BetaProbe | None = None, memory: bool = True,
+                 keep_weight: float = 0.0):
+    """Loss and metrics of a batch. With grad enabled it is differentiable through the state.
+
+    With `keep_weight` > 0 and a bool list `batch["keep"]` (keep_rows), the rows marked keep
+    are not pulled to the reference answer: their loss is KL(backbone || δ-mem) of the
+    next-token distributions on the answer's positions, the backbone being the same read
+    pass with memory off. Where the window already shows the answer, the memory must not
+    change what the backbone says, nor the form it says it in."""
+    import torch
+
+    if "s_ids" in batch:
+        return _stream_loss(rt, batch, probe, memory, keep_weight)
     beta_reg = torch.zeros((), device=rt.device)
     mean_beta = float("nan")
     h_mids, r_mids = batch.get("h_mids"), batch.get("r_mids")
@@ -236,11 +304,7 @@ def episode_loss(rt, batch, probe: BetaProbe | None = None, memory: bool = True)
                 w = batch["h_mask"].unsqueeze(-1).float()
                 if h_mids is not None:  # SSW: β of the written messages, one per message
                     w = _written_messages(h_mids, batch["h_mask"]).unsqueeze(-1).float()
-                per_layer = torch.stack([
-                    (torch.sigmoid(o) * w).sum((0, 1)).sum() / (w.sum() * o.shape[-1])
-                    for o in probe.outputs])
-                beta_reg = BETA_WEIGHT * ((per_layer - BETA_TARGET) ** 2).mean()
-                mean_beta = float(per_layer.detach().mean())
+                beta_reg, mean_beta = _beta_reg(probe, w)
             else:
                 _, state, _ = rt.forward(batch["h_ids"], None, batch["h_mask"],
                                          message_ids=h_mids)
@@ -248,17 +312,95 @@ def episode_loss(rt, batch, probe: BetaProbe | None = None, memory: bool = True)
         state = None
     logits, _, _ = rt.forward(batch["r_ids"], state, batch["r_mask"], message_ids=r_mids,
                               memory=memory)
+    sel = batch["labels"] != -100
+    return _answer_loss(logits[sel], batch, memory, keep_weight, beta_reg, mean_beta,
+                        lambda: rt.forward(batch["r_ids"], None, batch["r_mask"],
+                                           memory=False)[0][sel])
+
+
+def _beta_reg(probe: BetaProbe, w):
+    """BETA_WEIGHT · mean over layers of (mean β of the written tokens − BETA_TARGET)², and
+    the mean β."""
+    import torch
+
+    per_layer = torch.stack([(torch.sigmoid(o) * w).sum((0, 1)).sum() / (w.sum() * o.shape[-1])
+                             for o in probe.outputs])
+    return BETA_WEIGHT * ((per_layer - BETA_TARGET) ** 2).mean(), float(per_layer.detach().mean())
+
+
+def _stream_loss(rt, batch, probe, memory, keep_weight):
+    """episode_loss of a make_stream_batch batch: one forward, writes on every real token."""
+    import torch
+
+    if writes_messages(rt):
+        raise ValueError("the stream read pass writes per token; SSW adapters are not supported")
+    ids, mask, attn = batch["s_ids"], batch["s_mask"], _attention(rt, batch["s_attn"])
+    sel = batch["labels"] != -100
+    beta_reg, mean_beta = torch.zeros((), device=rt.device), float("nan")
+
+    def answer_logits(memory: bool):
+        # the vocabulary projection of the answer's positions only: a stream is thousands
+        # of tokens long, its answer a few
+        with _no_lm_head(rt):
+            hidden, _, _ = rt.forward(ids, None, mask, attention_mask=attn, memory=memory)
+        return rt.model.lm_head(hidden[sel])
+
+    if memory and probe is not None:
+        with probe.collect():
+            logits = answer_logits(True)
+        beta_reg, mean_beta = _beta_reg(probe, mask.unsqueeze(-1).float())
+    else:
+        logits = answer_logits(memory)
+    return _answer_loss(logits, batch, memory, keep_weight, beta_reg, mean_beta,
+                        lambda: answer_logits(False))
+
+
+def _attention(rt, allowed):
+    """A boolean (True: attend) 4D mask in the form the backbone's attention takes."""
+    import torch
+
+    if rt.model.config._attn_implementation == "sdpa":
+        return allowed
+    dtype = next(rt.model.parameters()).dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)
+
+
+def _answer_loss(logits, batch, memory, keep_weight, beta_reg, mean_beta, backbone):
+    """The answer's loss and the metrics, shared by both read passes. `logits` (N, V) are
+    those of the answer's positions (batch["labels"] != -100, in row-major order);
+    `backbone()` gives the same positions' logits with memory off, for the keep term."""
+    import torch
+    import torch.nn.functional as F
+
     labels = batch["labels"]
     sel = labels != -100
-    ce = F.cross_entropy(logits[sel].float(), labels[sel])
+    target = labels[sel]
+    row_of = sel.nonzero()[:, 0]
+    keep = batch.get("keep")
+    kl = torch.zeros((), device=logits.device)
+    if memory and keep_weight > 0 and keep is not None and any(keep):
+        kept = torch.tensor(keep, device=logits.device)[row_of]
+        with torch.no_grad():
+            ref = backbone()
+        kl = keep_weight * F.kl_div(F.log_softmax(logits[kept].float(), -1),
+                                    F.log_softmax(ref[kept].float(), -1), log_target=True,
+                                    reduction="sum") / len(target)
+        # each row's tokens weigh as much as without the keep term
+        ce = (F.cross_entropy(logits[~kept].float(), target[~kept], reduction="sum")
+              / len(target)) if bool((~kept).any()) else kl * 0
+    else:
+        ce = F.cross_entropy(logits.float(), target)
     with torch.no_grad():
-        pred = logits.argmax(-1)
-        correct = (pred == labels) | ~sel
-        exact = correct.all(dim=1).float()
-        tok_acc = ((pred == labels) & sel).sum().float() / sel.sum()
-    return ce + beta_reg, {"ce": float(ce.detach()), "beta_reg": float(beta_reg.detach()),
-                           "mean_beta": mean_beta, "tok_acc": float(tok_acc),
-                           "exact": float(exact.mean()), "exact_rows": exact.tolist(), "B": B}
+        right = logits.argmax(-1) == target
+        wrong_rows = torch.zeros(labels.shape[0], dtype=torch.long, device=labels.device)
+        wrong_rows.index_add_(0, row_of, (~right).long())
+        exact = (wrong_rows == 0).float()
+        tok_acc = right.float().mean()
+    return ce + kl + beta_reg, {"ce": float(ce.detach()), "keep_kl": float(kl.detach()),
+                                "beta_reg": float(beta_reg.detach()), "mean_beta": mean_beta,
+                                "tok_acc": float(tok_acc), "exact": float(exact.mean()),
+                                "exact_rows": exact.tolist(), "B": labels.shape[0]}
 
 
 def _written_messages(mids, mask):

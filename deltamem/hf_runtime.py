@@ -144,7 +144,7 @@ class DeltaMemHF:
     def forward(self, input_ids: torch.Tensor, state: torch.Tensor | None = None,
                 write_mask: torch.Tensor | None = None, message_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, past_key_values=None,
-                memory: bool = True):
+                memory: bool = True, position_ids: torch.Tensor | None = None):
         """One forward over (B, T) tokens. Returns (logits, final_state (B, L, H_s, r, r),
         HF output). Differentiable through the state (training) when grad is enabled.
 
@@ -171,7 +171,8 @@ class DeltaMemHF:
         ctx.scan_backend = self.scan_backend
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                             past_key_values=past_key_values, use_cache=past_key_values is not None)
+                             position_ids=position_ids, past_key_values=past_key_values,
+                             use_cache=past_key_values is not None)
         finally:
             ctx.active = False
         final = torch.stack(ctx.states, dim=1) if memory else state

@@ -32,7 +32,9 @@ from .episodes import (
     general_loss,
     general_rows,
     heldout_episodes,
+    keep_rows,
     make_batch,
+    make_stream_batch,
     periodic_scores,
     training_episodes,
     writes_messages,
@@ -298,15 +300,20 @@ def train_step(run: Run) -> None:
     frac = run.progress()
     stage = current_stage(run, step, frac)
     rng = random.Random(f"train-step:{cfg.seed}:{step}")
-    batch = make_batch(run.enc, *training_episodes(cfg, run.stages, stage, step, rng,
-                                                   run.copy_words), run.rt.device,
-                       message_ids=writes_messages(run.rt))
+    eps, write_read, contexts = training_episodes(cfg, run.stages, stage, step, rng,
+                                                  run.copy_words)
+    if cfg.read_pass == "stream":  # every token is written: write_read has no say
+        batch = make_stream_batch(run.enc, eps, contexts, run.rt.device)
+    else:
+        batch = make_batch(run.enc, eps, write_read, contexts, run.rt.device,
+                           message_ids=writes_messages(run.rt))
+    batch["keep"] = keep_rows(eps, contexts)
     lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_frac, frac)
     for g in run.opt.param_groups:
         g["lr"] = lr
     run.rt.adapter.module.train()
     t0 = time.time()
-    loss, m = episode_loss(run.rt, batch, run.probe)
+    loss, m = episode_loss(run.rt, batch, run.probe, keep_weight=cfg.keep_weight)
     if run.general and not run.stages[stage].state_only:  # first learn to hold a fact at all
         rows = rng.sample(run.general, min(cfg.general_per_step, len(run.general)))
         g = general_loss(run.rt, rows, run.enc.pad_id, cfg.general_loss)
@@ -317,7 +324,8 @@ def train_step(run: Run) -> None:
     gnorm = float(torch.nn.utils.clip_grad_norm_(run.params, cfg.clip))
     run.opt.step()
     record_step(run, {"kind": "train", "step": step + 1, "stage": stage, "lr": lr,
-                      "ce": m["ce"], "beta_reg": m["beta_reg"], "mean_beta": m["mean_beta"],
+                      "ce": m["ce"], "keep_kl": m["keep_kl"], "beta_reg": m["beta_reg"],
+                      "mean_beta": m["mean_beta"],
                       "tok_acc": m["tok_acc"], "exact": m["exact"], "gnorm": gnorm,
                       "s": time.time() - t0, f"general_{cfg.general_loss}": m.get("general"),
                       "hist_tokens": batch["n_hist_tokens"]})

@@ -121,6 +121,22 @@ class TrainConfig:
         0.0, "chance that a copy value (--p-copy) is a multi-token pseudo-word (a vocabulary "
         "word plus one or two word pieces), as most held-out values are several tokens; above "
         "0, events get copy phrases too")
+    read_pass: str = _flag(
+        "reread", "how an episode's question is read: 'reread', the reference recipe's second "
+        "pass over [system, window, question, answer] from the history's final state (the "
+        "window recomputed under it); 'stream', as a session is served since turn continuity: "
+        "history, question and answer in one stream, each token written under the state of "
+        "its time and the history's K/V kept, the question attending to the system prompt "
+        "and the window only (token writes only)", choices=("reread", "stream"))
+    dialogues: float = _flag(
+        0.0, "share of served episodes drawn from real-style conversations (deltamem.dialogues, "
+        "train split: dated sessions of two people's lives, questions of LoCoMo's kinds) "
+        "instead of the curriculum's fact-recall chats")
+    keep_weight: float = _flag(
+        0.0, "the keep term: on read passes whose window shows the answer's evidence, "
+        "KL(backbone || δ-mem) over the answer's tokens, weighted by this, replaces the "
+        "cross-entropy to the reference answer, so the memory leaves alone what the backbone "
+        "can already see and answers in its form (0 = the reference recipe)")
     general_per_step: int = _flag(
         2, "general-ability episodes per step: a sessionless question whose target is the "
         "backbone's own answer, so δ-mem leaves such answers alone (0 = none)")
@@ -161,14 +177,17 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Ranges and combinations that no run can use; raises ConfigError naming the flag."""
+        if self.read_pass == "stream" and self.write_granularity == "message_mean":
+            raise ConfigError("--read-pass stream writes per token: it cannot train an SSW "
+                              "(--write-granularity message_mean) adapter")
         for name in ("steps", "batch", "ckpt_every", "eval_episodes", "eval_periodic_episodes"):
             _at_least(name, getattr(self, name), 1)
         for name in ("eval_every", "general_per_step", "general_prompts", "probe_values",
-                     "max_stage", "before_episodes", "general_weight"):
+                     "max_stage", "before_episodes", "general_weight", "keep_weight"):
             _at_least(name, getattr(self, name), 0)
         _at_least("state_heads", self.state_heads, 1)
         for name in ("p_earlier", "read_write_prob", "context_prob", "outside_window", "p_copy",
-                     "p_multi", "warmup", "min_lr_frac"):
+                     "p_multi", "warmup", "min_lr_frac", "dialogues"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{_flag_name(name)} is a fraction in [0, 1], got {value}")

@@ -360,6 +360,103 @@ def test_general_kl_is_zero_without_corrections_and_pulls_back(runtime, zero_rea
         assert ce > 0 and ce != pytest.approx(float(kl.detach()))
 
 
+def test_keep_term_holds_in_window_answers_to_the_backbone(runtime, zero_readout):
+    """The keep term against its definition: rows whose window shows the evidence are scored
+    by KL(backbone || δ-mem) on the answer's positions, the others by cross-entropy to the
+    reference answer; zero KL when δ-mem changes nothing; without keep rows, the old loss."""
+    import torch
+
+    from deltamem import dialogues as G
+    from deltamem.episodes import episode_loss, keep_rows, make_batch
+
+    rt, enc = runtime
+    eps = [D.make_episode("train", 2, i, 1) for i in range(2)]
+    eps.append(G.make_episode("train", 2, 0, shape="short"))
+    after = [D.messages_after_fact(eps[0]), D.messages_after_fact(eps[1]),
+             len(eps[2].dialogue) - min(eps[2].evidence)]
+    contexts = [after[0] + 1, after[1], after[2]]  # shown, not shown, shown
+    assert keep_rows(eps, contexts) == [True, False, True]
+    assert keep_rows(eps, [0, 0, 0]) == [False] * 3  # state only: nothing to keep
+    batch = make_batch(enc, eps, [True] * 3, contexts)
+    with zero_readout(rt) as mod, torch.no_grad():
+        plain, m0 = episode_loss(rt, batch)
+        batch["keep"] = [False] * 3
+        same, _ = episode_loss(rt, batch, keep_weight=1.0)
+        assert float(same) == pytest.approx(float(plain))
+        batch["keep"] = [True] * 3
+        kept, m = episode_loss(rt, batch, keep_weight=1.0)
+        assert m["ce"] == 0 and float(kept) == pytest.approx(m["beta_reg"], abs=1e-6)
+        for layer in mod.layers.values():
+            layer.b_o.weight.normal_(std=5.0)
+        batch["keep"] = keep_rows(eps, contexts)
+        mixed, m = episode_loss(rt, batch, keep_weight=2.0)
+        assert m["keep_kl"] > 1e-3 and m["ce"] > 0
+        # by hand: per-token sums over the rows of each kind, over all answer tokens
+        _, state, _ = rt.forward(batch["h_ids"], None, batch["h_mask"])
+        logits, _, _ = rt.forward(batch["r_ids"], state, batch["r_mask"])
+        ref, _, _ = rt.forward(batch["r_ids"], None, batch["r_mask"], memory=False)
+        sel = batch["labels"] != -100
+        rows = torch.tensor(batch["keep"]).unsqueeze(1)
+        lp, lq = logits.float().log_softmax(-1), ref.float().log_softmax(-1)
+        kl = (lq.exp() * (lq - lp)).sum(-1)[sel & rows].sum() / sel.sum()
+        ce = torch.nn.functional.cross_entropy(logits[sel & ~rows].float(),
+                                               batch["labels"][sel & ~rows], reduction="sum")
+        assert m["keep_kl"] == pytest.approx(2.0 * float(kl), rel=1e-4)
+        assert m["ce"] == pytest.approx(float(ce / sel.sum()), rel=1e-4)
+
+
+def test_stream_read_pass_is_a_served_session_with_its_kv_kept(runtime):
+    """The stream read pass against its definition, built from the runtime's own pieces:
+    the history written with its K/V cached; the cache cut to the system prompt and the
+    window; the question and the answer fed on the history's final state at their stream
+    positions, written. Float32, 1e-4."""
+    import torch
+    from transformers import DynamicCache
+
+    from deltamem import dialogues as G
+    from deltamem.episodes import episode_loss, make_stream_batch
+
+    rt, enc = runtime
+    eps = [D.make_episode("train", 4, 0, 3), G.make_episode("train", 4, 1, shape="short")]
+    contexts = [2, 5]
+    batch = make_stream_batch(enc, eps, contexts)
+    sel = batch["labels"] != -100
+    with torch.no_grad():
+        stream, _, _ = rt.forward(batch["s_ids"], None, batch["s_mask"],
+                                  attention_mask=batch["s_attn"])
+        for b, (ep, c) in enumerate(zip(eps, contexts, strict=True)):
+            hist = enc.ids(ep.history)
+            sys_len = len(enc.ids(ep.history[:1]))
+            win = len(enc.ids(ep.history[:len(ep.history) - c]))
+            row = batch["s_ids"][b, :int(batch["s_mask"][b].sum())]
+            cache = DynamicCache()
+            _, state, _ = rt.forward(row[None, :len(hist)], None, past_key_values=cache)
+            keep = torch.cat([torch.arange(sys_len), torch.arange(win, len(hist))])
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
+            tail = row[None, len(hist):]
+            logits, _, _ = rt.forward(
+                tail, state, past_key_values=cache,
+                position_ids=torch.arange(len(hist), len(row))[None])
+            want = logits[0][sel[b, len(hist):len(row)]]
+            got = stream[b][sel[b]]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        loss, m = episode_loss(rt, batch)
+        assert m["B"] == 2 and m["ce"] > 0 and len(m["exact_rows"]) == 2
+    # writes on every real token; the question sees only the system prompt and the window
+    assert bool(batch["s_mask"].sum(1).eq(torch.tensor([len(r) for r in
+                                                        make_stream_rows(enc, eps)])).all())
+
+
+def make_stream_rows(enc, eps):
+    from deltamem.data import ANSWER_PREFIX
+
+    return [enc.ids([*ep.history, {"role": "user", "content": ep.question}],
+                    generation_prompt=True)
+            + enc.tok(ANSWER_PREFIX + ep.answer, add_special_tokens=False).input_ids
+            + [enc.end_id] for ep in eps]
+
+
 @pytest.mark.model  # the run finds the default model itself
 def test_cli_tiny_run_checkpoints_and_resume(tmp_path, monkeypatch):
     import torch
