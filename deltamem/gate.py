@@ -150,8 +150,9 @@ def card_section(candidates: dict[str, dict], chosen: str, sources: dict[str, li
     lines = ["## Release gate", "",
              f"Chosen by `deltamem gate` from {len(candidates)} candidate(s): **{chosen}**. "
              + ("It meets every must." if verdict(m)["passes"] else
-                "No candidate met every must; this one is the closest to doing no harm on "
-                "real-style conversations, and the table says what it misses."), "",
+                "No candidate met every must; this one has the best real-style ratio among "
+                "those that do no harm there (or, if none, the closest to it), and the table "
+                "says what it misses."), "",
              table(candidates, chosen)]
     rows = []
     for key in ("real_f1", "recall_f1"):
@@ -169,10 +170,14 @@ def card_section(candidates: dict[str, dict], chosen: str, sources: dict[str, li
 
 
 def record_in_card(card: Path, section: str) -> None:
-    """Put `section` in the card, replacing an earlier release gate section."""
+    """Put `section` in the card, replacing an earlier release gate section: at the end of
+    the card's own part, before the first later top-level heading (a base adapter's card)."""
     text = card.read_text() if card.is_file() else ""
-    text = re.sub(r"\n## Release gate\n.*?(?=\n## |\Z)", "", text, flags=re.S).rstrip()
-    card.write_text((text + "\n\n" if text else "") + section)
+    text = re.sub(r"\n## Release gate\n.*?(?=\n## |\n# |\Z)", "", text, flags=re.S)
+    later = re.search(r"\n# ", text[1:])
+    cut = later.start() + 1 if later else len(text)
+    head, tail = text[:cut].rstrip(), text[cut:].lstrip("\n")
+    card.write_text((head + "\n\n" if head else "") + section + ("\n" + tail if tail else ""))
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:

@@ -337,7 +337,7 @@ def test_gate_measures_and_decides(tmp_path):
         paths[name] = tmp_path / f"{name}.json"
         paths[name].write_text(json.dumps(doc))
     card = tmp_path / "TRAINING_CARD.md"
-    card.write_text("# Card\n\n## Results\n\nsome numbers\n")
+    card.write_text("# Card\n\n## Results\n\nsome numbers\n\n# Base\n\n## Recipe\n")
     args = ["gate", "--candidate", "good", str(paths["good"]), str(paths["recall"]),
             "--candidate", "terse", str(paths["terse"]), str(paths["recall"]),
             "--card", str(card), "--out", str(tmp_path / "gate.json")]
@@ -347,6 +347,8 @@ def test_gate_measures_and_decides(tmp_path):
     assert cli.main(args) == 0  # a second verdict replaces the first in the card
     text = card.read_text()
     assert text.count("## Release gate") == 1 and "## Results\n\nsome numbers" in text
+    # in the card's own part, before its base's
+    assert text.index("## Release gate") < text.index("# Base\n") < text.index("## Recipe")
     assert "**good**" in text and "every must" in text
     assert json.loads((tmp_path / "gate.json").read_text())["chosen"] == "good"
 
