@@ -698,10 +698,14 @@ def locomo_conversation(split: str, seed: int, index: int,
 def write_locomo_json(path: str | Path, n: int, split: str = "heldout", seed: int = 1234,
                       diff: Difficulty = HELDOUT_LOCOMO) -> Path:
     """Write `n` generated conversations as a LoCoMo-format JSON list."""
+    return write_samples(path, [locomo_conversation(split, seed, i, diff) for i in range(n)])
+
+
+def write_samples(path: str | Path, samples: list[dict]) -> Path:
+    """LoCoMo-format samples as one JSON list (the layout LoCoMo's own file has)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = [locomo_conversation(split, seed, i, diff) for i in range(n)]
-    path.write_text(json.dumps(data, indent=1, ensure_ascii=False))
+    path.write_text(json.dumps(samples, indent=1, ensure_ascii=False))
     return path
 
 

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import SPLITS, SYSTEM_PROMPT, Episode
+from .data import SPLITS, Episode, locomo_messages, write_samples
 
 MULTI_HOP, TEMPORAL, OPEN_DOMAIN, SINGLE_HOP, ADVERSARIAL = 1, 2, 3, 4, 5
 
@@ -803,26 +803,8 @@ def locomo_dialogue(split: str, seed: int, index: int, shape: str = "standard") 
 
 def write_locomo_json(path: str | Path, n: int, split: str = "heldout", seed: int = 1234,
                       shape: str = "standard") -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = [locomo_dialogue(split, seed, i, shape) for i in range(n)]
-    path.write_text(json.dumps(data, indent=1, ensure_ascii=False))
-    return path
-
-
-def sample_messages(sample: dict, system_prompt: str | None = SYSTEM_PROMPT) -> list[dict]:
-    """A LoCoMo sample as the server sees it in `deltamem eval`: a "[Session s, date]"
-    message before each session, then one user message per turn, "Speaker: text"."""
-    conv = sample["conversation"]
-    msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    s = 1
-    while f"session_{s}" in conv:
-        msgs.append({"role": "user",
-                     "content": f"[Session {s}, {conv.get(f'session_{s}_date_time', '')}]"})
-        msgs += [{"role": "user", "content": f"{t['speaker']}: {t['text']}"}
-                 for t in conv[f"session_{s}"]]
-        s += 1
-    return msgs
+    """Write `n` generated conversations as a LoCoMo-format JSON list."""
+    return write_samples(path, [locomo_dialogue(split, seed, i, shape) for i in range(n)])
 
 
 def make_episode(split: str, seed: int, index: int, shape: str = "standard",
@@ -832,7 +814,7 @@ def make_episode(split: str, seed: int, index: int, shape: str = "standard",
     sample = locomo_dialogue(split, seed, index, shape)
     rng = rng or random.Random(f"deltamem-dialogue-question:{split}:{seed}:{index}")
     q = rng.choice([q for q in sample["qa"] if q["category"] != ADVERSARIAL])
-    history = sample_messages(sample)
+    history = locomo_messages(sample)  # a header before each session, a message a turn
     # dia_id -> index among the history's non-system messages (session headers included)
     place, i, s = {}, 0, 1
     conv = sample["conversation"]
