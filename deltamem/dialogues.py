@@ -158,12 +158,12 @@ class Person:
 @dataclass
 class Beat:
     """Turns one thread adds in one session: (speaker, text) with speaker 0 the thread's
-    owner and 1 the other person; `gap` sessions after the thread's previous beat (at least);
-    `when`: a relative past time its text uses, resolved against its session's date."""
+    owner and 1 the other person; `gap` sessions after the thread's previous beat (at least).
+    A beat's relative times ("last week") are resolved by its questions' answers, against
+    the date of the session the beat lands in."""
 
     turns: list[tuple[int, str]]
     gap: int = 1
-    when: str | None = None
 
 
 @dataclass
@@ -178,7 +178,6 @@ class Question:
 @dataclass
 class Thread:
     kind: str
-    owner: int  # 0 or 1
     beats: list[Beat]
     questions: list[Question] = field(default_factory=list)
     facts: dict[str, str] = field(default_factory=dict)  # for multi-hop questions across threads
@@ -513,8 +512,7 @@ def _pet(d: _Draw, o: Person, x: Person) -> Thread:
            "Her": "Her" if she else "His", "him": "her" if she else "him",
            "he": "she" if she else "he", "He": "She" if she else "He"}
     when = d.rng.choice(["yesterday", "two days ago", "last weekend", "last week"])
-    beats = [Beat([(0, d.say(PET_NEW, **pet, when=when)), (1, d.say(PET_REACT, **pet))],
-                  when=when),
+    beats = [Beat([(0, d.say(PET_NEW, **pet, when=when)), (1, d.say(PET_REACT, **pet))]),
              Beat([(0, d.say(PET_LATER, **pet))], gap=d.rng.randint(1, 3))]
     qs = [Question(d.say(Q_PET_NAME, o=o.name, her=o.poss, kind=kind), name, [0], SINGLE_HOP),
           Question(d.say(Q_PET_WHEN, o=o.name, her=o.poss, kind=kind, name=name),
@@ -523,7 +521,7 @@ def _pet(d: _Draw, o: Person, x: Person) -> Thread:
                    f"to {pet['trick']}", [1], SINGLE_HOP),
           Question(d.say(Q_PET_NAME, o=x.name, her=x.poss, kind=kind), "", [0], ADVERSARIAL,
                    adversarial_answer=name)]
-    return Thread("pet", 0, beats, qs, {"pet": name})
+    return Thread("pet", beats, qs, {"pet": name})
 
 
 def _job(d: _Draw, o: Person, x: Person) -> Thread:
@@ -538,7 +536,7 @@ def _job(d: _Draw, o: Person, x: Person) -> Thread:
           Question(d.say(Q_JOB_BEFORE, o=o.name, job2=job2), job, [0, 1], MULTI_HOP),
           Question(d.say(Q_JOB_WHERE, o=o.name, job2=job2), place2, [1], SINGLE_HOP),
           Question(d.say(Q_JOB_NOW, o=x.name), "", [1], ADVERSARIAL, adversarial_answer=job2)]
-    return Thread("job", 0, beats, qs)
+    return Thread("job", beats, qs)
 
 
 def _move(d: _Draw, o: Person, x: Person) -> Thread:
@@ -550,7 +548,7 @@ def _move(d: _Draw, o: Person, x: Person) -> Thread:
     qs = [Question(d.say(Q_CITY_NEW, o=o.name), city2, [0], SINGLE_HOP),
           Question(d.say(Q_CITIES, o=o.name), f"{city}, {city2}", [0, 1], MULTI_HOP),
           Question(d.say(Q_CITY_NEW, o=x.name), "", [0], ADVERSARIAL, adversarial_answer=city2)]
-    return Thread("move", 0, beats, qs)
+    return Thread("move", beats, qs)
 
 
 def _trip(d: _Draw, o: Person, x: Person) -> Thread:
@@ -560,14 +558,14 @@ def _trip(d: _Draw, o: Person, x: Person) -> Thread:
     kw = {"country": country, "country2": country2, "month": month, "when": when}
     beats = [Beat([(0, d.say(TRIP_PLAN, **kw)), (1, d.say(TRIP_REACT))]),
              Beat([(0, d.say(TRIP_CHANGE, **kw))], gap=d.rng.randint(1, 2)),
-             Beat([(0, d.say(TRIP_BACK, **kw)), (1, d.say(REACT["good"]))], gap=1, when=when)]
+             Beat([(0, d.say(TRIP_BACK, **kw)), (1, d.say(REACT["good"]))], gap=1)]
     qs = [Question(d.say(Q_TRIP, o=o.name, month=month), country2, [1, 2], SINGLE_HOP),
           Question(d.say(Q_TRIP_WHEN, o=o.name, country2=country2),
                    lambda dates, w=when: WHEN[w](dates[2]), [2], TEMPORAL),
           Question(d.say(Q_TRIP_FIRST, o=o.name), country, [0, 1], MULTI_HOP),
           Question(d.say(Q_TRIP, o=x.name, month=month), "", [2], ADVERSARIAL,
                    adversarial_answer=country2)]
-    return Thread("trip", 0, beats, qs)
+    return Thread("trip", beats, qs)
 
 
 def _hobby(d: _Draw, o: Person, x: Person) -> Thread:
@@ -577,8 +575,7 @@ def _hobby(d: _Draw, o: Person, x: Person) -> Thread:
     when = d.rng.choice(["yesterday", "two days ago", "last week", "this morning"])
     kw = {"hobby": hobby, "Hobby": hobby[0].upper() + hobby[1:], "teacher": teacher,
           "tp": "she" if she else "he"}
-    beats = [Beat([(0, d.say(HOBBY_START, **kw, when=when)), (1, d.say(HOBBY_REACT))],
-                  when=when),
+    beats = [Beat([(0, d.say(HOBBY_START, **kw, when=when)), (1, d.say(HOBBY_REACT))]),
              Beat([(0, d.say(HOBBY_LATER, **kw))], gap=d.rng.randint(1, 3))]
     qs = [Question(d.say(Q_HOBBY, o=o.name), hobby, [0], SINGLE_HOP),
           Question(d.say(Q_TEACHER, o=o.name, hobby=hobby), teacher, [0], SINGLE_HOP),
@@ -588,7 +585,7 @@ def _hobby(d: _Draw, o: Person, x: Person) -> Thread:
                    f"Yes; {o.pron} takes {hobby} classes", [0, 1], OPEN_DOMAIN),
           Question(d.say(Q_TEACHER, o=x.name, hobby=hobby), "", [0], ADVERSARIAL,
                    adversarial_answer=teacher)]
-    return Thread("hobby", 0, beats, qs, {"hobby": hobby})
+    return Thread("hobby", beats, qs, {"hobby": hobby})
 
 
 def _relative(d: _Draw) -> tuple[str, str]:
@@ -602,14 +599,14 @@ def _event(d: _Draw, o: Person, x: Person) -> Thread:
     when = d.rng.choice(["yesterday", "two days ago", "last weekend", "last week"])
     kw = {"event": event, "rel": rel, "relname": relname, "when": when,
           "when_cap": when[0].upper() + when[1:]}
-    beats = [Beat([(0, d.say(EVENT_WENT, **kw)), (1, d.say(EVENT_REACT))], when=when)]
+    beats = [Beat([(0, d.say(EVENT_WENT, **kw)), (1, d.say(EVENT_REACT))])]
     qs = [Question(d.say(Q_EVENT_WHO, o=o.name, event=event), f"{o.poss} {rel} {relname}",
                    [0], SINGLE_HOP),
           Question(d.say(Q_EVENT_WHEN, o=o.name, event=event),
                    lambda dates, w=when: WHEN[w](dates[0]), [0], TEMPORAL),
           Question(d.say(Q_EVENT_WHO, o=x.name, event=event), "", [0], ADVERSARIAL,
                    adversarial_answer=relname)]
-    return Thread("event", 0, beats, qs)
+    return Thread("event", beats, qs)
 
 
 def _news(d: _Draw, o: Person, x: Person) -> Thread:
@@ -617,12 +614,12 @@ def _news(d: _Draw, o: Person, x: Person) -> Thread:
     news = d.pick(NEWS)
     when = d.rng.choice(["yesterday", "last week", "two days ago"])
     kw = {"rel": rel, "relname": relname, "news": news, "when": when, "feel": d.pick(FEELINGS)}
-    beats = [Beat([(0, d.say(NEWS_TOLD, **kw)), (1, d.say(NEWS_REACT, **kw))], when=when)]
+    beats = [Beat([(0, d.say(NEWS_TOLD, **kw)), (1, d.say(NEWS_REACT, **kw))])]
     qs = [Question(d.say(Q_NEWS, o=o.name, her=o.poss, rel=rel), f"{relname} {news}", [0],
                    SINGLE_HOP),
           Question(d.say(Q_NEWS_WHO, o=o.name, news=news), f"{o.poss} {rel} {relname}", [0],
                    SINGLE_HOP)]
-    return Thread("news", 0, beats, qs)
+    return Thread("news", beats, qs)
 
 
 def _race(d: _Draw, o: Person, x: Person) -> Thread:
@@ -635,12 +632,12 @@ def _race(d: _Draw, o: Person, x: Person) -> Thread:
           "when": when}
     beats = [Beat([(0, d.say(RACE_PLAN, **kw)), (1, d.say(RACE_REACT))]),
              Beat([(0, d.say(RACE_DONE, **kw)), (1, d.say(JOB_REACT))],
-                  gap=d.rng.randint(1, 3), when=when)]
+                  gap=d.rng.randint(1, 3))]
     qs = [Question(d.say(Q_RACE, o=o.name), race, [0], SINGLE_HOP),
           Question(d.say(Q_RACE_TIME, o=o.name, race=race), time, [1], SINGLE_HOP),
           Question(d.say(Q_RACE_FIT, o=o.name), f"Yes; {o.pron} trained for and ran {race}",
                    [0, 1], OPEN_DOMAIN)]
-    return Thread("race", 0, beats, qs)
+    return Thread("race", beats, qs)
 
 
 def _recommend(d: _Draw, o: Person, x: Person) -> Thread:
@@ -650,7 +647,7 @@ def _recommend(d: _Draw, o: Person, x: Person) -> Thread:
     beats = [Beat([(1, d.say(RECOMMEND, **kw)), (0, d.say(THANKS))]),
              Beat([(0, d.say(RECOMMEND_BACK, **kw))], gap=d.rng.randint(1, 2))]
     q = d.say(Q_RECOMMEND, o=o.name, x=x.name, media=media)
-    return Thread("recommend", 0, beats, [Question(q, title, [0], SINGLE_HOP)])
+    return Thread("recommend", beats, [Question(q, title, [0], SINGLE_HOP)])
 
 
 THREADS: dict[str, Callable[[_Draw, Person, Person], Thread]] = {

@@ -76,8 +76,15 @@ class Encoder:
         msgs = read_messages(ep, context=context)
         before_q = self.ids(msgs[:-2])
         prompt = self.ids(msgs[:-1], generation_prompt=True)
-        answer = self.tok(msgs[-1]["content"], add_special_tokens=False).input_ids + [self.end_id]
-        return prompt + answer, len(before_q), len(prompt)
+        return prompt + self.answer(ep), len(before_q), len(prompt)
+
+    def answer(self, ep) -> list[int]:
+        """The trained answer's tokens (deltamem.data.ANSWER_PREFIX and the answer) and the
+        closing <|im_end|>."""
+        from .data import ANSWER_PREFIX
+
+        return self.tok(ANSWER_PREFIX + ep.answer, add_special_tokens=False).input_ids + [
+            self.end_id]
 
 
 def pad_rows(rows: list[list[int]], pad_id: int, answer_starts: list[int] | None = None,
@@ -172,12 +179,10 @@ def make_stream_batch(enc: Encoder, episodes, contexts: list[int] | None = None,
             raise ValueError("a stream episode's history starts with its system message")
         prompt = enc.ids([*hist, {"role": "user", "content": ep.question}],
                          generation_prompt=True)
-        from .data import ANSWER_PREFIX
-
-        answer = enc.tok(ANSWER_PREFIX + ep.answer, add_special_tokens=False).input_ids
-        ids = prompt + answer + [enc.end_id]
-        q_start = len(enc.ids(hist))
-        if prompt[:q_start] != enc.ids(hist):
+        ids = prompt + enc.answer(ep)
+        history = enc.ids(hist)
+        q_start = len(history)
+        if prompt[:q_start] != history:
             raise ValueError("the chat template is not prefix-stable")
         sys_len = len(enc.ids(hist[:1]))
         win = len(enc.ids(hist[:len(hist) - min(c, len(hist) - 1)])) if c else q_start

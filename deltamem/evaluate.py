@@ -756,7 +756,7 @@ def markdown_table(summary: dict, general: dict, window: int,
         g = general.get(mode.split("@")[0])
         lines.append(f"| {mode} | {a['f1']:.3f} | {a['em']:.3f} | {a['contains']:.3f} | "
                      f"{o['em'] if o else float('nan'):.3f} ({o['n'] if o else 0}) | {a['n']} | "
-                     f"{a.get('words', 0.0):.1f} | {'' if g is None else f'{g:.3f}'} |")
+                     f"{a['words']:.1f} | {'' if g is None else f'{g:.3f}'} |")
     cats = sorted({c for s in summary.values() for c in s["categories"]})
     if cats:
         lines += ["", "| mode | " + " | ".join(

@@ -307,7 +307,8 @@ def train_step(run: Run) -> None:
     else:
         batch = make_batch(run.enc, eps, write_read, contexts, run.rt.device,
                            message_ids=writes_messages(run.rt))
-    batch["keep"] = keep_rows(eps, contexts)
+    if cfg.keep_weight > 0:
+        batch["keep"] = keep_rows(eps, contexts)
     lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_frac, frac)
     for g in run.opt.param_groups:
         g["lr"] = lr

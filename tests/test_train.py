@@ -443,18 +443,10 @@ def test_stream_read_pass_is_a_served_session_with_its_kv_kept(runtime):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         loss, m = episode_loss(rt, batch)
         assert m["B"] == 2 and m["ce"] > 0 and len(m["exact_rows"]) == 2
-    # writes on every real token; the question sees only the system prompt and the window
-    assert bool(batch["s_mask"].sum(1).eq(torch.tensor([len(r) for r in
-                                                        make_stream_rows(enc, eps)])).all())
-
-
-def make_stream_rows(enc, eps):
-    from deltamem.data import ANSWER_PREFIX
-
-    return [enc.ids([*ep.history, {"role": "user", "content": ep.question}],
-                    generation_prompt=True)
-            + enc.tok(ANSWER_PREFIX + ep.answer, add_special_tokens=False).input_ids
-            + [enc.end_id] for ep in eps]
+    # writes on every real token of the stream: history, question and answer
+    rows = [enc.ids([*ep.history, {"role": "user", "content": ep.question}],
+                    generation_prompt=True) + enc.answer(ep) for ep in eps]
+    assert batch["s_mask"].sum(1).tolist() == [len(r) for r in rows]
 
 
 @pytest.mark.model  # the run finds the default model itself
