@@ -180,7 +180,7 @@ class ChatService:
             self._check_context(plan, sp)
             if ready is not None:
                 ready()
-            gen = await self._generate(plan, sp, tenant, stream_cb)
+            gen = await self._generate(plan, sp, tenant, stream_cb, sessionless=True)
             return gen, None
         ms.validate_session_id(session_id)
         async with self.locks.hold(tenant, session_id, self.s.session_lock_timeout):
@@ -248,12 +248,20 @@ class ChatService:
                 "one, or raise the limit (--max-session-tokens)",
                 code="session_token_limit", param="session_id")
 
-    async def _generate(self, plan, sp, tenant: str, stream_cb) -> Generated:
+    async def _generate(self, plan, sp, tenant: str, stream_cb, sessionless: bool = False
+                        ) -> Generated:
         prompt = plan.prompt
         memory = self.engine.memory
+        ssw = memory and self.engine.adapter.config.write_granularity == "message_mean"
+        salt = tenant
+        if ssw and sessionless:
+            # SSW: a sessionless prompt is one ingest (its assistant messages too), a
+            # session's replies are written token by token: the same tokens, other K/V.
+            salt = f"{tenant}\0sessionless"
         stream = self.engine.generate(
             prompt, sp, plan.initial_state if memory else None, plan.write_start,
-            known=plan.known if memory else None, cache_salt=tenant)
+            known=plan.known if memory else None, cache_salt=salt,
+            ingests=plan.ingests if ssw else None)
         tokens: list[int] = []
         text = []
         t0 = time.perf_counter()

@@ -29,6 +29,8 @@ import torch
 
 from memory_store import SessionRecord, StateIdentity
 
+from .engine.model import Ingest
+
 TURN_LOG_KEEP = 64
 SYSTEM_FIXED = ("a session's system prompt is set by its first turn; it cannot change later "
                 "(start or fork a new session)")
@@ -104,11 +106,21 @@ class TurnPlan:
     new_epoch: bool  # this turn starts an epoch (the window is re-read under `initial_state`)
     initial_state: torch.Tensor | None = None  # the epoch's state S_e (None: zero)
     known: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # prompt pos
+    # SSW: the epoch's ingests, this turn's last, [start, end, [[start, end] per message]]
+    # in transcript positions (what the record keeps; `ingests` gives them to the engine).
+    epoch_ingests: list = dataclasses.field(default_factory=list)
 
     def prompt_position(self, t: int) -> int:
         """Where transcript position t (>= the window start) sits in the prompt."""
         pinned = self.spans[0][1] if len(self.spans) == 2 else 0
         return pinned + t - self.window_start
+
+    @property
+    def ingests(self) -> list[Ingest]:
+        """The epoch's ingests in prompt positions, as the engine takes them."""
+        pp = self.prompt_position
+        return [Ingest(pp(a), pp(b), tuple((pp(x), pp(y)) for x, y in m))
+                for a, b, m in self.epoch_ingests]
 
     def transcript_position(self, p: int) -> int | None:
         """The transcript position of prompt position p (None inside the pinned prefix)."""
@@ -241,9 +253,11 @@ def plan_turn(fmt: ChatFormat, record: SessionRecord, messages: list[dict], wind
         boundaries.append(0)
         toks += fmt.message("system", system)
         sys_len = len(toks)
+    messages_at = []  # the new messages' tokens (SSW writes each as one message)
     for m in new:
         boundaries.append(len(T) + len(toks))
         toks += fmt.message(m["role"], m["content"])
+        messages_at.append([boundaries[-1], len(T) + len(toks)])
     boundaries.append(len(T) + len(toks))  # the assistant reply starts here
     toks += fmt.gen_prompt
     full = T + toks
@@ -276,6 +290,14 @@ def plan_turn(fmt: ChatFormat, record: SessionRecord, messages: list[dict], wind
                     spans=spans, window=window, window_start=ws, write_from=write_from,
                     new_epoch=new_epoch)
     plan.write_start = plan.prompt_position(write_from) if ws > 0 else write_from
+    # SSW: this turn's new tokens are one ingest (the reference's session runtime takes a turn
+    # in one forward); the epoch's earlier ingests are replayed when its stream is recomputed.
+    # A reply cut by the length limit is closed with <|im_end|> written as a reply token, as
+    # one the model had generated: an ingest's place is then a function of the tokens alone,
+    # which sharing K/V across requests by tokens needs.
+    start = len(T) + (len(fmt.close) - len(fmt.newline) if T and T[-1] != fmt.im_end else 0)
+    plan.epoch_ingests = [g for g in meta.get("ingests", []) if g[0] >= write_from] + [
+        [start, len(full), messages_at]]
     if new_epoch:
         plan.initial_state = record.state if T else None
     else:
@@ -307,7 +329,8 @@ def finish_turn(plan: TurnPlan, generated: list[int], text: str, final_state,
              "new_epoch": plan.new_epoch, "cached_tokens": cached_tokens, "time": time.time()}
     log = (rec.meta.get("turn_log", []) + [entry])[-TURN_LOG_KEEP:]
     meta = {**rec.meta, "boundaries": plan.boundaries, "turn_log": log,
-            "epoch": {"window_start": plan.window_start, "write_from": plan.write_from}}
+            "epoch": {"window_start": plan.window_start, "write_from": plan.write_from},
+            "ingests": plan.epoch_ingests}
     extra = {}
     if final_state is not None:
         if plan.initial_state is not None:

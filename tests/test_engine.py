@@ -387,15 +387,108 @@ def test_zero_b_equals_plain_vllm_and_recompute_resets_state(host, tokenizer, sh
                                    f"{tokenizer.decode(t_plain)!r} for {tokenizer.decode(ids)!r}")
 
 
+def _message_ids(ingest, start: int, end: int) -> list[int]:
+    """Per token of prompt[start:end], its message's number in `ingest` (-1: none)."""
+    out = [-1] * (end - start)
+    for j, (a, b) in enumerate(ingest.messages):
+        out[a - start:b - start] = [j] * (b - a)
+    return out
+
+
+def test_ssw_engine_serves_a_session_as_the_reference(host, tokenizer, model_dir, tmp_path):
+    """An SSW adapter served (one more engine, eager), two turns of a session planned as the
+    server plans them: the engine's states and answers are the HF runtime's under the
+    reference's session semantics (a turn's new tokens one forward that reads the state from
+    before it and writes its messages' means at its end; each reply token a one-token
+    message). Turn 2 resumes at the block boundary turn 1 snapshotted in its reply; the same
+    turn with its cache kept apart (another salt) recomputes the epoch's stream, two ingests
+    and a reply in 64-token steps, to the same answer and state."""
+    import dataclasses
+
+    from transformers import DynamicCache
+
+    from deltamem.adapter import load_adapter, save_adapter
+    from deltamem.hf_runtime import DeltaMemHF
+    from memory_store import SessionRecord, StateIdentity
+    from server.sessions import ChatFormat, finish_turn, plan_turn
+
+    adapter = make_test_adapter(model_dir, tmp_path / "tsw")
+    adapter.module.cfg.write_granularity = "message_mean"
+    ssw_dir = save_adapter(adapter, tmp_path / "ssw")
+    fmt, ident = ChatFormat(tokenizer), StateIdentity("backbone", "ssw", 30, 1, 8)
+    user = "My cat is called Tom and I live in Oslo, near the harbour."
+    eng = host.start_engine(host.config(adapter_dir=ssw_dir, enforce_eager=True,
+                                        extra_engine_args={"disable_log_stats": True}))
+    try:
+        plan1 = plan_turn(fmt, SessionRecord("s", "t", ident),
+                          [{"role": "user", "content": user}], -1, 2048, 100)
+        toks1, fin1 = host.generate(plan1.prompt, greedy(100, ignore_eos=True), None,
+                                    plan1.write_start, engine=eng, known=plan1.known,
+                                    ingests=plan1.ingests)
+        rec1 = dataclasses.replace(finish_turn(plan1, toks1, "", fin1.final_state, "length",
+                                               ident, fin1.block), version=1)
+        plan2 = plan_turn(fmt, rec1, [{"role": "user", "content": "What is my cat called?"}],
+                          -1, 2048, 16)
+        kw = {"known": plan2.known, "ingests": plan2.ingests, "engine": eng}
+        sp = greedy(16, ignore_eos=True)
+        toks2, fin2 = host.generate(plan2.prompt, sp, plan2.initial_state, plan2.write_start,
+                                    **kw)
+        toks2b, fin2b = host.generate(plan2.prompt, sp, plan2.initial_state,
+                                      plan2.write_start, cache_salt="apart", **kw)
+    finally:
+        host.stop_engine(eng)
+    assert len(plan2.ingests) == 2 and plan2.write_start == 0
+    assert plan2.ingests[1].start == len(rec1.transcript) + 1  # after the closing <|im_end|>
+    blk = fin1.block[0]
+    assert len(plan1.prompt) < blk < len(rec1.transcript)  # a reply token: a safe point
+    assert blk in plan2.known and fin2.cached_tokens == blk and not fin2b.cached_tokens
+
+    hf = OneThreadOracle(DeltaMemHF.from_pretrained(model_dir, adapter=load_adapter(ssw_dir)))
+    cache = DynamicCache()
+
+    def fwd(ids, state, mids):
+        with torch.no_grad():
+            logits, state, _ = hf.forward(torch.tensor([ids]), state, None,
+                                          message_ids=torch.tensor([mids]),
+                                          past_key_values=cache)
+        return logits[0, -1], state
+
+    g1, g2 = plan2.ingests
+    logits, state = fwd(plan1.prompt, None, _message_ids(g1, 0, g1.end))
+    for n, tok in enumerate(toks1):
+        if n < 8:  # the engine's greedy reply, teacher-forced here
+            assert tok == int(logits.argmax())
+        if n == len(toks1) - 1:  # turn 1 does not write its last token, turn 2 does
+            assert rel_err(fin1.final_state, state[0]) <= REL_TOL
+        logits, state = fwd([tok], state, [0])
+    # A reply the length limit cut (this one) is closed by <|im_end|>, written as a reply token.
+    for tok in plan2.prompt[len(rec1.transcript):g2.start]:
+        logits, state = fwd([tok], state, [0])
+    ids2 = plan2.prompt[g2.start:]
+    logits, state = fwd(ids2, state, _message_ids(g2, g2.start, g2.end))
+    ref = []
+    for _ in range(16):
+        ref.append(int(logits.argmax()))
+        if len(ref) == 16:
+            break
+        logits, state = fwd([ref[-1]], state, [0])
+    assert toks2 == ref, (tokenizer.decode(toks2), tokenizer.decode(ref))
+    assert toks2b == toks2
+    for fin in (fin2, fin2b):
+        assert rel_err(fin.final_state, state[0]) <= REL_TOL
+
+
 # --- the worker runtime's bookkeeping, without vLLM ----------------------------------------------
 
-def _runtime(layers: int = 2, d: int = 32, seed: int = 0, heads: int = 1):
+def _runtime(layers: int = 2, d: int = 32, seed: int = 0, heads: int = 1,
+             granularity: str = "token"):
     """A worker runtime on a small random adapter (no backbone)."""
     from deltamem.layer import DeltaMem, DeltaMemConfig
     from server.engine.model import DeltaMemRuntime
 
     torch.manual_seed(seed)
-    cfg = DeltaMemConfig(hidden_size=d, q_out_size=d, num_layers=layers, num_state_heads=heads)
+    cfg = DeltaMemConfig(hidden_size=d, q_out_size=d, num_layers=layers, num_state_heads=heads,
+                         write_granularity=granularity)
     mod = DeltaMem(cfg)
     for i in cfg.layers:
         mod.layer(i).reset_parameters()
@@ -416,11 +509,11 @@ def _corrections(rt, layer, x):
     return memory_corrections(rt.test_layers[layer], x)
 
 
-def _request(state, write_start, key):
+def _request(state, write_start, key, **more):
     from server.engine.model import EXTRA_ARGS_KEY, encode_state
 
     extra = {EXTRA_ARGS_KEY: {"state": encode_state(state), "write_start": write_start,
-                              "key": key}}
+                              "key": key, **more}}
     return SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra))
 
 
@@ -648,6 +741,132 @@ def test_runtime_resumes_where_it_knows_the_state_and_snapshots():
     assert rel_err(decode_state(got["state"], rt.state_shape), ref[23]) < 1e-5
     assert set(got["snapshots"]) == {"5", "11"} and got["block"][0] == 16
     assert rel_err(decode_state(got["block"][1], rt.state_shape), ref[16]) < 1e-5
+
+
+# --- SSW in the worker runtime --------------------------------------------------------------------
+
+def _ssw_reference(rt, x, s0, write_start, ingests):
+    """Per layer (the same x for every layer, as `_step` feeds), the reads and the final state
+    of an SSW stream as the HF runtime computes it: each ingest one `scan_messages` forward
+    from the state before it (its messages clipped to the write start), every other token from
+    the write start on a token write."""
+    T = x.shape[0]
+    cuts = sorted({0, T, *(p for g in ingests for p in (g.start, g.end))})
+    out = []
+    for slot, layer in enumerate(rt.layer_ids):
+        mem = rt.module.layer(layer)
+        state, reads = s0[slot].unsqueeze(0), []
+        for a, b in zip(cuts, cuts[1:], strict=False):
+            xs = x[a:b].unsqueeze(0)
+            g = next((g for g in ingests if g.start == a), None)
+            if g is None:
+                mask = (torch.arange(a, b) >= write_start).unsqueeze(0)
+                r, state = mem.scan_tokens(mem.project(xs), state, mask)
+            else:
+                mids = torch.full((1, b - a), -1)
+                for j, (ma, mb) in enumerate(g.messages):
+                    if mb > max(ma, write_start):
+                        mids[0, max(ma, write_start) - a:mb - a] = j
+                r, state = mem.scan_messages(xs, mem.project_q(xs), state, mids)
+            reads.append(r[0])
+        out.append((torch.cat(reads), state[0]))
+    return out
+
+
+SSW_INGESTS = [(0, 9, [(2, 6), (6, 9)]), (14, 22, [(15, 19), (19, 21)]), (26, 29, [(26, 28)])]
+
+
+@pytest.mark.parametrize("chunks", [[34], [5] * 7, [9, 5, 8, 4, 8], [1] * 34],
+                         ids=["one-step", "chunks-of-5", "at-ingest-ends", "token-by-token"])
+@pytest.mark.parametrize("write_start", [0, 3])
+def test_ssw_runtime_matches_the_message_writes(chunks, write_start):
+    """An SSW request whose prompt holds three ingests with token writes between them (an
+    epoch's stream: earlier turns' messages and generated tokens, then this turn's) and five
+    decode tokens, stepped whole, in chunks that split ingests, and token by token, beside a
+    second request in its own steps: the reads (through Δq, Δo) and the final state equal the
+    HF runtime's SSW math, float32 within 1e-5 relative."""
+    from server.engine.model import Ingest, memory_corrections
+
+    rt = _runtime(heads=4, seed=11, granularity="message_mean")
+    d = rt.module.cfg.hidden_size
+    g = torch.Generator().manual_seed(12)
+    x, s0 = torch.randn(34, d, generator=g), torch.randn(rt.state_shape, generator=g)
+    ingests = [Ingest(a, b, tuple(m)) for a, b, m in SSW_INGESTS]
+    other_x, other_s0 = torch.randn(6, d, generator=g), torch.randn(rt.state_shape, generator=g)
+    other = [Ingest(0, 4, ((1, 4),))]
+    reqs = {"a": _request(s0, write_start, "A", ingests=[i.to_json() for i in ingests]),
+            "b": _request(other_s0, 0, "B", ingests=[i.to_json() for i in other])}
+    got = {rid: {i: [] for i in rt.layer_ids} for rid in reqs}
+    at, b_at = 0, 0
+    for n in chunks:
+        batch = [("a", x[at:at + n], at)]
+        if b_at < 6:
+            m = 4 if b_at == 0 else 1
+            batch.append(("b", other_x[b_at:b_at + m], b_at))
+        rt.plan_step([r for r, _, _ in batch], [len(t) for _, t, _ in batch],
+                     [p for _, _, p in batch], reqs)
+        xb = torch.cat([t for _, t, _ in batch])
+        rt.begin_forward(xb.shape[0])
+        try:
+            for layer in rt.layer_ids:
+                dq, do = memory_corrections(rt.test_layers[layer], xb)
+                o = 0
+                for rid, t, _ in batch:
+                    got[rid][layer].append((dq[o:o + len(t)], do[o:o + len(t)]))
+                    o += len(t)
+        finally:
+            rt.end_forward()
+        at += n
+        b_at += len(batch[1][1]) if len(batch) > 1 else 0
+    for rid, xs, init, ws, ing in (("a", x, s0, write_start, ingests),
+                                   ("b", other_x[:b_at], other_s0, 0, other)):
+        ref = _ssw_reference(rt, xs, init, ws, ing)
+        for slot, layer in enumerate(rt.layer_ids):
+            mem = rt.module.layer(layer)
+            reads, final = ref[slot]
+            dq = torch.cat([a for a, _ in got[rid][layer]])
+            do = torch.cat([b for _, b in got[rid][layer]])
+            assert rel_err(dq, mem.delta_q(reads)) < 1e-5
+            assert rel_err(do, mem.delta_o(reads)) < 1e-5
+            assert rel_err(rt.requests[rid].state[slot], final) < 1e-5
+
+
+def test_ssw_runtime_snapshots_only_where_a_resume_is_exact():
+    """The last KV block boundary a step passes is snapshotted only at a safe point (inside an
+    ingest's messages a resume would lack their partial sums); a request resumed at such a
+    known state ends where the whole stream does; a known state or an asked snapshot inside
+    the messages, ingests out of order, or an SSW request without ingests are refused."""
+    from server.engine.model import Ingest, encode_state
+
+    rt = _runtime(seed=13, granularity="message_mean")
+    d = rt.module.cfg.hidden_size
+    g = torch.Generator().manual_seed(14)
+    x, s0 = torch.randn(34, d, generator=g), torch.randn(rt.state_shape, generator=g)
+    ingests = [Ingest(a, b, tuple(m)) for a, b, m in SSW_INGESTS]
+    doc = [i.to_json() for i in ingests]
+    ref = {p: torch.stack([s for _, s in _ssw_reference(rt, x[:p], s0, 0,
+                                                        [i for i in ingests if i.end <= p])])
+           for p in (24, 34)}
+    reqs = {"a": _request(s0, 0, "A", ingests=doc)}
+    _step_at(rt, reqs, "a", x[:17], 0, 8)  # passes 8 (in messages of ingest 0) and 16 (of 1)
+    assert rt.requests["a"].block is None
+    _step_at(rt, reqs, "a", x[17:25], 17, 8)  # passes 24: a token write, safe
+    blk, state = rt.requests["a"].block
+    assert blk == 24 and rel_err(state, ref[24]) < 1e-5
+    reqs["c"] = _request(s0, 0, "C", ingests=doc, known={"24": encode_state(state)})
+    _step_at(rt, reqs, "c", x[24:34], 24, 8)  # a capped cache hit resumes at 24
+    _step_at(rt, reqs, "a", x[25:34], 25, 8)
+    assert rel_err(rt.requests["c"].state, ref[34]) < 1e-5
+    assert rel_err(rt.requests["a"].state, ref[34]) < 1e-5
+    for bad in ({"known": {"16": encode_state(state)}}, {"snap_at": [5]},
+                {"ingests": [doc[1], doc[0]]}, {"ingests": [[0, 9, [[2, 12]]]]},
+                {"ingests": None}):
+        reqs["d"] = _request(s0, 0, "D", **{"ingests": doc, **bad})
+        with pytest.raises(ValueError, match="ingest"):
+            rt.plan_step(["d"], [3], [0], reqs)
+    rt_tsw = _runtime()
+    with pytest.raises(ValueError, match="per token"):
+        rt_tsw.plan_step(["d"], [3], [0], {"d": _request(s0, 0, "D", ingests=doc)})
 
 
 def _step_at(rt, reqs, rid, x, start, block_size):

@@ -177,6 +177,159 @@ def test_ssw_run_writes_the_prompt_then_each_generated_token_as_a_message():
         rt.run(ids, s0)
 
 
+# --- the vLLM engine on the fixtures -----------------------------------------------------------
+# vLLM's CPU attention has no kernel for the fixtures' 16-dimensional heads (32 is its
+# smallest), so the engine runs the same function with every head widened to 32 dimensions.
+# The widening is exact up to the q/k RMSNorms' ε (which acts as 2ε: 1e-6, far below TOL), and
+# the HF runtime on the widened model is first held to the reference's outputs.
+
+def _head_index(heads: int, hd: int) -> torch.Tensor:
+    """Where dimension j of head h goes when its `hd` dims widen to 2·hd: the rotary halves
+    [0, hd/2) and [hd/2, hd) move to [0, hd/2) and [hd, 3hd/2), so RoPE's pair (j, j + hd/2)
+    becomes (j, j + hd), whose frequency θ^(-2j/2hd) with θ squared is the original one."""
+    j = torch.arange(hd)
+    within = j + (j >= hd // 2).long() * (hd // 2)
+    return (torch.arange(heads)[:, None] * 2 * hd + within[None]).flatten()
+
+
+def widened_fixture(kind: str, out: Path) -> tuple[Path, Path]:
+    """(backbone, adapter) folders: the fixture's, heads widened from 16 to 32 dimensions.
+
+    q/k/v_proj rows and o_proj columns (and B_q's rows) move by `_head_index`, zeros elsewhere.
+    A per-head RMSNorm over twice the dims sees half the mean square, so it scales its output
+    by √2: q_norm's weight stays (q grows √2) and k_norm's is divided by √2 (k stays), which
+    makes vLLM's q·k/√32 the original q·k/√16."""
+    from safetensors.torch import save_file
+
+    from deltamem.adapter import Adapter
+    from deltamem.layer import DeltaMem, DeltaMemConfig
+
+    src = FIXTURES / kind / "backbone"
+    cfg = json.loads((src / "config.json").read_text())
+    hd, nq, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    iq, ikv, i1 = _head_index(nq, hd), _head_index(nkv, hd), _head_index(1, hd)
+    w = load_file(str(src / "model.safetensors"))
+    for name in list(w):
+        t = w[name]
+        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            idx = iq if "q_proj" in name else ikv
+            w[name] = t.new_zeros(2 * t.shape[0], t.shape[1]).index_copy_(0, idx, t)
+        elif name.endswith("o_proj.weight"):
+            w[name] = t.new_zeros(t.shape[0], 2 * t.shape[1]).index_copy_(1, iq, t)
+        elif name.endswith(("q_norm.weight", "k_norm.weight")):
+            gain = 1.0 if "q_norm" in name else 2 ** -0.5
+            w[name] = t.new_zeros(2 * hd).index_copy_(0, i1, t * gain)
+    cfg["head_dim"] = 2 * hd
+    cfg["rope_parameters"]["rope_theta"] = cfg["rope_parameters"]["rope_theta"] ** 2
+    backbone = out / "backbone"
+    backbone.mkdir(parents=True)
+    (backbone / "config.json").write_text(json.dumps(cfg))
+    save_file(w, str(backbone / "model.safetensors"))
+
+    ad = load_adapter(FIXTURES / kind / "adapter", hf_config(kind))
+    wide = DeltaMemConfig(**{**ad.config.to_dict(), "q_out_size": nq * 2 * hd})
+    state = ad.module.state_dict()
+    for name, t in state.items():
+        if name.endswith("b_q.weight"):
+            state[name] = t.new_zeros(2 * t.shape[0], t.shape[1]).index_copy_(0, iq, t)
+    module = DeltaMem(wide)
+    module.load_state_dict(state)
+    adapter = out / "adapter"
+    save_adapter(Adapter(module, None, {"widened_from": kind}), adapter)
+    return backbone, adapter
+
+
+def reference_run(kind: str, forward) -> dict[str, float]:
+    """Relative errors of a runtime against a fixture: `forward(ids, state, write, message_ids)`
+    returns (logits (T, V), final state (L, H, r, r)); the write pass from a zero state with
+    writes on, then the read pass from its state with writes off. Logits are compared centred
+    (an engine gives log-probabilities: logits up to a constant per row)."""
+    exp = load_file(str(FIXTURES / kind / "expected.safetensors"))
+    mids = exp.get("write_message_ids")
+
+    def centred(x):
+        x = x.float()
+        return x - x.mean(-1, keepdim=True)
+
+    errors = {}
+    logits, state = forward(exp["write_ids"][0].tolist(), None, True,
+                            None if mids is None else mids[0].tolist())
+    errors["write_logits"] = max_rel(centred(logits), centred(exp["write_logits"]))
+    for slot in range(state.shape[0]):
+        want = exp[f"state_after_write.model.layers.{slot}.self_attn"]
+        errors[f"state_after_write.{slot}"] = max_rel(state[slot].reshape(want.shape), want)
+    logits, after = forward(exp["read_ids"][0].tolist(), state, False, None)
+    errors["read_logits"] = max_rel(centred(logits), centred(exp["read_logits"]))
+    assert torch.equal(after, state)  # writes off: nothing written
+    return errors
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_widened_fixture_is_the_same_function(tmp_path, kind):
+    """The HF runtime on the widened backbone and adapter reproduces the reference's outputs:
+    the widening the engine tests rely on changes nothing but the heads' width."""
+    from deltamem.hf_runtime import DeltaMemHF
+
+    backbone, adapter = widened_fixture(kind, tmp_path)
+    rt = DeltaMemHF.from_pretrained(backbone, adapter=load_adapter(adapter))
+    assert rt.model.config.head_dim == 32
+
+    def forward(ids, state, write, mids):
+        with torch.no_grad():
+            logits, final, _ = rt.forward(
+                torch.tensor([ids]), None if state is None else state.unsqueeze(0),
+                torch.full((1, len(ids)), write),
+                message_ids=None if mids is None else torch.tensor([mids]))
+        return logits[0], final[0]
+
+    errors = reference_run(kind, forward)
+    assert max(errors.values()) <= TOL, errors
+
+
+def engine_forward(host, engine, vocab: int, ssw: bool):
+    """`reference_run`'s forward through a vLLM engine: the prompt's logits are its prompt
+    log-probabilities (position t's distribution is that of token t + 1) and the one sampled
+    token's, the state the one the engine hands back. SSW: the write pass is one ingest of
+    the fixture's messages, the read pass none."""
+    from vllm import SamplingParams
+
+    from server.engine.model import ingests_of_message_ids
+
+    sp = SamplingParams(temperature=0.0, max_tokens=1, logprobs=vocab, prompt_logprobs=vocab,
+                        detokenize=False)
+
+    def forward(ids, state, write, mids):
+        kw = {"ingests": ingests_of_message_ids(mids) if mids else []} if ssw else {}
+        _, last = host.generate(ids, sp, state, 0 if write else len(ids), engine=engine, **kw)
+        rows = [*last.prompt_logprobs[1:], last.logprobs[0]]
+        logits = torch.empty(len(ids), vocab)
+        for t, row in enumerate(rows):
+            assert len(row) == vocab
+            for tok, lp in row.items():
+                logits[t, tok] = lp.logprob
+        return logits, last.final_state
+
+    return forward
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_engine_reproduces_the_reference(engine_host, tmp_path, kind):
+    """The vLLM engine (float32, on the widened fixture, 32-token prefill chunks so the
+    48-token write pass runs in two steps) reproduces the reference's logits and states: TSW,
+    MSW and SSW (the write pass one ingest of the fixture's messages)."""
+    backbone, adapter = widened_fixture(kind, tmp_path)
+    cfg = engine_host.config(model_dir=backbone, adapter_dir=adapter, max_model_len=512,
+                             max_num_seqs=4, max_num_batched_tokens=32, kv_cache_gib=1,
+                             extra_engine_args={"skip_tokenizer_init": True,
+                                                "max_logprobs": 1024})
+    engine = engine_host.start_engine(cfg)
+    try:
+        errors = reference_run(kind, engine_forward(engine_host, engine, 1024, kind == "ssw"))
+    finally:
+        engine_host.stop_engine(engine)
+    assert max(errors.values()) <= TOL, errors
+
+
 # --- import: what loads ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", KINDS)

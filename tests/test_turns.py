@@ -161,6 +161,23 @@ def check_plan(fmt, plan, budget=None):
     assert all(full[b] == IM_START for b in plan.boundaries)
     if budget is not None:
         assert len(plan.prompt) <= budget
+    # SSW: this turn's new tokens are the epoch's last ingest, its messages the new messages'
+    # renderings (the system prompt's is not one); the epoch's earlier turns' new tokens are
+    # the ingests before it, in order, all written; the tokens between them are replies.
+    ingests = plan.ingests
+    last = ingests[-1]
+    closed = plan.new_tokens[:1] == [fmt.im_end]  # a reply the length limit cut
+    assert plan.prompt[last.start:last.end] == plan.new_tokens[int(closed):]
+    assert last.end == len(plan.prompt)
+    assert [plan.prompt[a:b] for a, b in last.messages] == [
+        fmt.message(m["role"], m["content"]) for m in plan.new_messages]
+    assert plan.write_start <= ingests[0].start
+    assert all(g.end < h.start for g, h in zip(ingests, ingests[1:], strict=False))
+    for g in ingests[:-1]:
+        assert plan.prompt[g.end - len(fmt.gen_prompt):g.end] == fmt.gen_prompt
+        assert g.start == 0 or plan.prompt[g.start] == fmt.newline[0]
+    if plan.new_epoch:
+        assert len(ingests) == 1
 
 
 def check_finish(plan, rec, generated, final_state, block, cached_tokens=None):

@@ -16,7 +16,7 @@ import torch
 
 from deltamem.adapter import Adapter, AdapterError, backbone_fingerprint, load_adapter
 
-from .model import EXTRA_ARGS_KEY, decode_state, encode_state
+from .model import EXTRA_ARGS_KEY, Ingest, decode_state, encode_state
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,10 @@ class GenerationChunk:
     snapshots: dict[int, torch.Tensor] = field(default_factory=dict)  # asked-for positions
     block: tuple[int, torch.Tensor] | None = None  # state at the last KV block boundary
     cached_tokens: int | None = None  # prompt tokens served from vLLM's prefix cache
+    # vLLM's log-probabilities where the sampling params ask for them: per new token, and per
+    # prompt position on the first chunk ({token id: Logprob}; None at position 0).
+    logprobs: list | None = None
+    prompt_logprobs: list | None = None
 
 
 def _compilation_settings(memory: bool) -> dict:
@@ -183,7 +187,8 @@ class DeltaMemEngine:
                        initial_state: torch.Tensor | None = None, write_start: int = 0,
                        request_id: str | None = None, *,
                        known: dict[int, torch.Tensor] | None = None,
-                       snap_at: tuple[int, ...] = (), cache_salt: str = ""
+                       snap_at: tuple[int, ...] = (), cache_salt: str = "",
+                       ingests: list[Ingest] | None = None
                        ) -> AsyncIterator[GenerationChunk]:
         """Stream one request. Stopping the iteration early aborts the request in vLLM.
 
@@ -192,7 +197,11 @@ class DeltaMemEngine:
         hit may resume there), `snap_at` the positions whose states come back on the last
         chunk (`snapshots`, and `block`, the last KV block boundary reached). `cache_salt`
         (e.g. the tenant) is combined with the initial state and write start into vLLM's
-        cache salt, so only identical computations share KV blocks."""
+        cache salt, so only identical computations share KV blocks. An SSW adapter's request
+        needs its `ingests` (which prompt tokens form which messages; a token-write adapter's
+        takes none). They change the K/V too, but only the first block carries a salt: callers
+        whose ingests are not a function of the tokens must salt apart (the server's are, in
+        a session; sessionless requests it salts apart from sessions)."""
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
@@ -205,11 +214,16 @@ class DeltaMemEngine:
                 if st is not None and tuple(st.shape) != self.state_shape:
                     raise EngineError(f"a state has shape {tuple(st.shape)}, the adapter "
                                       f"needs {self.state_shape}")
+            ssw = self.adapter.config.write_granularity == "message_mean"
+            if ssw != (ingests is not None):
+                raise EngineError("an SSW adapter's request needs its ingests" if ssw else
+                                  "ingests given, but the adapter writes per token")
             blob = encode_state(initial_state)
+            doc = None if ingests is None else [g.to_json() for g in ingests]
             sp.extra_args = {**(sp.extra_args or {}), EXTRA_ARGS_KEY: {
                 "state": blob, "write_start": int(write_start), "key": rid,
                 "known": {str(p): encode_state(t) for p, t in (known or {}).items()},
-                "snap_at": [int(p) for p in snap_at]}}
+                "snap_at": [int(p) for p in snap_at], "ingests": doc}}
             salt = state_salt(cache_salt, self.adapter.fingerprint(), write_start, blob)
         finished = False
         completion = 0
@@ -221,7 +235,8 @@ class DeltaMemEngine:
                 c = out.outputs[0]
                 completion += len(c.token_ids)
                 chunk = GenerationChunk(list(c.token_ids), c.text, prompt_tokens=len(
-                    prompt_token_ids), completion_tokens=completion)
+                    prompt_token_ids), completion_tokens=completion, logprobs=c.logprobs,
+                    prompt_logprobs=out.prompt_logprobs)
                 if out.finished:
                     finished = True
                     chunk.finished = True

@@ -18,6 +18,14 @@ Invariants (docs/design.md §3) and where they hold:
   (the next turn's cache hit lands there) are copied out of the scan as it passes them.
 - async scheduling is off (facade): it would feed a request's last sampled token before
   knowing the request stopped, writing a token that invariant 5 says is not yet absorbed.
+
+SSW adapters (`message_mean`) write per message, as the reference's session runtime: a
+request brings its `ingests` (`Ingest`: prompt spans whose tokens all read the state from
+before the span, and whose messages' means are written in order at its end, also when
+chunked prefill splits it); every other token from the write start on, generated ones
+included, is written as its own one-token message, which is a token write. Resuming inside
+an ingest would need its messages' partial sums, so states are only snapshotted, and known,
+at safe points (`RequestMemory.safe`).
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import torch
 
 from deltamem.adapter import Adapter, load_adapter
 from deltamem.layer import NORM_EPS, DeltaMem
-from deltamem.scan import delta_rule_scan_chunked
+from deltamem.scan import delta_rule_scan, delta_rule_scan_chunked
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,38 @@ def decode_state(blob: str | bytes, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).view(shape)
 
 
+@dataclass(frozen=True)
+class Ingest:
+    """SSW: prompt tokens [start, end) read the state from before `start`; at `end` each of
+    `messages` (prompt spans inside it, in order) is written once, with its tokens' mean."""
+
+    start: int
+    end: int
+    messages: tuple[tuple[int, int], ...] = ()
+
+    def to_json(self) -> list:
+        return [self.start, self.end, [list(m) for m in self.messages]]
+
+    @classmethod
+    def from_json(cls, doc) -> Ingest:
+        start, end, messages = doc
+        return cls(int(start), int(end), tuple((int(a), int(b)) for a, b in messages))
+
+
+def ingests_of_message_ids(message_ids: list[int]) -> list[Ingest]:
+    """The whole prompt as one ingest whose messages are the runs of equal ids >= 0 (-1: a
+    token of no message), as `DeltaMemHF.run` takes an SSW prompt."""
+    spans: list[tuple[int, int]] = []
+    for t, m in enumerate(message_ids):
+        if m < 0:
+            continue
+        if spans and message_ids[spans[-1][0]] == m and spans[-1][1] == t:
+            spans[-1] = (spans[-1][0], t + 1)
+        else:
+            spans.append((t, t + 1))
+    return [Ingest(0, len(message_ids), tuple(spans))]
+
+
 @dataclass
 class RequestMemory:
     initial: torch.Tensor  # (L, H, r, r) float32
@@ -69,6 +109,21 @@ class RequestMemory:
     taken: bool = False  # final state already handed out
     snapshots: dict[int, torch.Tensor] = field(default_factory=dict)  # asked-for ones
     block: tuple[int, torch.Tensor] | None = None  # the last KV block boundary passed
+    ingests: tuple[Ingest, ...] = ()  # SSW: clipped to the write start, in order
+    sums: torch.Tensor | None = None  # SSW: (L, messages, 3, H, r) pre-activation k, v, β sums
+
+    @property
+    def messages(self) -> list[tuple[int, int, int]]:
+        """(start, end, ingest index) of every message the request writes, in order."""
+        return [(a, b, i) for i, ing in enumerate(self.ingests) for a, b in ing.messages]
+
+    def in_ingest(self, p: int) -> bool:
+        return any(g.start <= p < g.end for g in self.ingests)
+
+    def safe(self, p: int) -> bool:
+        """Whether the state before position p is all a resume there needs: no message has
+        tokens before p and is still to be written at or after it."""
+        return not any(a < p < g.end for g in self.ingests for a, _ in g.messages)
 
     def result(self) -> dict:
         """The final state and the snapshots, as the API process receives them."""
@@ -101,6 +156,7 @@ class DeltaMemRuntime:
         self.layer_ids = cfg.layers
         self.slot_of = {i: s for s, i in enumerate(self.layer_ids)}
         self.state_shape = (len(self.layer_ids), cfg.num_state_heads, cfg.rank, cfg.rank)
+        self.ssw = cfg.write_granularity == "message_mean"
         self.requests: dict[str, RequestMemory] = {}
         self.outbox: OrderedDict[str, tuple[float, dict]] = OrderedDict()
         self._plan: _StepPlan | None = None
@@ -113,6 +169,8 @@ class DeltaMemRuntime:
         self._snap_pos: list = []  # per request: (asked positions, block boundary or -1)
         self._snaps: torch.Tensor | None = None  # (L, B, P, H, r, r)
         self._n_valid = 0
+        self._start_np: np.ndarray | None = None  # per request, position of its first token
+        self._ingest_step = False  # SSW: some request's tokens this step are in an ingest
         self.recomputes = 0  # requests restarted from their initial state (preemption)
         if device.type == "cpu":
             # Imported here, in the worker once the model loads, not with this module: numba's
@@ -173,8 +231,37 @@ class DeltaMemRuntime:
         rm = RequestMemory(init, init.clone(), int(extra.get("write_start", 0)),
                            str(extra.get("key", req_id)), known,
                            tuple(sorted(int(p) for p in extra.get("snap_at") or ())))
+        if self.ssw:
+            rm.ingests = self._parse_ingests(extra.get("ingests"), rm.write_start, req_id)
+            bad = [p for p in (*rm.known, *rm.snap_at) if not rm.safe(p)]
+            if bad:
+                raise ValueError(f"δ-mem request {req_id}: states asked for or given at "
+                                 f"{bad}, inside an ingest's messages")
+        elif extra.get("ingests"):
+            raise ValueError(f"δ-mem request {req_id}: ingests given, but the adapter writes "
+                             "per token")
         self.requests[req_id] = rm
         return rm
+
+    def _parse_ingests(self, doc, write_start: int, req_id: str) -> tuple[Ingest, ...]:
+        """The request's ingests, checked (in order, apart, messages inside them) and clipped
+        to its write start (tokens before it write nothing)."""
+        if doc is None:
+            raise ValueError(f"δ-mem request {req_id}: an SSW adapter's request needs its "
+                             "ingests (which prompt tokens form which messages)")
+        out, last = [], 0
+        for g in map(Ingest.from_json, doc):
+            p, ok = g.start, last <= g.start <= g.end
+            for a, b in g.messages:
+                ok = ok and p <= a < b <= g.end
+                p = b
+            if not ok:
+                raise ValueError(f"δ-mem request {req_id}: ingests out of order, or messages "
+                                 f"outside theirs: {doc}")
+            msgs = tuple((max(a, write_start), b) for a, b in g.messages if b > write_start)
+            out.append(Ingest(g.start, g.end, msgs))
+            last = g.end
+        return tuple(out)
 
     def plan_step(self, req_ids, num_scheduled, num_computed, runner_requests,
                   block_size: int = 0) -> None:
@@ -222,6 +309,7 @@ class DeltaMemRuntime:
                                        dtype=torch.float32, device=self.device)
             self._n_valid = num_tokens
             self._snap_at = self._snaps = None
+            self._ingest_step = False
             self._prepare_cpu_scan()
             return
         active = []
@@ -236,6 +324,7 @@ class DeltaMemRuntime:
                     # 0, its tokens must not read their own future): resume from there.
                     rm.state = rm.known.get(int(p0), rm.initial).clone()
                     rm.pos = int(p0)
+                    rm.sums = None  # SSW: known points are safe, nothing pending before them
                     self.recomputes += int(p0 == 0)
                 else:
                     raise RuntimeError(
@@ -252,6 +341,16 @@ class DeltaMemRuntime:
         np.cumsum(n, out=cu[1:])
         pos = np.repeat(plan.start_pos - cu[:-1], n) + np.arange(cu[-1])
         self._mask_np = pos >= np.repeat(write_starts, n)
+        self._ingest_step = False
+        if self.ssw:  # tokens of an ingest read and write nothing themselves
+            inside = np.zeros(len(pos), dtype=bool)
+            for b, rm in enumerate(active):
+                for g in rm.ingests:
+                    inside[cu[b]:cu[b + 1]] |= (pos[cu[b]:cu[b + 1]] >= g.start) & (
+                        pos[cu[b]:cu[b + 1]] < g.end)
+            self._mask_np &= ~inside
+            self._ingest_step = bool(inside.any())
+        self._start_np = plan.start_pos
         self._cu_np = cu
         self._cu, self._mask = torch.from_numpy(cu), torch.from_numpy(self._mask_np)
         self._n_valid = int(cu[-1])
@@ -286,6 +385,8 @@ class DeltaMemRuntime:
             asked = [p for p in rm.snap_at if p0 <= p <= p1]
             bs = self.block_size
             blk = (p1 // bs) * bs if bs else 0
+            if self.ssw and not rm.safe(blk):
+                blk = -1  # a resume there would lack the pending messages' sums
             positions.append((asked, blk if blk > p0 else -1))
             rows.append([cu[b] + p - p0 for p in asked])
         width = max(len(a) for a, _ in positions) + 1
@@ -316,12 +417,16 @@ class DeltaMemRuntime:
                         rm.block = (blk, self._snaps[:, b, -1].clone())
         self._active = self._states = self._snaps = self._snap_at = None
 
-    def scan_layer(self, slot: int, q, k, v, beta, reads: torch.Tensor) -> None:
+    def scan_layer(self, slot: int, q, k, v, beta, proj, reads: torch.Tensor) -> None:
         """The body of the `deltamem::scan` op: run this step's scan for one layer on its
         projected q, k, v, β ((N, H, r) float32, N the step's tokens, padding included), fill
-        `reads` (zeros for padding) and advance the requests' states in place."""
+        `reads` (zeros for padding) and advance the requests' states in place. `proj`
+        (N, 4, H, r) holds the projections before their activations: SSW pools k, v and β's
+        from them (the mean of a linear map is the map of the mean)."""
         n = self._n_valid
-        if self.device.type == "cpu":
+        if self._ingest_step:
+            self._scan_ingests(slot, q, k, v, beta, proj, reads)
+        elif self.device.type == "cpu":
             # Straight into the compiled kernel, on arguments prepared once a step (numpy
             # views, no copies): any wrapper's conversions cost more than the scan at decode.
             self._cpu_scan(q.numpy(), k.numpy(), v.numpy(), beta.numpy(), self._mask_np,
@@ -332,6 +437,63 @@ class DeltaMemRuntime:
                                           slot)
         if n < reads.shape[0]:
             reads[n:].zero_()
+
+    def _scan_ingests(self, slot: int, q, k, v, beta, proj, reads: torch.Tensor) -> None:
+        """SSW, a step in which some request's tokens are in an ingest: request by request,
+        the token scan in pieces cut where an ingest ends (its messages are written there, in
+        order, each once with its tokens' mean) and where a snapshot is taken. Per request
+        in Python: a turn's prefill passes here once, decode steps take the batched path."""
+        L = self.state_shape[0]
+        mask = self._mask.to(self.device)
+        for b, rm in enumerate(self._active):
+            lo, hi = int(self._cu_np[b]), int(self._cu_np[b + 1])
+            p0 = int(self._start_np[b])
+            p1 = p0 + hi - lo
+            state = self._states[slot, b]
+            msgs = rm.messages
+            if msgs and rm.sums is None:
+                rm.sums = torch.zeros((L, len(msgs), 3, *self.state_shape[1:3]),
+                                      dtype=torch.float32, device=self.device)
+            asked, blk = self._snap_pos[b] if self._snaps is not None else ((), -1)
+            ends = {g.end: i for i, g in enumerate(rm.ingests) if p0 < g.end <= p1}
+            a = p0
+            for z in sorted({p1, *ends, *asked, blk} - {-1}):
+                if z > a:
+                    t0, t1 = lo + a - p0, lo + z - p0
+                    r, final = delta_rule_scan(q[None, t0:t1], k[None, t0:t1],
+                                               v[None, t0:t1], beta[None, t0:t1],
+                                               state[None], mask[None, t0:t1])
+                    reads[t0:t1] = r[0]
+                    state.copy_(final[0])
+                    for j, (ma, mb, _) in enumerate(msgs):
+                        ma, mb = max(ma, a), min(mb, z)
+                        if ma < mb:
+                            rm.sums[slot, j] += proj[lo + ma - p0:lo + mb - p0, 1:].sum(0)
+                    a = z
+                if z in ends:
+                    self._write_messages(rm, slot, ends[z], state)
+                if self._snaps is not None:
+                    for j, p in enumerate(asked):
+                        if p == z:
+                            self._snaps[slot, b, j] = state
+                    if blk == z:
+                        self._snaps[slot, b, -1] = state
+
+    def _write_messages(self, rm: RequestMemory, slot: int, ingest: int,
+                        state: torch.Tensor) -> None:
+        """Write an ingest's messages into `state` (H, r, r), in order: each its tokens'
+        mean k̂, v̂, β, as `DeltaMemLayer.scan_messages` does with the mean x."""
+        rows = [j for j, (_, _, i) in enumerate(rm.messages) if i == ingest]
+        if not rows:
+            return
+        counts = torch.tensor([float(b - a) for a, b, _ in (rm.messages[j] for j in rows)],
+                              device=self.device)
+        mean = rm.sums[slot, rows] / counts[:, None, None, None]  # (M, 3, H, r)
+        k = torch.tanh(mean[:, 0])
+        k = k / k.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+        _, final = delta_rule_scan(k[None], k[None], mean[None, :, 1],
+                                   torch.sigmoid(mean[None, :, 2]), state[None])
+        state.copy_(final[0])
 
     def _scan_padded(self, q, k, v, beta, states: torch.Tensor, slot: int) -> torch.Tensor:
         """Accelerator path: pad the varlen batch to (B, Tmax) and run the chunked scan.
@@ -373,24 +535,24 @@ _RUNTIMES: list[DeltaMemRuntime] = []
 
 
 def deltamem_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
-                  reads: torch.Tensor, runtime: int, slot: int) -> None:
+                  proj: torch.Tensor, reads: torch.Tensor, runtime: int, slot: int) -> None:
     """`deltamem::scan`: one layer's delta-rule scan over the current step's tokens, under the
     step layout that `DeltaMemRuntime.begin_forward` prepared (which request each token
     belongs to, its write mask, the requests' states). Opaque to torch.compile, as vLLM's
     attention op is: the graph around it (projections, normalisation, corrections) is compiled
     once for every batch."""
-    _RUNTIMES[runtime].scan_layer(slot, q, k, v, beta, reads)
+    _RUNTIMES[runtime].scan_layer(slot, q, k, v, beta, proj, reads)
 
 
-def _deltamem_scan_fake(q, k, v, beta, reads, runtime, slot) -> None:
+def _deltamem_scan_fake(q, k, v, beta, proj, reads, runtime, slot) -> None:
     return None
 
 
 # Registered on a Library directly, not with torch.library.custom_op, whose dispatch costs tens
 # of microseconds a call (vLLM registers its own ops this way for the same reason).
 _LIB = torch.library.Library("deltamem", "FRAGMENT")
-_LIB.define("scan(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor(a!) reads, int runtime, "
-            "int slot) -> ()")
+_LIB.define("scan(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor proj, Tensor(a!) reads, "
+            "int runtime, int slot) -> ()")
 _LIB.impl("scan", deltamem_scan, "CompositeExplicitAutograd")
 _LIB._register_fake("scan", _deltamem_scan_fake)
 
@@ -432,7 +594,7 @@ def memory_corrections(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torc
     # Compiled: the op, opaque to the compiler. Eager: its body, as the op's dispatch would
     # cost more than a decode step's scan.
     scan = torch.ops.deltamem.scan if torch.compiler.is_compiling() else deltamem_scan
-    scan(qk[:, 0], qk[:, 1], proj[:, 2], beta, reads, self.deltamem_runtime_id,
+    scan(qk[:, 0], qk[:, 1], proj[:, 2], beta, proj, reads, self.deltamem_runtime_id,
          self.deltamem_slot)
     out = self.deltamem_out
     if out is None:
@@ -493,9 +655,6 @@ class _DeltaMemMixin:
             raise ValueError("δ-mem model class selected without `deltamem_adapter` in "
                              "hf_overrides")
         adapter: Adapter = load_adapter(path, self.config)
-        if adapter.config.write_granularity != "token":
-            raise ValueError(f"the engine serves token-level (TSW/MSW) adapters; this one "
-                             f"writes per {adapter.config.write_granularity!r}")
         device = next(self.parameters()).device
         rt = DeltaMemRuntime(adapter.module, device)
         self.deltamem_runtime = rt
