@@ -261,7 +261,7 @@ class ChatService:
         stream = self.engine.generate(
             prompt, sp, plan.initial_state if memory else None, plan.write_start,
             known=plan.known if memory else None, cache_salt=salt,
-            ingests=plan.ingests if ssw else None)
+            ingests=plan.ingests if ssw else None, keep_state=not sessionless)
         tokens: list[int] = []
         text = []
         t0 = time.perf_counter()

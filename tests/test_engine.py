@@ -283,6 +283,12 @@ def test_abort_mid_stream_leaves_nothing_behind(host, tokenizer, shape):
     assert_matches_hf(host, tokenizer, chat(tokenizer, COLOURS), rand_state(shape, 0), 0, 4,
                       tokens, fin)
     assert wait_idle(host)["outbox"] == before["outbox"]
+    # A caller with no use for the state (a sessionless request) gets the same answer and
+    # leaves no state behind to fetch.
+    same, fin = host.generate(chat(tokenizer, COLOURS), greedy(4), rand_state(shape, 0),
+                              keep_state=False)
+    assert same == tokens and fin.final_state is None and fin.block is None
+    assert wait_idle(host)["outbox"] == before["outbox"]
 
 
 # --- refusals at start (no engine is started) ---------------------------------------------------

@@ -188,7 +188,7 @@ class DeltaMemEngine:
                        request_id: str | None = None, *,
                        known: dict[int, torch.Tensor] | None = None,
                        snap_at: tuple[int, ...] = (), cache_salt: str = "",
-                       ingests: list[Ingest] | None = None
+                       ingests: list[Ingest] | None = None, keep_state: bool = True
                        ) -> AsyncIterator[GenerationChunk]:
         """Stream one request. Stopping the iteration early aborts the request in vLLM.
 
@@ -201,7 +201,9 @@ class DeltaMemEngine:
         needs its `ingests` (which prompt tokens form which messages; a token-write adapter's
         takes none). They change the K/V too, but only the first block carries a salt: callers
         whose ingests are not a function of the tokens must salt apart (the server's are, in
-        a session; sessionless requests it salts apart from sessions)."""
+        a session; sessionless requests it salts apart from sessions). `keep_state=False`:
+        the caller has no use for the final state (a sessionless request), so the worker
+        keeps none and no RPC fetches it."""
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
@@ -223,7 +225,7 @@ class DeltaMemEngine:
             sp.extra_args = {**(sp.extra_args or {}), EXTRA_ARGS_KEY: {
                 "state": blob, "write_start": int(write_start), "key": rid,
                 "known": {str(p): encode_state(t) for p, t in (known or {}).items()},
-                "snap_at": [int(p) for p in snap_at], "ingests": doc}}
+                "snap_at": [int(p) for p in snap_at], "ingests": doc, "keep": keep_state}}
             salt = state_salt(cache_salt, self.adapter.fingerprint(), write_start, blob)
         finished = False
         completion = 0
@@ -242,14 +244,14 @@ class DeltaMemEngine:
                     chunk.finished = True
                     chunk.finish_reason = c.finish_reason or "stop"
                     chunk.cached_tokens = out.num_cached_tokens
-                    if self.memory:
+                    if self.memory and keep_state:
                         got = await self._take_state(rid)
                         chunk.final_state, chunk.snapshots, chunk.block = got
                 yield chunk
         finally:
             if not finished:
                 await self.llm.abort(rid)
-                if self.memory:  # drop whatever the worker kept for it
+                if self.memory and keep_state:  # drop whatever the worker kept for it
                     await self._take_state(rid, required=False)
 
     async def _take_state(self, rid: str, required: bool = True):

@@ -109,6 +109,7 @@ class RequestMemory:
     taken: bool = False  # final state already handed out
     snapshots: dict[int, torch.Tensor] = field(default_factory=dict)  # asked-for ones
     block: tuple[int, torch.Tensor] | None = None  # the last KV block boundary passed
+    keep: bool = True  # hand the final state and snapshots back (False: a caller without use)
     ingests: tuple[Ingest, ...] = ()  # SSW: clipped to the write start, in order
     sums: torch.Tensor | None = None  # SSW: (L, messages, 3, H, r) pre-activation k, v, β sums
 
@@ -230,7 +231,8 @@ class DeltaMemRuntime:
         known[0] = init
         rm = RequestMemory(init, init.clone(), int(extra.get("write_start", 0)),
                            str(extra.get("key", req_id)), known,
-                           tuple(sorted(int(p) for p in extra.get("snap_at") or ())))
+                           tuple(sorted(int(p) for p in extra.get("snap_at") or ())),
+                           keep=bool(extra.get("keep", True)))
         if self.ssw:
             rm.ingests = self._parse_ingests(extra.get("ingests"), rm.write_start, req_id)
             bad = [p for p in (*rm.known, *rm.snap_at) if not rm.safe(p)]
@@ -273,7 +275,7 @@ class DeltaMemRuntime:
 
     def on_request_removed(self, req_id: str) -> None:
         rm = self.requests.pop(req_id, None)
-        if rm is None or rm.taken:
+        if rm is None or rm.taken or not rm.keep:
             return
         self.outbox[rm.key] = (time.monotonic(), rm.result())
         self._trim_outbox()
@@ -384,7 +386,7 @@ class DeltaMemRuntime:
             p0, p1 = int(start_pos[b]), int(start_pos[b]) + int(num_tokens[b])
             asked = [p for p in rm.snap_at if p0 <= p <= p1]
             bs = self.block_size
-            blk = (p1 // bs) * bs if bs else 0
+            blk = (p1 // bs) * bs if bs and rm.keep else 0
             if self.ssw and not rm.safe(blk):
                 blk = -1  # a resume there would lack the pending messages' sums
             positions.append((asked, blk if blk > p0 else -1))
