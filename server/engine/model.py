@@ -118,9 +118,6 @@ class RequestMemory:
         """(start, end, ingest index) of every message the request writes, in order."""
         return [(a, b, i) for i, ing in enumerate(self.ingests) for a, b in ing.messages]
 
-    def in_ingest(self, p: int) -> bool:
-        return any(g.start <= p < g.end for g in self.ingests)
-
     def safe(self, p: int) -> bool:
         """Whether the state before position p is all a resume there needs: no message has
         tokens before p and is still to be written at or after it."""
