@@ -113,7 +113,7 @@ def pad_rows(rows: list[list[int]], pad_id: int, answer_starts: list[int] | None
 def writes_messages(rt) -> bool:
     """Whether the runtime's adapter writes per message (SSW): its write passes then need
     message ids (make_batch's `message_ids`)."""
-    return rt.adapter.config.write_granularity == "message_mean"
+    return rt.adapter.config.writes_messages
 
 
 def make_batch(enc: Encoder, episodes, write_read: list[bool] | None = None,

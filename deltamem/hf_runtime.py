@@ -54,7 +54,7 @@ class _QProjWithMemory(_ProjWithMemory):
         if not ctx.active:
             return out
         mem = self._mem[0]
-        if mem.cfg.write_granularity == "message_mean":
+        if mem.cfg.writes_messages:
             reads, state = mem.scan_messages(x, mem.project_q(x), ctx.states[self.slot],
                                              ctx.message_ids, ctx.write_mask,
                                              backend=ctx.scan_backend)
@@ -158,7 +158,7 @@ class DeltaMemHF:
         dev = input_ids.device
         if state is None:
             state = torch.zeros((B, *self.state_shape), device=dev)
-        if memory and self.adapter.config.write_granularity == "message_mean" \
+        if memory and self.adapter.config.writes_messages \
                 and message_ids is None:
             if write_mask is None or bool(write_mask.any()):
                 raise ValueError("an SSW (message_mean) adapter writes per message: a forward "
@@ -198,7 +198,7 @@ class DeltaMemHF:
         state = None if initial_state is None else initial_state.unsqueeze(0).to(dev)
         T = len(prompt_ids)
         mask = (torch.arange(T, device=dev) >= write_start).unsqueeze(0)
-        ssw = self.adapter.config.write_granularity == "message_mean"
+        ssw = self.adapter.config.writes_messages
         mids = None
         if message_ids is not None:
             if len(message_ids) != T:

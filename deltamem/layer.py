@@ -64,6 +64,11 @@ class DeltaMemConfig:
         return self.alpha / self.rank
 
     @property
+    def writes_messages(self) -> bool:
+        """SSW: one write per chat message (its tokens' mean), not one per token."""
+        return self.write_granularity == "message_mean"
+
+    @property
     def mem_dim(self) -> int:
         return self.num_state_heads * self.rank
 

@@ -252,7 +252,7 @@ class ChatService:
                         ) -> Generated:
         prompt = plan.prompt
         memory = self.engine.memory
-        ssw = memory and self.engine.adapter.config.write_granularity == "message_mean"
+        ssw = self.engine.writes_messages
         salt = tenant
         if ssw and sessionless:
             # SSW: a sessionless prompt is one ingest (its assistant messages too), a

@@ -286,6 +286,20 @@ def test_widened_fixture_is_the_same_function(tmp_path, kind):
     assert max(errors.values()) <= TOL, errors
 
 
+def one_ingest(message_ids: list[int]):
+    """The whole prompt as one SSW ingest whose messages are the runs of equal ids >= 0 (-1:
+    a token of no message), as `DeltaMemHF.run` takes an SSW prompt."""
+    from server.engine.model import Ingest
+
+    spans = []
+    for t, m in enumerate(message_ids):
+        if m >= 0 and spans and spans[-1][1] == t and message_ids[t - 1] == m:
+            spans[-1][1] = t + 1
+        elif m >= 0:
+            spans.append([t, t + 1])
+    return [Ingest(0, len(message_ids), tuple(map(tuple, spans)))]
+
+
 def engine_forward(host, engine, vocab: int, ssw: bool):
     """`reference_run`'s forward through a vLLM engine: the prompt's logits are its prompt
     log-probabilities (position t's distribution is that of token t + 1) and the one sampled
@@ -293,13 +307,11 @@ def engine_forward(host, engine, vocab: int, ssw: bool):
     the fixture's messages, the read pass none."""
     from vllm import SamplingParams
 
-    from server.engine.model import ingests_of_message_ids
-
     sp = SamplingParams(temperature=0.0, max_tokens=1, logprobs=vocab, prompt_logprobs=vocab,
                         detokenize=False)
 
     def forward(ids, state, write, mids):
-        kw = {"ingests": ingests_of_message_ids(mids) if mids else []} if ssw else {}
+        kw = {"ingests": one_ingest(mids) if mids else []} if ssw else {}
         _, last = host.generate(ids, sp, state, 0 if write else len(ids), engine=engine, **kw)
         rows = [*last.prompt_logprobs[1:], last.logprobs[0]]
         logits = torch.empty(len(ids), vocab)

@@ -117,6 +117,11 @@ class DeltaMemEngine:
     def memory(self) -> bool:
         return self.adapter is not None
 
+    @property
+    def writes_messages(self) -> bool:
+        """An SSW adapter: its requests need their ingests."""
+        return self.memory and self.adapter.config.writes_messages
+
     @classmethod
     def start(cls, cfg: EngineConfig) -> DeltaMemEngine:
         """Build and start the engine (spawns vLLM's engine core; ~25 s for the default model).
@@ -216,9 +221,9 @@ class DeltaMemEngine:
                 if st is not None and tuple(st.shape) != self.state_shape:
                     raise EngineError(f"a state has shape {tuple(st.shape)}, the adapter "
                                       f"needs {self.state_shape}")
-            ssw = self.adapter.config.write_granularity == "message_mean"
-            if ssw != (ingests is not None):
-                raise EngineError("an SSW adapter's request needs its ingests" if ssw else
+            if self.writes_messages != (ingests is not None):
+                raise EngineError("an SSW adapter's request needs its ingests"
+                                  if self.writes_messages else
                                   "ingests given, but the adapter writes per token")
             blob = encode_state(initial_state)
             doc = None if ingests is None else [g.to_json() for g in ingests]

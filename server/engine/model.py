@@ -83,20 +83,6 @@ class Ingest:
         return cls(int(start), int(end), tuple((int(a), int(b)) for a, b in messages))
 
 
-def ingests_of_message_ids(message_ids: list[int]) -> list[Ingest]:
-    """The whole prompt as one ingest whose messages are the runs of equal ids >= 0 (-1: a
-    token of no message), as `DeltaMemHF.run` takes an SSW prompt."""
-    spans: list[tuple[int, int]] = []
-    for t, m in enumerate(message_ids):
-        if m < 0:
-            continue
-        if spans and message_ids[spans[-1][0]] == m and spans[-1][1] == t:
-            spans[-1] = (spans[-1][0], t + 1)
-        else:
-            spans.append((t, t + 1))
-    return [Ingest(0, len(message_ids), tuple(spans))]
-
-
 @dataclass
 class RequestMemory:
     initial: torch.Tensor  # (L, H, r, r) float32
@@ -111,12 +97,10 @@ class RequestMemory:
     block: tuple[int, torch.Tensor] | None = None  # the last KV block boundary passed
     keep: bool = True  # hand the final state and snapshots back (False: a caller without use)
     ingests: tuple[Ingest, ...] = ()  # SSW: clipped to the write start, in order
-    sums: torch.Tensor | None = None  # SSW: (L, messages, 3, H, r) pre-activation k, v, β sums
-
-    @property
-    def messages(self) -> list[tuple[int, int, int]]:
-        """(start, end, ingest index) of every message the request writes, in order."""
-        return [(a, b, i) for i, ing in enumerate(self.ingests) for a, b in ing.messages]
+    # SSW: (start, end, ingest index) of every message the request writes, in order, and
+    # their pre-activation k, v, β sums, (L, messages, 3, H, r), as the prefill passes them.
+    messages: tuple[tuple[int, int, int], ...] = ()
+    sums: torch.Tensor | None = None
 
     def safe(self, p: int) -> bool:
         """Whether the state before position p is all a resume there needs: no message has
@@ -154,7 +138,7 @@ class DeltaMemRuntime:
         self.layer_ids = cfg.layers
         self.slot_of = {i: s for s, i in enumerate(self.layer_ids)}
         self.state_shape = (len(self.layer_ids), cfg.num_state_heads, cfg.rank, cfg.rank)
-        self.ssw = cfg.write_granularity == "message_mean"
+        self.ssw = cfg.writes_messages
         self.requests: dict[str, RequestMemory] = {}
         self.outbox: OrderedDict[str, tuple[float, dict]] = OrderedDict()
         self._plan: _StepPlan | None = None
@@ -167,8 +151,10 @@ class DeltaMemRuntime:
         self._snap_pos: list = []  # per request: (asked positions, block boundary or -1)
         self._snaps: torch.Tensor | None = None  # (L, B, P, H, r, r)
         self._n_valid = 0
-        self._start_np: np.ndarray | None = None  # per request, position of its first token
-        self._ingest_step = False  # SSW: some request's tokens this step are in an ingest
+        # SSW, a step where some request's tokens are in an ingest: per request, where its
+        # scan is cut ([(position, ingest ending there or None)], ascending) and its first
+        # position; None on other steps.
+        self._ingest_cuts: list[tuple[int, list[tuple[int, int | None]]]] | None = None
         self.recomputes = 0  # requests restarted from their initial state (preemption)
         if device.type == "cpu":
             # Imported here, in the worker once the model loads, not with this module: numba's
@@ -232,6 +218,8 @@ class DeltaMemRuntime:
                            keep=bool(extra.get("keep", True)))
         if self.ssw:
             rm.ingests = self._parse_ingests(extra.get("ingests"), rm.write_start, req_id)
+            rm.messages = tuple((a, b, i) for i, g in enumerate(rm.ingests)
+                                for a, b in g.messages)
             bad = [p for p in (*rm.known, *rm.snap_at) if not rm.safe(p)]
             if bad:
                 raise ValueError(f"δ-mem request {req_id}: states asked for or given at "
@@ -308,7 +296,7 @@ class DeltaMemRuntime:
                                        dtype=torch.float32, device=self.device)
             self._n_valid = num_tokens
             self._snap_at = self._snaps = None
-            self._ingest_step = False
+            self._ingest_cuts = None
             self._prepare_cpu_scan()
             return
         active = []
@@ -340,22 +328,21 @@ class DeltaMemRuntime:
         np.cumsum(n, out=cu[1:])
         pos = np.repeat(plan.start_pos - cu[:-1], n) + np.arange(cu[-1])
         self._mask_np = pos >= np.repeat(write_starts, n)
-        self._ingest_step = False
+        inside = np.zeros(len(pos), dtype=bool)
         if self.ssw:  # tokens of an ingest read and write nothing themselves
-            inside = np.zeros(len(pos), dtype=bool)
             for b, rm in enumerate(active):
                 for g in rm.ingests:
                     inside[cu[b]:cu[b + 1]] |= (pos[cu[b]:cu[b + 1]] >= g.start) & (
                         pos[cu[b]:cu[b + 1]] < g.end)
             self._mask_np &= ~inside
-            self._ingest_step = bool(inside.any())
-        self._start_np = plan.start_pos
         self._cu_np = cu
         self._cu, self._mask = torch.from_numpy(cu), torch.from_numpy(self._mask_np)
         self._n_valid = int(cu[-1])
         # (L, B, H, r, r): each layer's slice is contiguous for the in-place kernel.
         self._states = torch.stack([rm.state for rm in active], dim=1).contiguous()
         self._plan_snapshots(active, plan.start_pos, n, cu)
+        self._ingest_cuts = self._plan_ingest_cuts(active, plan.start_pos, n) \
+            if inside.any() else None
         for rm, n in zip(active, plan.num_tokens, strict=True):
             rm.pos += int(n)
         self._prepare_cpu_scan()
@@ -402,6 +389,19 @@ class DeltaMemRuntime:
         self._snaps = torch.zeros((L, len(active), width, *self.state_shape[1:]),
                                   dtype=torch.float32, device=self.device)
 
+    def _plan_ingest_cuts(self, active, start_pos, num_tokens) -> list:
+        """Per request, where this step's scan stops: the ends of its ingests (their
+        messages are written there), its snapshot positions, and its last token."""
+        plans = []
+        for b, rm in enumerate(active):
+            p0 = int(start_pos[b])
+            p1 = p0 + int(num_tokens[b])
+            ends = {g.end: i for i, g in enumerate(rm.ingests) if p0 < g.end <= p1}
+            asked, blk = self._snap_pos[b] if self._snaps is not None else ((), -1)
+            cuts = sorted({p1, *ends, *asked, blk} - {-1})
+            plans.append((p0, [(z, ends.get(z)) for z in cuts]))
+        return plans
+
     def end_forward(self) -> None:
         if self._active is not None:
             # Views, not copies: the next step stacks the states into a new tensor anyway.
@@ -423,7 +423,7 @@ class DeltaMemRuntime:
         (N, 4, H, r) holds the projections before their activations: SSW pools k, v and β's
         from them (the mean of a linear map is the map of the mean)."""
         n = self._n_valid
-        if self._ingest_step:
+        if self._ingest_cuts is not None:
             self._scan_ingests(slot, q, k, v, beta, proj, reads)
         elif self.device.type == "cpu":
             # Straight into the compiled kernel, on arguments prepared once a step (numpy
@@ -444,19 +444,15 @@ class DeltaMemRuntime:
         in Python: a turn's prefill passes here once, decode steps take the batched path."""
         L = self.state_shape[0]
         mask = self._mask.to(self.device)
-        for b, rm in enumerate(self._active):
-            lo, hi = int(self._cu_np[b]), int(self._cu_np[b + 1])
-            p0 = int(self._start_np[b])
-            p1 = p0 + hi - lo
+        for b, (rm, (p0, cuts)) in enumerate(zip(self._active, self._ingest_cuts, strict=True)):
+            lo = int(self._cu_np[b])
             state = self._states[slot, b]
-            msgs = rm.messages
-            if msgs and rm.sums is None:
-                rm.sums = torch.zeros((L, len(msgs), 3, *self.state_shape[1:3]),
+            if rm.messages and rm.sums is None:
+                rm.sums = torch.zeros((L, len(rm.messages), 3, *self.state_shape[1:3]),
                                       dtype=torch.float32, device=self.device)
             asked, blk = self._snap_pos[b] if self._snaps is not None else ((), -1)
-            ends = {g.end: i for i, g in enumerate(rm.ingests) if p0 < g.end <= p1}
             a = p0
-            for z in sorted({p1, *ends, *asked, blk} - {-1}):
+            for z, ended in cuts:
                 if z > a:
                     t0, t1 = lo + a - p0, lo + z - p0
                     r, final = delta_rule_scan(q[None, t0:t1], k[None, t0:t1],
@@ -464,13 +460,13 @@ class DeltaMemRuntime:
                                                state[None], mask[None, t0:t1])
                     reads[t0:t1] = r[0]
                     state.copy_(final[0])
-                    for j, (ma, mb, _) in enumerate(msgs):
+                    for j, (ma, mb, _) in enumerate(rm.messages):
                         ma, mb = max(ma, a), min(mb, z)
                         if ma < mb:
                             rm.sums[slot, j] += proj[lo + ma - p0:lo + mb - p0, 1:].sum(0)
                     a = z
-                if z in ends:
-                    self._write_messages(rm, slot, ends[z], state)
+                if ended is not None:
+                    self._write_messages(rm, slot, ended, state)
                 if self._snaps is not None:
                     for j, p in enumerate(asked):
                         if p == z:
@@ -485,7 +481,7 @@ class DeltaMemRuntime:
         rows = [j for j, (_, _, i) in enumerate(rm.messages) if i == ingest]
         if not rows:
             return
-        counts = torch.tensor([float(b - a) for a, b, _ in (rm.messages[j] for j in rows)],
+        counts = torch.tensor([float(rm.messages[j][1] - rm.messages[j][0]) for j in rows],
                               device=self.device)
         mean = rm.sums[slot, rows] / counts[:, None, None, None]  # (M, 3, H, r)
         k = torch.tanh(mean[:, 0])
