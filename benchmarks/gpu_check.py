@@ -1,5 +1,7 @@
 """The δ-mem core on a CUDA GPU: the chunked scan against the reference loop (correctness and
-time), and the HF runtime's forward + backward with the state (the training path).
+time), the engine's varlen pool scan captured in a CUDA graph and replayed for other batch
+layouts (correctness, and a decode step's time eager against replayed), and the HF runtime's
+forward + backward with the state (the training path).
 
 Runs where only torch and transformers are installed (no vLLM): the model is a randomly
 initialised one with the default backbone's shape (its config travels; its weights don't
@@ -15,7 +17,12 @@ from pathlib import Path
 
 import torch
 
-from deltamem.scan import delta_rule_scan_chunked, delta_rule_scan_reference, random_inputs
+from deltamem.scan import (
+    delta_rule_scan_chunked,
+    delta_rule_scan_reference,
+    delta_rule_scan_varlen,
+    random_inputs,
+)
 
 
 def inputs(B, T, H, r, dtype, device, seed=0):
@@ -37,6 +44,75 @@ def timed(fn, *args, repeats=5):
         sync()
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def pool_layout(lens, N, rows_total, H, r, dev, seed):
+    """A step of len(lens) sequences back to back then padding to N tokens, as the engine lays
+    it out: each sequence at a random row of a pool of `rows_total` rows, padding at the zero
+    row (rows_total - 2). Returns the per-sequence inputs and the flat buffers."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [random_inputs(1, n, H, r, dtype=torch.float32, seed=seed + i, device=dev)
+            for i, n in enumerate(lens)]
+    at = torch.randperm(rows_total - 2, generator=g)[:len(lens)].tolist()
+    pad = N - sum(lens)
+
+    def flat(i, fill):
+        return torch.cat([s[i][0] for s in seqs] + [fill.to(dev)])
+
+    noise = torch.rand(pad, H, r, generator=g)
+    bufs = [flat(0, noise), flat(1, noise), flat(2, noise), flat(3, noise),
+            flat(5, torch.zeros(pad, dtype=torch.bool))]
+    rows = torch.cat([torch.full((n,), a) for n, a in zip(lens, at, strict=True)]
+                     + [torch.full((pad,), rows_total - 2)]).to(dev)
+    pool = torch.zeros(rows_total, H, r, r, device=dev)
+    for s, a in zip(seqs, at, strict=True):
+        pool[a] = s[4][0]
+    return seqs, at, [*bufs, rows], pool
+
+
+def graph_check(dev, quick: bool) -> dict:
+    """The engine's scan for `layers` layers captured once for N tokens, replayed for other
+    layouts copied into the same buffers; max relative error against the loop per replay,
+    and one step's time eager and replayed."""
+    layers, H, r = (2, 2, 8) if quick else (30, 4, 8)
+    N, R = (16, 20) if quick else (64, 130)
+    _, _, bufs, pool0 = pool_layout([N // 2, N // 4], N, R, H, r, dev, seed=1)
+    pools = torch.stack([pool0] * layers)
+
+    def step():
+        return [delta_rule_scan_varlen(*bufs[:5], bufs[5], pools[i]) for i in range(layers)]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    t_eager = timed(step)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        reads = step()
+    errs = {}
+    for name, lens in (("decode", [1] * N), ("mixed", [1, N // 2, 3, N // 4]),
+                       ("one", [N - 1])):
+        seqs, at, new, pool = pool_layout(lens, N, R, H, r, dev, seed=len(lens))
+        for buf, x in zip(bufs, new, strict=True):
+            buf.copy_(x)
+        pools.copy_(torch.stack([pool] * layers))
+        graph.replay()
+        torch.cuda.synchronize()
+        err, t0 = 0.0, 0
+        for s, a in zip(seqs, at, strict=True):
+            n = s[0].shape[1]
+            r_ref, s_ref = delta_rule_scan_reference(*s)
+            for i in range(layers):
+                err = max(err, ((reads[i][t0:t0 + n] - r_ref[0]).norm() / r_ref.norm()).item(),
+                          ((pools[i, a] - s_ref[0]).norm() / s_ref.norm()).item())
+            t0 += n
+        errs[name] = err
+    t_graph = timed(graph.replay)
+    return {"layers": layers, "tokens": N, "heads": H, "replay_rel_err_fp32": errs,
+            "step_eager_ms": t_eager * 1e3, "step_graph_ms": t_graph * 1e3}
 
 
 def main(argv=None) -> int:
@@ -70,7 +146,11 @@ def main(argv=None) -> int:
                      "speedup": t_loop / t_chunk})
     out["scan_time"] = rows
 
-    # 3. HF runtime on the GPU: forward with a state and backward through it
+    # 3. the engine's varlen pool scan in a CUDA graph
+    if dev.type == "cuda":
+        out["cuda_graph"] = graph_check(dev, a.quick)
+
+    # 4. HF runtime on the GPU: forward with a state and backward through it
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from deltamem.adapter import new_adapter
@@ -102,6 +182,13 @@ def main(argv=None) -> int:
     print(f"{'T':>6s} {'loop ms':>10s} {'chunked ms':>11s} {'speed-up':>9s}")
     for r in rows:
         print(f"{r['T']:6d} {r['loop_ms']:10.1f} {r['chunked_ms']:11.2f} {r['speedup']:8.1f}x")
+    if "cuda_graph" in out:
+        cg = out["cuda_graph"]
+        print(f"varlen pool scan, {cg['layers']} layers × {cg['tokens']} tokens, captured once, "
+              f"replayed (fp32 rel err): "
+              + ", ".join(f"{k} {v:.1e}" for k, v in cg["replay_rel_err_fp32"].items())
+              + f"; step eager {cg['step_eager_ms']:.2f} ms, replayed "
+              f"{cg['step_graph_ms']:.2f} ms")
     print(f"HF runtime train step (4×512 write + 4×64 read, fwd+bwd): {t * 1e3:.1f} ms, "
           f"grad norm {gnorm:.3g}")
     a.json.parent.mkdir(parents=True, exist_ok=True)

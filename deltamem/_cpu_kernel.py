@@ -9,11 +9,12 @@ import numba
 import numpy as np
 
 
-def _scan(q, k, v, beta, mask, cu_seqlens, state, reads, snap_at, snaps):
+def _scan(q, k, v, beta, mask, cu_seqlens, rows, state, reads, snap_at, snaps):
     # q, k, v, beta, reads: (N, H, r); mask: (N,) bool; cu_seqlens: (B+1,) int64;
-    # state: (B, H, r, r), updated in place. snap_at: (B, P) int64, token indices t in
-    # [cu[b], cu[b+1]] before which the state is copied into snaps[b, p] ((B, P, H, r, r));
-    # cu[b+1] means after the sequence's last token, -1 means no copy.
+    # state: (R, H, r, r), sequence b's at row rows[b] ((B,) int64), updated in place.
+    # snap_at: (B, P) int64, token indices t in [cu[b], cu[b+1]] before which the state is
+    # copied into snaps[b, p] ((B, P, H, r, r)); cu[b+1] means after the sequence's last
+    # token, -1 means no copy.
     nseq = cu_seqlens.shape[0] - 1
     H = q.shape[1]
     r = q.shape[2]
@@ -21,7 +22,7 @@ def _scan(q, k, v, beta, mask, cu_seqlens, state, reads, snap_at, snaps):
     for job in numba.prange(nseq * H):
         b = job // H
         h = job % H
-        S = state[b, h]
+        S = state[rows[b], h]
         end = cu_seqlens[b + 1]
         for t in range(cu_seqlens[b], end + 1):
             for p in range(P):
@@ -56,12 +57,13 @@ def pick(jobs: int, tokens: int):
 
 
 def run(q, k, v, beta, mask, cu_seqlens, state, reads, snap_at=None, snaps=None) -> None:
-    """All arguments numpy arrays; `state` is updated in place and `reads` filled; with
-    `snap_at` (B, P), `snaps` (B, P, H, r, r) gets the state before the given token indices."""
+    """All arguments numpy arrays; `state` ((B, H, r, r), sequence b's at row b) is updated in
+    place and `reads` filled; with `snap_at` (B, P), `snaps` (B, P, H, r, r) gets the state
+    before the given token indices."""
     nseq = cu_seqlens.shape[0] - 1
     if snap_at is None:
         snap_at = np.full((nseq, 0), -1, dtype=np.int64)
         snaps = np.empty((nseq, 0, *state.shape[1:]), dtype=state.dtype)
     fn = pick(nseq * q.shape[1], q.shape[0])
-    fn(q, k, v, beta, mask.astype(np.bool_, copy=False), cu_seqlens, state, reads, snap_at,
-       snaps)
+    fn(q, k, v, beta, mask.astype(np.bool_, copy=False), cu_seqlens,
+       np.arange(nseq, dtype=np.int64), state, reads, snap_at, snaps)

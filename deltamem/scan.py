@@ -166,6 +166,104 @@ def delta_rule_scan_chunked(q, k, v, beta, initial_state, write_mask=None,
     return reads, s
 
 
+# --- varlen scan on a state pool, fixed shapes (accelerators, CUDA graphs) -------------------
+
+def delta_rule_scan_varlen(q, k, v, beta, write_mask, rows, states, snaps=None, snap_rows=None,
+                           chunk_size: int | None = None):
+    """The engine's varlen layout on a pool of states, with shapes that depend only on the
+    token count N: no host synchronisation, no data-dependent shape, so a CUDA graph captured
+    for N tokens replays for any layout of N tokens whose index tensors it reads.
+
+    q, k, v, beta   (N, H, r), the step's tokens back to back, each request's contiguous
+    write_mask      (N,) bool; a False token reads but does not write
+    rows            (N,) int64: the row of `states` each token's request owns (padding tokens
+                    point to a row of zeros they cannot write: their mask is False)
+    states          (R, H, r, r), updated in place (rows no token points to stay as they are)
+    snaps, snap_rows  optional (S, H, r, r) and (N,) int64: the state after token t is copied
+                    into snaps[snap_rows[t]]; tokens with no snapshot point to a spare row
+    Returns reads (N, H, r), S_{t-1} q_t as in the contract above.
+
+    The chunked UT transform of `delta_rule_scan_chunked`, on the flat token axis: a chunk may
+    hold the end of one request, others whole, and the start of another, so its C×C blocks are
+    masked to pairs of one *run* (consecutive tokens of one row) and decays restart at each
+    run's first token. The start state of a token's run is gathered from the pool at its
+    chunk's start; after the chunk, the state after each run's last token is scattered back
+    (the other tokens' go to one spare row: `index_copy_` needs a destination for each).
+    The loop over the N/C chunks is the only sequential part.
+    """
+    N, H, r = q.shape
+    dt = _compute_dtype(states)
+    dev = q.device
+    if chunk_size is None:
+        chunk_size = DEFAULT_CHUNK.get(dev.type, DEFAULT_CHUNK_ACCELERATOR)
+    C = max(1, min(chunk_size, N))
+    Nc = (N + C - 1) // C
+    pad = Nc * C - N
+    spare = states.shape[0] - 1  # scattered-to by non-final tokens, see below
+    beta = beta.to(dt) * write_mask.to(dt)[:, None, None]
+
+    def chunked(x, fill=0):  # (N, ...) -> (Nc, C, ...)
+        if pad:
+            x = torch.cat([x, x.new_full((pad, *x.shape[1:]), fill)])
+        return x.view(Nc, C, *x.shape[1:])
+
+    rows_c = chunked(rows, -1)  # padded tokens: a run of their own, written to the spare row
+    qc, kc = (chunked(x.to(dt)).transpose(1, 2) for x in (q, k))  # (Nc, H, C, r)
+    b_rows, v_rows = (chunked(x.to(dt)).permute(0, 2, 3, 1) for x in (beta, v))  # (Nc,H,r,C)
+    idx = torch.arange(C, device=dev)
+    same = rows_c[:, :, None] == rows_c[:, None, :]  # (Nc, C, C)
+    strict = (same & (idx[:, None] > idx[None, :]))[:, None, None]  # j < t, same run
+    incl = (same & (idx[:, None] >= idx[None, :]))[:, None, None]
+    first_of_run = torch.ones_like(rows_c, dtype=torch.bool)
+    first_of_run[:, 1:] = rows_c[:, 1:] != rows_c[:, :-1]
+    last_of_run = torch.ones_like(rows_c, dtype=torch.bool)
+    last_of_run[:, :-1] = rows_c[:, 1:] != rows_c[:, :-1]
+    first = torch.cummax(torch.where(first_of_run, idx, 0), dim=1).values  # (Nc, C)
+
+    tiny = torch.finfo(dt).tiny
+    log_a = torch.log(torch.clamp(1.0 - b_rows, min=tiny))
+    g = torch.cumsum(log_a, dim=-1)  # over the chunk, inclusive
+    g_prev = g - log_a
+    g_first = torch.gather(g_prev, -1, first[:, None, None, :].expand_as(g_prev))
+    gamma_prev = torch.exp(g_prev - g_first)  # Π a over the run's tokens before t
+    gamma_incl = torch.exp(g - g_first)  # ... up to and including t
+    decay = torch.exp((g_prev.unsqueeze(-1) - g.unsqueeze(-2)).masked_fill(~strict,
+                                                                           float("-inf")))
+    decay_incl = torch.exp((g.unsqueeze(-1) - g.unsqueeze(-2)).masked_fill(~incl,
+                                                                           float("-inf")))
+    kk = (kc @ kc.transpose(-1, -2)).unsqueeze(2)  # (Nc, H, 1, C, C)
+    qk = (qc @ kc.transpose(-1, -2)).unsqueeze(2)
+    eye = torch.eye(C, dtype=dt, device=dev)
+    A = eye + b_rows.unsqueeze(-1) * decay * kk
+    rhs_v = (b_rows * v_rows).unsqueeze(-1)  # (Nc, H, r, C, 1)
+    rhs_s = (b_rows * gamma_prev).unsqueeze(-1) * kc.unsqueeze(2)  # (Nc, H, r, C, r)
+    sol = torch.linalg.solve_triangular(A, torch.cat([rhs_v, rhs_s], dim=-1), upper=False,
+                                        unitriangular=True)
+    X, Y = sol[..., 0], sol[..., 1:]  # δ_t = X_t - Y_t · s0_t, s0_t its run's start state
+    write_to = torch.where(last_of_run, rows_c, spare)
+    write_to = torch.where(rows_c < 0, spare, write_to)
+    snap_c = None if snaps is None else chunked(snap_rows, snaps.shape[0] - 1)
+
+    reads = []
+    for n in range(Nc):
+        s0 = states.index_select(0, rows_c[n].clamp_min(0) if pad else rows_c[n])
+        s0 = s0.to(dt).permute(1, 2, 0, 3)  # (H, r_row, C, r)
+        if pad:
+            s0 = s0 * (rows_c[n] >= 0).to(dt)[None, None, :, None]
+        delta = X[n] - (Y[n] * s0).sum(-1)  # (H, r, C)
+        s0_q = (s0 * qc[n].unsqueeze(1)).sum(-1)
+        reads.append(gamma_prev[n] * s0_q + ((decay[n] * qk[n]) @ delta.unsqueeze(-1)
+                                             ).squeeze(-1))
+        after = gamma_incl[n].unsqueeze(-1) * s0 + (decay_incl[n] * delta.unsqueeze(-2)) @ (
+            kc[n].unsqueeze(1))  # (H, r, C, r): the state after each token
+        after = after.permute(2, 0, 1, 3).to(states.dtype)
+        states.index_copy_(0, write_to[n], after)
+        if snaps is not None:
+            snaps.index_copy_(0, snap_c[n], after.to(snaps.dtype))
+    out = torch.stack(reads).permute(0, 3, 1, 2).reshape(Nc * C, H, r)
+    return out[:N]
+
+
 # --- compiled CPU kernel (deltamem/_cpu_kernel.py) --------------------------------------------
 # On the CPU the chunked path is memory-bound (its C×C blocks carry a row axis because β is
 # per row), and at decode (T = 1) its ~40 tensor ops per layer cost more than the math. A

@@ -486,8 +486,13 @@ def test_ssw_engine_serves_a_session_as_the_reference(host, tokenizer, model_dir
 
 # --- the worker runtime's bookkeeping, without vLLM ----------------------------------------------
 
+# The runtime's two scan paths: the numba kernel (the CPU engine's) and the torch varlen scan
+# on fixed buffers (an accelerator's, capturable in a CUDA graph), each held to the reference.
+SCAN_PATHS = pytest.mark.parametrize("scan", ["kernel", "torch"])
+
+
 def _runtime(layers: int = 2, d: int = 32, seed: int = 0, heads: int = 1,
-             granularity: str = "token"):
+             granularity: str = "token", scan: str = "kernel", max_requests: int = 32):
     """A worker runtime on a small random adapter (no backbone)."""
     from deltamem.layer import DeltaMem, DeltaMemConfig
     from server.engine.model import DeltaMemRuntime
@@ -499,7 +504,7 @@ def _runtime(layers: int = 2, d: int = 32, seed: int = 0, heads: int = 1,
     for i in cfg.layers:
         mod.layer(i).reset_parameters()
         torch.nn.init.normal_(mod.layer(i).w_beta.weight, std=0.1)
-    rt = DeltaMemRuntime(mod, torch.device("cpu"))
+    rt = DeltaMemRuntime(mod, torch.device("cpu"), scan=scan, max_requests=max_requests)
     # What the engine installs on its attention modules, on stand-ins.
     rt.test_layers = {}
     for i in rt.layer_ids:
@@ -546,10 +551,11 @@ def _reference_state(rt, x, s0, write_start):
     return torch.stack(out)
 
 
-def test_runtime_chunks_recompute_and_gaps():
+@SCAN_PATHS
+def test_runtime_chunks_recompute_and_gaps(scan):
     from server.engine.model import decode_state
 
-    rt = _runtime()
+    rt = _runtime(scan=scan)
     d = rt.module.cfg.hidden_size
     g = torch.Generator().manual_seed(1)
     x_a, x_b = torch.randn(10, d, generator=g), torch.randn(7, d, generator=g)
@@ -587,11 +593,12 @@ def test_runtime_chunks_recompute_and_gaps():
     assert rel_err(decode_state(got["A"]["state"], rt.state_shape), want_a) < 1e-5
 
 
+@SCAN_PATHS
 @pytest.mark.parametrize("heads", [1, 4], ids=["tsw", "msw"])
-def test_runtime_corrections_match_the_layer_math(heads):
+def test_runtime_corrections_match_the_layer_math(heads, scan):
     """The worker's fused projections and read-out (one matmul each) against DeltaMemLayer's
     project / scan / delta_q / delta_o, for one head and for MSW's four (float32)."""
-    rt = _runtime(heads=heads)
+    rt = _runtime(heads=heads, scan=scan)
     d = rt.module.cfg.hidden_size
     g = torch.Generator().manual_seed(2)
     x, s0 = torch.randn(9, d, generator=g), torch.randn(rt.state_shape, generator=g)
@@ -612,7 +619,8 @@ def test_runtime_corrections_match_the_layer_math(heads):
 
 @pytest.mark.parametrize("backend", [None, "aot_eager", "inductor"],
                          ids=["eager", "compiled-aot-eager", "compiled-inductor"])
-def test_scan_op_matches_the_reference_on_varlen_batches(backend):
+@SCAN_PATHS
+def test_scan_op_matches_the_reference_on_varlen_batches(backend, scan):
     """The engine's memory path (projections, the `deltamem::scan` op, read-out) on random
     varlen steps (decode and prefill chunks mixed, random write starts and initial states,
     padded rows as a CUDA-graph batch has), eager and under torch.compile with dynamic token
@@ -621,7 +629,7 @@ def test_scan_op_matches_the_reference_on_varlen_batches(backend):
     from deltamem.scan import delta_rule_scan_reference
     from server.engine.model import memory_corrections
 
-    rt = _runtime(heads=4, seed=5)
+    rt = _runtime(heads=4, seed=5, scan=scan)
     d = rt.module.cfg.hidden_size
     g = torch.Generator().manual_seed(6)
     fn = memory_corrections
@@ -713,13 +721,14 @@ def test_runtime_state_math_is_float32_under_a_bf16_default_dtype():
         torch.set_default_dtype(prev)
 
 
-def test_runtime_resumes_where_it_knows_the_state_and_snapshots():
+@SCAN_PATHS
+def test_runtime_resumes_where_it_knows_the_state_and_snapshots(scan):
     """A request may start at a known position (a capped prefix-cache hit) or anywhere up to
     its write start; the scan copies out the states at the asked positions and at the last
     KV block boundary it passes, and hands them back with the final state."""
     from server.engine.model import EXTRA_ARGS_KEY, decode_state, encode_state
 
-    rt = _runtime()
+    rt = _runtime(scan=scan)
     d = rt.module.cfg.hidden_size
     g = torch.Generator().manual_seed(3)
     x, s0 = torch.randn(23, d, generator=g), torch.randn(rt.state_shape, generator=g)
@@ -747,6 +756,67 @@ def test_runtime_resumes_where_it_knows_the_state_and_snapshots():
     assert rel_err(decode_state(got["state"], rt.state_shape), ref[23]) < 1e-5
     assert set(got["snapshots"]) == {"5", "11"} and got["block"][0] == 16
     assert rel_err(decode_state(got["block"][1], rt.state_shape), ref[16]) < 1e-5
+
+
+def test_scan_paths_agree_on_a_served_schedule():
+    """Both scan paths on one random schedule of a served batch: five requests on a pool of
+    four rows (states move out and back in), chunked prefill of random lengths interleaved
+    with one-token steps, snapshots asked at a step's first position, at its last and inside
+    it, KV block boundaries passed, padded steps. Per step their Δq and Δo agree (float32,
+    1e-5 relative); every final state, snapshot and block state matches the reference."""
+    rts = {scan: _runtime(heads=4, seed=21, scan=scan, max_requests=2)
+           for scan in ("kernel", "torch")}
+    rt = rts["kernel"]
+    d = rt.module.cfg.hidden_size
+    g = torch.Generator().manual_seed(22)
+    reqs, xs, s0s, wss, chunks = {}, {}, {}, {}, {}
+    for i in range(5):
+        rid, n = f"r{i}", int(torch.randint(18, 40, (1,), generator=g))
+        xs[rid], s0s[rid] = torch.randn(n, d, generator=g), torch.randn(rt.state_shape,
+                                                                        generator=g)
+        wss[rid] = int(torch.randint(0, 6, (1,), generator=g))
+        cuts, p = [], 0
+        while p < n:
+            k = min(n - p, int(torch.randint(1, 9, (1,), generator=g)))
+            cuts.append((p, k))
+            p += k
+        chunks[rid] = cuts
+        bounds = [a for a, _ in cuts[1:]]
+        inner = [a + 1 for a, k in cuts if k > 2]
+        snap_at = sorted({bounds[len(bounds) // 2], *inner[:1]})
+        reqs[rid] = _request(s0s[rid], wss[rid], rid.upper(), snap_at=snap_at)
+    steps = 0
+    while any(chunks.values()):
+        live = [r for r in chunks if chunks[r]]
+        pick = torch.randperm(len(live), generator=g)[:3].tolist()
+        batch = [(live[j], *chunks[live[j]].pop(0)) for j in pick]
+        pad = int(torch.randint(0, 3, (1,), generator=g))
+        x = torch.cat([*(xs[r][a:a + k] for r, a, k in batch), torch.randn(pad, d, generator=g)])
+        got = {}
+        for scan, rt_ in rts.items():
+            rt_.plan_step([r for r, _, _ in batch], [k for _, _, k in batch],
+                          [a for _, a, _ in batch], reqs, block_size=8)
+            rt_.begin_forward(x.shape[0])
+            try:
+                got[scan] = [_corrections(rt_, layer, x) for layer in rt_.layer_ids]
+            finally:
+                rt_.end_forward()
+        for (dq_k, do_k), (dq_t, do_t) in zip(got["kernel"], got["torch"], strict=True):
+            assert rel_err(dq_t, dq_k) < 1e-5 and rel_err(do_t, do_k) < 1e-5
+            if pad:
+                assert not dq_t[-pad:].any() and not do_t[-pad:].any()
+        steps += 1
+    for scan, rt_ in rts.items():
+        assert rt_.moved_out > 0, scan
+        for rid, rm in rt_.requests.items():
+            x, s0, ws = xs[rid], s0s[rid], wss[rid]
+            assert rel_err(rm.state, _reference_state(rt_, x, s0, ws)) < 1e-5
+            assert sorted(rm.snapshots) == list(rm.snap_at)
+            for p, snap in rm.snapshots.items():
+                assert rel_err(snap, _reference_state(rt_, x[:p], s0, ws)) < 1e-5, (scan, p)
+            blk, snap = rm.block
+            assert blk == len(x) // 8 * 8
+            assert rel_err(snap, _reference_state(rt_, x[:blk], s0, ws)) < 1e-5
 
 
 # --- SSW in the worker runtime --------------------------------------------------------------------
@@ -785,7 +855,8 @@ SSW_INGESTS = [(0, 9, [(2, 6), (6, 9)]), (14, 22, [(15, 19), (19, 21)]), (26, 29
 @pytest.mark.parametrize("chunks", [[34], [5] * 7, [9, 5, 8, 4, 8], [1] * 34],
                          ids=["one-step", "chunks-of-5", "at-ingest-ends", "token-by-token"])
 @pytest.mark.parametrize("write_start", [0, 3])
-def test_ssw_runtime_matches_the_message_writes(chunks, write_start):
+@SCAN_PATHS
+def test_ssw_runtime_matches_the_message_writes(chunks, write_start, scan):
     """An SSW request whose prompt holds three ingests with token writes between them (an
     epoch's stream: earlier turns' messages and generated tokens, then this turn's) and five
     decode tokens, stepped whole, in chunks that split ingests, and token by token, beside a
@@ -793,7 +864,7 @@ def test_ssw_runtime_matches_the_message_writes(chunks, write_start):
     HF runtime's SSW math, float32 within 1e-5 relative."""
     from server.engine.model import Ingest, memory_corrections
 
-    rt = _runtime(heads=4, seed=11, granularity="message_mean")
+    rt = _runtime(heads=4, seed=11, granularity="message_mean", scan=scan)
     d = rt.module.cfg.hidden_size
     g = torch.Generator().manual_seed(12)
     x, s0 = torch.randn(34, d, generator=g), torch.randn(rt.state_shape, generator=g)
@@ -837,14 +908,15 @@ def test_ssw_runtime_matches_the_message_writes(chunks, write_start):
             assert rel_err(rt.requests[rid].state[slot], final) < 1e-5
 
 
-def test_ssw_runtime_snapshots_only_where_a_resume_is_exact():
+@SCAN_PATHS
+def test_ssw_runtime_snapshots_only_where_a_resume_is_exact(scan):
     """The last KV block boundary a step passes is snapshotted only at a safe point (inside an
     ingest's messages a resume would lack their partial sums); a request resumed at such a
     known state ends where the whole stream does; a known state or an asked snapshot inside
     the messages, ingests out of order, or an SSW request without ingests are refused."""
     from server.engine.model import Ingest, encode_state
 
-    rt = _runtime(seed=13, granularity="message_mean")
+    rt = _runtime(seed=13, granularity="message_mean", scan=scan)
     d = rt.module.cfg.hidden_size
     g = torch.Generator().manual_seed(14)
     x, s0 = torch.randn(34, d, generator=g), torch.randn(rt.state_shape, generator=g)
@@ -923,9 +995,10 @@ def test_cache_salt_separates_tenants_states_and_write_starts():
 
 
 def test_cuda_compilation_splits_the_graph_at_the_scan(monkeypatch):
-    """On CUDA the δ-mem engine asks vLLM for piecewise CUDA graphs split at its scan op as at
-    attention (the op reads a host-prepared layout); the settings are ones vLLM accepts. On
-    the CPU it keeps vLLM's defaults and turns off vLLM's AOT cache (it never loads there)."""
+    """On CUDA the δ-mem engine splits vLLM's piecewise CUDA graphs at its scan op as at
+    attention, and keeps vLLM's full graphs for one-token-a-request batches (the op's torch
+    path is capturable) except for SSW adapters; the settings are ones vLLM accepts. On the
+    CPU it keeps vLLM's defaults and turns off vLLM's AOT cache (it never loads there)."""
     from vllm.config import CompilationConfig
     from vllm.platforms import current_platform
 
@@ -936,8 +1009,9 @@ def test_cuda_compilation_splits_the_graph_at_the_scan(monkeypatch):
     assert os.environ["VLLM_USE_AOT_COMPILE"] == "0"
     monkeypatch.setattr(type(current_platform), "is_cuda_alike", lambda self: True)
     assert _compilation_settings(memory=False) == {}
-    cfg = _compilation_settings(memory=True)
-    assert "deltamem::scan" in cfg["splitting_ops"]
-    assert set(CompilationConfig._attention_ops) <= set(cfg["splitting_ops"])
-    cc = CompilationConfig(**cfg)
-    assert "deltamem::scan" in cc.splitting_ops and cc.cudagraph_mode.name == "PIECEWISE"
+    for ssw, mode in ((False, "FULL_AND_PIECEWISE"), (True, "PIECEWISE")):
+        cfg = _compilation_settings(memory=True, writes_messages=ssw)
+        assert "deltamem::scan" in cfg["splitting_ops"]
+        assert set(CompilationConfig._attention_ops) <= set(cfg["splitting_ops"])
+        cc = CompilationConfig(**cfg)
+        assert "deltamem::scan" in cc.splitting_ops and cc.cudagraph_mode.name == mode

@@ -74,12 +74,15 @@ class GenerationChunk:
     prompt_logprobs: list | None = None
 
 
-def _compilation_settings(memory: bool) -> dict:
+def _compilation_settings(memory: bool, writes_messages: bool = False) -> dict:
     """vLLM's compilation settings for a compiled engine: its defaults, except
 
-    - on CUDA with memory: the `deltamem::scan` op splits the graph as attention does and runs
-      between the captured pieces (piecewise CUDA graphs; the op reads the step's request
-      layout on the host);
+    - on CUDA with memory: the `deltamem::scan` op splits the graph as attention does, so a
+      mixed batch runs it between the captured pieces, and a batch of one token per request
+      replays it inside vLLM's full CUDA graph (its default FULL_AND_PIECEWISE mode): the op's
+      torch path reads only buffers that `DeltaMemRuntime.begin_forward` refills before each
+      step. An SSW adapter keeps piecewise graphs only: a one-token prefill chunk may end an
+      ingest, whose message writes run in Python;
     - on the CPU (no CUDA graphs: vLLM traces the whole model once and the op stays opaque in
       it): vLLM 0.32.0 saves an AOT artifact it then fails to load ("'function' object has no
       attribute 'finalize_loading'") and compiles again at every start; without AOT, inductor's
@@ -97,7 +100,8 @@ def _compilation_settings(memory: bool) -> dict:
 
     ops = [*CompilationConfig._attention_ops, "vllm::unified_kv_cache_update",
            "vllm::unified_mla_kv_cache_update", "deltamem::scan"]
-    return {"splitting_ops": ops, "cudagraph_mode": "PIECEWISE"}
+    return {"splitting_ops": ops,
+            "cudagraph_mode": "PIECEWISE" if writes_messages else "FULL_AND_PIECEWISE"}
 
 
 class DeltaMemEngine:
@@ -157,7 +161,8 @@ class DeltaMemEngine:
             # adapter's shapes (heads, rank, layers) are in the traced graph, so it must be in
             # the key.
             additional["deltamem_adapter"] = adapter.fingerprint()
-        compilation = {} if cfg.enforce_eager else _compilation_settings(cfg.memory)
+        compilation = {} if cfg.enforce_eager else _compilation_settings(
+            cfg.memory, adapter is not None and adapter.config.writes_messages)
         # Set per engine (not setdefault): a later engine in the same process gets its own size.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(cfg.kv_cache_gib))
         args = AsyncEngineArgs(

@@ -41,7 +41,7 @@ import torch
 
 from deltamem.adapter import Adapter, load_adapter
 from deltamem.layer import NORM_EPS, DeltaMem
-from deltamem.scan import delta_rule_scan, delta_rule_scan_chunked
+from deltamem.scan import delta_rule_scan, delta_rule_scan_varlen
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class Ingest:
 @dataclass
 class RequestMemory:
     initial: torch.Tensor  # (L, H, r, r) float32
-    state: torch.Tensor
+    state: torch.Tensor  # a view of its row of the runtime's pool while it holds one
     write_start: int
     key: str  # the caller's request id (vLLM appends a suffix to its own ids)
     known: dict[int, torch.Tensor] = field(default_factory=dict)  # prompt pos -> state there
@@ -101,6 +101,7 @@ class RequestMemory:
     # their pre-activation k, v, β sums, (L, messages, 3, H, r), as the prefill passes them.
     messages: tuple[tuple[int, int, int], ...] = ()
     sums: torch.Tensor | None = None
+    row: int = -1  # its row of the runtime's state pool, -1: none (not yet run, or moved out)
 
     def safe(self, p: int) -> bool:
         """Whether the state before position p is all a resume there needs: no message has
@@ -128,9 +129,23 @@ class _StepPlan:
 
 
 class DeltaMemRuntime:
-    """The worker-side δ-mem: adapter module, per-request states, per-step batch layout."""
+    """The worker-side δ-mem: adapter module, per-request states, per-step batch layout.
 
-    def __init__(self, module: DeltaMem, device: torch.device):
+    States live in one pool, (L, rows, H, r, r) float32, a row per request while it runs (a
+    request's `state` is a view of its row), so a step reads and writes them in place with no
+    per-step gather or copy. Two rows at the end are not requests': a row of zeros for padding
+    tokens (and warm-up runs) to read, and a spare row the torch scan scatters what it must
+    discard to. Every tensor the `deltamem::scan` op reads (the pool, and on the torch path
+    each token's row and write mask) is allocated once, so a CUDA graph captured for N tokens
+    replays for any step of N tokens: `begin_forward` refills them in place, before the graph.
+
+    Two scan paths behind the op (`scan`): "kernel", the compiled numba kernel (the CPU's
+    default: the 8×8 arithmetic in registers); "torch", `delta_rule_scan_varlen` (every other
+    device's, capturable; on the CPU for tests).
+    """
+
+    def __init__(self, module: DeltaMem, device: torch.device, *, max_requests: int = 32,
+                 max_tokens: int = 2048, scan: str = "auto"):
         self.module = module.to(device=device, dtype=torch.float32).eval()
         self.device = device
         self.block_size = 0  # the KV cache's, set by the runner hook before the first step
@@ -139,24 +154,47 @@ class DeltaMemRuntime:
         self.slot_of = {i: s for s, i in enumerate(self.layer_ids)}
         self.state_shape = (len(self.layer_ids), cfg.num_state_heads, cfg.rank, cfg.rank)
         self.ssw = cfg.writes_messages
+        if scan == "auto":
+            scan = "kernel" if device.type == "cpu" else "torch"
+        if scan not in ("kernel", "torch") or (scan == "kernel" and device.type != "cpu"):
+            raise ValueError(f"δ-mem scan path {scan!r} on {device}: 'kernel' (CPU) or 'torch'")
+        self.scan = scan
         self.requests: dict[str, RequestMemory] = {}
         self.outbox: OrderedDict[str, tuple[float, dict]] = OrderedDict()
         self._plan: _StepPlan | None = None
-        # Per forward:
+        # The pool: rows [0, R) for requests (twice the engine's batch, so that requests the
+        # scheduler set aside rarely need to move out), then the zero row and the spare row.
+        L, H, r, _ = self.state_shape
+        rows = 2 * max(1, max_requests)
+        self.pool = torch.zeros((L, rows + 2, H, r, r), dtype=torch.float32, device=device)
+        self.zero_row, self.spare_row = rows, rows + 1
+        self._free = list(range(rows - 1, -1, -1))
+        # The torch path's per-token layout, padding tokens at the zero row, writing nothing.
+        self._tok_rows = torch.full((max_tokens,), self.zero_row, dtype=torch.int64,
+                                    device=device)
+        self._tok_mask = torch.zeros(max_tokens, dtype=torch.bool, device=device)
+        self._tok_snap = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        # Per step:
+        self.step_open = False  # begun, not yet committed (see end_forward)
         self._active: list[RequestMemory] | None = None
-        self._cu: torch.Tensor | None = None
+        self._cu_np: np.ndarray | None = None
         self._mask: torch.Tensor | None = None
-        self._states: torch.Tensor | None = None  # (L, B, H, r, r)
+        # Snapshots: per request the positions this step copies out (`_snap_pos`: asked ones,
+        # the block boundary or -1, and the sorted columns), into `_snaps` (L, B·P + 1, H, r,
+        # r) (the last row spare) seen as (L, B, P, H, r, r) through `_snaps_bp`.
         self._snap_at: np.ndarray | None = None  # (B, P) flat token indices, -1: none
-        self._snap_pos: list = []  # per request: (asked positions, block boundary or -1)
-        self._snaps: torch.Tensor | None = None  # (L, B, P, H, r, r)
+        self._snap_pos: list = []
+        self._snaps: torch.Tensor | None = None
+        self._snaps_bp: torch.Tensor | None = None
+        self._snap_after: list[tuple[int, int]] = []  # torch path: (b, column) after the step
         self._n_valid = 0
         # SSW, a step where some request's tokens are in an ingest: per request, where its
         # scan is cut ([(position, ingest ending there or None)], ascending) and its first
         # position; None on other steps.
         self._ingest_cuts: list[tuple[int, list[tuple[int, int | None]]]] | None = None
         self.recomputes = 0  # requests restarted from their initial state (preemption)
-        if device.type == "cpu":
+        self.moved_out = 0  # states moved out of the pool for want of a row
+        if scan == "kernel":
             # Imported here, in the worker once the model loads, not with this module: numba's
             # llvmlite in sys.modules when vLLM's worker starts breaks its Triton-override scan
             # (vLLM 0.32.0, llvmlite 0.47: AttributeError on an llvmlite ffi wrapper), and the
@@ -164,6 +202,7 @@ class DeltaMemRuntime:
             from deltamem import _cpu_kernel
 
             self._kernel = _cpu_kernel
+            self._pool_np = self.pool.numpy()
         _RUNTIMES.append(self)
         self.id = len(_RUNTIMES) - 1  # the `deltamem::scan` op's way back here
 
@@ -252,6 +291,8 @@ class DeltaMemRuntime:
 
     def plan_step(self, req_ids, num_scheduled, num_computed, runner_requests,
                   block_size: int = 0) -> None:
+        """The next step's batch: its requests in order, their tokens this step and the
+        positions they start at (`begin_forward` lays it out)."""
         self.block_size = block_size or self.block_size
         self._plan = _StepPlan(list(req_ids), np.asarray(num_scheduled, dtype=np.int64).copy(),
                                np.asarray(num_computed, dtype=np.int64).copy())
@@ -259,11 +300,16 @@ class DeltaMemRuntime:
             self._memory_of(rid, runner_requests)
 
     def on_request_removed(self, req_id: str) -> None:
+        self.end_forward()
         rm = self.requests.pop(req_id, None)
-        if rm is None or rm.taken or not rm.keep:
+        if rm is None:
             return
-        self.outbox[rm.key] = (time.monotonic(), rm.result())
-        self._trim_outbox()
+        if not rm.taken and rm.keep:
+            self.outbox[rm.key] = (time.monotonic(), rm.result())
+            self._trim_outbox()
+        if rm.row >= 0:
+            self._free.append(rm.row)
+            rm.row = -1
 
     def _trim_outbox(self) -> None:
         now = time.monotonic()
@@ -273,6 +319,7 @@ class DeltaMemRuntime:
 
     def take_states(self, keys: list[str]) -> dict[str, dict]:
         """Hand out final states (float32 bytes) by the caller's request ids; forget them."""
+        self.end_forward()
         out = {}
         live = {rm.key: rm for rm in self.requests.values()}
         for key in keys:
@@ -284,43 +331,71 @@ class DeltaMemRuntime:
         return out
 
     # --- one forward --------------------------------------------------------------------------
-    def begin_forward(self, num_tokens: int) -> None:
-        plan, self._plan = self._plan, None
-        if plan is None or not plan.req_ids:
-            # A dummy/profiling run: one throwaway sequence from a zero state.
-            self._active = None
-            self._cu = torch.tensor([0, num_tokens], dtype=torch.int64)
-            self._mask = torch.zeros(num_tokens, dtype=torch.bool)
-            self._cu_np, self._mask_np = self._cu.numpy(), self._mask.numpy()
-            self._states = torch.zeros((self.state_shape[0], 1, *self.state_shape[1:]),
-                                       dtype=torch.float32, device=self.device)
-            self._n_valid = num_tokens
-            self._snap_at = self._snaps = None
-            self._ingest_cuts = None
-            self._prepare_cpu_scan()
+    def _claim_row(self, rm: RequestMemory, running: set[int]) -> None:
+        """Give a request about to run a row of the pool, its state copied in."""
+        if rm.row >= 0:
             return
-        active = []
-        write_starts = np.empty(len(plan.req_ids), dtype=np.int64)
-        for b, (rid, p0) in enumerate(zip(plan.req_ids, plan.start_pos, strict=True)):
-            rm = self.requests[rid]
+        if not self._free:
+            # Every row is held: move out the state of a request this step does not run (one
+            # the scheduler set aside; it gets a row back when it runs again).
+            out = next(m for m in self.requests.values() if m.row >= 0 and id(m) not in running)
+            out.state = out.state.clone()
+            self._free.append(out.row)
+            out.row = -1
+            self.moved_out += 1
+        rm.row = self._free.pop()
+        view = self.pool[:, rm.row]
+        view.copy_(rm.state)
+        rm.state = view
+
+    def begin_forward(self, num_tokens: int) -> None:
+        """Lay out the step `plan_step` planned (or, with none, a throwaway run of
+        `num_tokens` tokens, as vLLM's profiling, warm-up and graph-capture runs are) for
+        every layer's scan. Called by the runner hook before the forward, so that a replayed
+        CUDA graph, which runs no Python, finds the step in the buffers it reads."""
+        self.end_forward()  # a step whose forward was a graph replay is committed here
+        self.step_open = True
+        plan, self._plan = self._plan, None
+        self._snap_at = self._snaps = self._snaps_bp = None
+        self._snap_after = []
+        self._ingest_cuts = None
+        self.pool[:, self.zero_row].zero_()
+        if plan is None or not plan.req_ids:
+            self._active = None
+            self._cu_np = np.array([0, num_tokens], dtype=np.int64)
+            self._rows_np = np.array([self.zero_row], dtype=np.int64)
+            self._mask_np = np.zeros(num_tokens, dtype=bool)
+            self._mask = torch.from_numpy(self._mask_np)
+            self._n_valid = num_tokens
+            self._fill_token_layout(np.full(num_tokens, self.zero_row, dtype=np.int64))
+            self._prepare_kernel()
+            return
+        active = [self.requests[rid] for rid in plan.req_ids]
+        running = {id(rm) for rm in active}
+        for rm in active:
+            self._claim_row(rm, running)
+        write_starts = np.empty(len(active), dtype=np.int64)
+        for b, (rid, rm, p0) in enumerate(zip(plan.req_ids, active, plan.start_pos,
+                                              strict=True)):
             if p0 != rm.pos:
                 if int(p0) in rm.known or p0 <= rm.write_start:
                     # A prefix-cache hit (capped by the scheduler to a point whose state the
                     # request knows: a known one, or any up to its write start, where the
                     # state is still the initial one), or a recompute after preemption (p0 =
                     # 0, its tokens must not read their own future): resume from there.
-                    rm.state = rm.known.get(int(p0), rm.initial).clone()
+                    rm.state.copy_(rm.known.get(int(p0), rm.initial))
                     rm.pos = int(p0)
                     rm.sums = None  # SSW: known points are safe, nothing pending before them
                     self.recomputes += int(p0 == 0)
                 else:
+                    self.step_open = False
                     raise RuntimeError(
                         f"δ-mem request {rid}: step starts at position {p0} but {rm.pos} tokens "
                         f"are absorbed and the request knows the state only at "
                         f"{sorted(rm.known)} (the scheduler's prefix-cache cap failed)")
             write_starts[b] = rm.write_start
-            active.append(rm)
         self._active = active
+        self._rows_np = np.array([rm.row for rm in active], dtype=np.int64)
         # Token t of request b sits at position start_pos[b] + (t - cu[b]); it writes iff that
         # is at or after the request's write start.
         n = plan.num_tokens
@@ -336,36 +411,54 @@ class DeltaMemRuntime:
                         pos[cu[b]:cu[b + 1]] < g.end)
             self._mask_np &= ~inside
         self._cu_np = cu
-        self._cu, self._mask = torch.from_numpy(cu), torch.from_numpy(self._mask_np)
+        self._mask = torch.from_numpy(self._mask_np)
         self._n_valid = int(cu[-1])
-        # (L, B, H, r, r): each layer's slice is contiguous for the in-place kernel.
-        self._states = torch.stack([rm.state for rm in active], dim=1).contiguous()
         self._plan_snapshots(active, plan.start_pos, n, cu)
-        self._ingest_cuts = self._plan_ingest_cuts(active, plan.start_pos, n) \
-            if inside.any() else None
-        for rm, n in zip(active, plan.num_tokens, strict=True):
-            rm.pos += int(n)
-        self._prepare_cpu_scan()
+        if inside.any():
+            self._ingest_cuts = self._plan_ingest_cuts(active, plan.start_pos, n)
+        else:
+            self._fill_token_layout(np.repeat(self._rows_np, n))
+            self._route_snapshots(active, plan.start_pos, n, cu)
+        for rm, k in zip(active, n, strict=True):
+            rm.pos += int(k)
+        self._prepare_kernel()
 
-    def _prepare_cpu_scan(self) -> None:
-        """The CPU kernel's arguments that every layer of this step shares."""
-        if self.device.type != "cpu":
+    def _fill_token_layout(self, tok_rows: np.ndarray) -> None:
+        """The torch path's token buffers, refilled in place (a captured graph reads them)."""
+        if self.scan != "torch":
+            return
+        n = len(tok_rows)
+        if n > self._tok_rows.shape[0]:
+            # Only a step longer than the engine's token budget (tests) gets here; on CUDA
+            # that budget sizes the buffers before any graph is captured.
+            self._tok_rows = torch.full((n,), self.zero_row, dtype=torch.int64,
+                                        device=self.device)
+            self._tok_mask = torch.zeros(n, dtype=torch.bool, device=self.device)
+            self._tok_snap = torch.zeros(n, dtype=torch.int64, device=self.device)
+        self._tok_rows[:n].copy_(torch.from_numpy(tok_rows))
+        self._tok_rows[n:].fill_(self.zero_row)
+        self._tok_mask[:n].copy_(self._mask)
+        self._tok_mask[n:].fill_(False)
+
+    def _prepare_kernel(self) -> None:
+        """The numba kernel's arguments that every layer of this step shares."""
+        if self.scan != "kernel":
             return
         B = len(self._cu_np) - 1
-        self._cpu_scan = self._kernel.pick(B * self.state_shape[1], self._n_valid)
-        self._states_np = self._states.numpy()
-        if self._snap_at is None:
+        self._kernel_fn = self._kernel.pick(B * self.state_shape[1], self._n_valid)
+        if self._snap_at is None or self._ingest_cuts is not None:
             self._snap_at_np = np.full((B, 0), -1, dtype=np.int64)
-            self._snaps_np = np.empty((self.state_shape[0], B, 0, *self.state_shape[1:]),
-                                      dtype=np.float32)
+            empty = np.empty((B, 0, *self.state_shape[1:]), dtype=np.float32)
+            self._snaps_np = [empty] * self.state_shape[0]
         else:
-            self._snap_at_np, self._snaps_np = self._snap_at, self._snaps.numpy()
+            self._snap_at_np = self._snap_at
+            self._snaps_np = [self._snaps_bp[s].numpy() for s in range(self.state_shape[0])]
 
     def _plan_snapshots(self, active, start_pos, num_tokens, cu) -> None:
         """Which states this step copies out, per request: the asked-for positions it passes,
-        and the last KV block boundary it passes (last column). Flat token indices for the
-        kernel; a request's end offset means after its last token."""
-        rows, positions = [], []
+        and the last KV block boundary it passes, one column per distinct position. Flat
+        token indices for the kernel; a request's end offset means after its last token."""
+        positions = []
         for b, rm in enumerate(active):
             p0, p1 = int(start_pos[b]), int(start_pos[b]) + int(num_tokens[b])
             asked = [p for p in rm.snap_at if p0 <= p <= p1]
@@ -373,21 +466,39 @@ class DeltaMemRuntime:
             blk = (p1 // bs) * bs if bs and rm.keep else 0
             if self.ssw and not rm.safe(blk):
                 blk = -1  # a resume there would lack the pending messages' sums
-            positions.append((asked, blk if blk > p0 else -1))
-            rows.append([cu[b] + p - p0 for p in asked])
-        width = max(len(a) for a, _ in positions) + 1
-        if width == 1 and all(blk < 0 for _, blk in positions):
-            self._snap_at = self._snaps = None
+            blk = blk if blk > p0 else -1
+            positions.append((asked, blk, sorted({*asked, blk} - {-1})))
+        width = max(len(cols) for _, _, cols in positions)
+        if width == 0:
             return
         at = np.full((len(active), width), -1, dtype=np.int64)
-        for b, (asked, blk) in enumerate(positions):
-            at[b, :len(asked)] = rows[b]
-            if blk >= 0:
-                at[b, -1] = cu[b] + blk - int(start_pos[b])
+        for b, (_, _, cols) in enumerate(positions):
+            at[b, :len(cols)] = [cu[b] + p - int(start_pos[b]) for p in cols]
         self._snap_at, self._snap_pos = at, positions
-        L = self.state_shape[0]
-        self._snaps = torch.zeros((L, len(active), width, *self.state_shape[1:]),
+        L, B = self.state_shape[0], len(active)
+        self._snaps = torch.zeros((L, B * width + 1, *self.state_shape[1:]),
                                   dtype=torch.float32, device=self.device)
+        self._snaps_bp = self._snaps[:, :B * width].view(L, B, width, *self.state_shape[1:])
+
+    def _route_snapshots(self, active, start_pos, num_tokens, cu) -> None:
+        """The torch path's snapshots: the state before the request's first token of the step
+        is copied now, the one after its last at commit, and one in between by the scan, from
+        the token before it (`_tok_snap`: each token's destination row, else the spare)."""
+        if self.scan != "torch" or self._snaps is None:
+            return
+        width = self._snap_at.shape[1]
+        spare = self._snaps.shape[1] - 1
+        dest = np.full(self._tok_snap.shape[0], spare, dtype=np.int64)
+        for b, (rm, (_, _, cols)) in enumerate(zip(active, self._snap_pos, strict=True)):
+            p0, p1 = int(start_pos[b]), int(start_pos[b]) + int(num_tokens[b])
+            for j, p in enumerate(cols):
+                if p == p0:
+                    self._snaps_bp[:, b, j] = rm.state
+                elif p == p1:
+                    self._snap_after.append((b, j))
+                else:
+                    dest[cu[b] + p - p0 - 1] = b * width + j
+        self._tok_snap.copy_(torch.from_numpy(dest))
 
     def _plan_ingest_cuts(self, active, start_pos, num_tokens) -> list:
         """Per request, where this step's scan stops: the ends of its ingests (their
@@ -397,24 +508,28 @@ class DeltaMemRuntime:
             p0 = int(start_pos[b])
             p1 = p0 + int(num_tokens[b])
             ends = {g.end: i for i, g in enumerate(rm.ingests) if p0 < g.end <= p1}
-            asked, blk = self._snap_pos[b] if self._snaps is not None else ((), -1)
-            cuts = sorted({p1, *ends, *asked, blk} - {-1})
+            cols = self._snap_pos[b][2] if self._snaps is not None else ()
+            cuts = sorted({p1, *ends, *cols})
             plans.append((p0, [(z, ends.get(z)) for z in cuts]))
         return plans
 
     def end_forward(self) -> None:
-        if self._active is not None:
-            # Views, not copies: the next step stacks the states into a new tensor anyway.
-            for b, rm in enumerate(self._active):
-                rm.state = self._states[:, b]
-            if self._snaps is not None:
-                for b, (rm, (asked, blk)) in enumerate(zip(self._active, self._snap_pos,
-                                                           strict=True)):
-                    for j, p in enumerate(asked):
-                        rm.snapshots[p] = self._snaps[:, b, j].clone()
-                    if blk >= 0:
-                        rm.block = (blk, self._snaps[:, b, -1].clone())
-        self._active = self._states = self._snaps = self._snap_at = None
+        """Commit the step: hand its snapshots to their requests. The states need nothing,
+        they were written in place. Idempotent: called after the forward where Python runs
+        after it, and otherwise (a replayed CUDA graph) before whatever next reads them."""
+        if not self.step_open:
+            return
+        self.step_open = False
+        if self._active is not None and self._snaps is not None:
+            for b, j in self._snap_after:
+                self._snaps_bp[:, b, j] = self._active[b].state
+            for b, (rm, (asked, blk, cols)) in enumerate(zip(self._active, self._snap_pos,
+                                                             strict=True)):
+                for p in asked:
+                    rm.snapshots[p] = self._snaps_bp[:, b, cols.index(p)].clone()
+                if blk >= 0:
+                    rm.block = (blk, self._snaps_bp[:, b, cols.index(blk)].clone())
+        self._active = self._snaps = self._snaps_bp = self._snap_at = None
 
     def scan_layer(self, slot: int, q, k, v, beta, proj, reads: torch.Tensor) -> None:
         """The body of the `deltamem::scan` op: run this step's scan for one layer on its
@@ -425,15 +540,19 @@ class DeltaMemRuntime:
         n = self._n_valid
         if self._ingest_cuts is not None:
             self._scan_ingests(slot, q, k, v, beta, proj, reads)
-        elif self.device.type == "cpu":
+        elif self.scan == "kernel":
             # Straight into the compiled kernel, on arguments prepared once a step (numpy
             # views, no copies): any wrapper's conversions cost more than the scan at decode.
-            self._cpu_scan(q.numpy(), k.numpy(), v.numpy(), beta.numpy(), self._mask_np,
-                           self._cu_np, self._states_np[slot], reads.numpy(), self._snap_at_np,
-                           self._snaps_np[slot])
+            self._kernel_fn(q.numpy(), k.numpy(), v.numpy(), beta.numpy(), self._mask_np,
+                            self._cu_np, self._rows_np, self._pool_np[slot], reads.numpy(),
+                            self._snap_at_np, self._snaps_np[slot])
         else:
-            reads[:n] = self._scan_padded(q[:n], k[:n], v[:n], beta[:n], self._states[slot],
-                                          slot)
+            N = reads.shape[0]
+            snaps = None if self._snaps is None else self._snaps[slot]
+            reads.copy_(delta_rule_scan_varlen(
+                q, k, v, beta, self._tok_mask[:N], self._tok_rows[:N], self.pool[slot],
+                snaps, None if snaps is None else self._tok_snap[:N]))
+            return
         if n < reads.shape[0]:
             reads[n:].zero_()
 
@@ -446,11 +565,11 @@ class DeltaMemRuntime:
         mask = self._mask.to(self.device)
         for b, (rm, (p0, cuts)) in enumerate(zip(self._active, self._ingest_cuts, strict=True)):
             lo = int(self._cu_np[b])
-            state = self._states[slot, b]
+            state = self.pool[slot, rm.row]
             if rm.messages and rm.sums is None:
                 rm.sums = torch.zeros((L, len(rm.messages), 3, *self.state_shape[1:3]),
                                       dtype=torch.float32, device=self.device)
-            asked, blk = self._snap_pos[b] if self._snaps is not None else ((), -1)
+            cols = self._snap_pos[b][2] if self._snaps is not None else ()
             a = p0
             for z, ended in cuts:
                 if z > a:
@@ -467,12 +586,8 @@ class DeltaMemRuntime:
                     a = z
                 if ended is not None:
                     self._write_messages(rm, slot, ended, state)
-                if self._snaps is not None:
-                    for j, p in enumerate(asked):
-                        if p == z:
-                            self._snaps[slot, b, j] = state
-                    if blk == z:
-                        self._snaps[slot, b, -1] = state
+                if z in cols:
+                    self._snaps_bp[slot, b, cols.index(z)] = state
 
     def _write_messages(self, rm: RequestMemory, slot: int, ingest: int,
                         state: torch.Tensor) -> None:
@@ -489,38 +604,6 @@ class DeltaMemRuntime:
         _, final = delta_rule_scan(k[None], k[None], mean[None, :, 1],
                                    torch.sigmoid(mean[None, :, 2]), state[None])
         state.copy_(final[0])
-
-    def _scan_padded(self, q, k, v, beta, states: torch.Tensor, slot: int) -> torch.Tensor:
-        """Accelerator path: pad the varlen batch to (B, Tmax) and run the chunked scan.
-        A snapshot is the final state of a scan whose writes stop before its position."""
-        cu = self._cu.tolist()
-        B = len(cu) - 1
-        lens = [cu[i + 1] - cu[i] for i in range(B)]
-        T = max(lens)
-        H, r = q.shape[1], q.shape[2]
-        idx_b = torch.repeat_interleave(torch.arange(B), torch.tensor(lens)).to(self.device)
-        idx_t = torch.cat([torch.arange(n) for n in lens]).to(self.device)
-
-        def pad(x):
-            out = x.new_zeros(B, T, H, r)
-            out[idx_b, idx_t] = x
-            return out
-
-        q, k, v, beta = pad(q), pad(k), pad(v), pad(beta)
-        mask = torch.zeros(B, T, dtype=torch.bool, device=self.device)
-        mask[idx_b, idx_t] = self._mask.to(self.device)
-        if self._snap_at is not None:
-            t = torch.arange(T, device=self.device)
-            for j in range(self._snap_at.shape[1]):
-                ends = [int(a) - cu[i] if a >= 0 else -1 for i, a in
-                        enumerate(self._snap_at[:, j])]
-                before = torch.tensor(ends, device=self.device).clamp_min(0)
-                m = mask & (t[None, :] < before[:, None])
-                _, snap = delta_rule_scan_chunked(q, k, v, beta, states, m)
-                self._snaps[slot, :, j] = snap
-        reads, final = delta_rule_scan_chunked(q, k, v, beta, states, mask)
-        states.copy_(final)
-        return reads[idx_b, idx_t]
 
 
 # --- the scan as an op the compiler treats as opaque ------------------------------------------
@@ -644,6 +727,12 @@ class _DeltaMemMixin:
 
     deltamem_runtime: DeltaMemRuntime | None = None
 
+    def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        sched = vllm_config.scheduler_config
+        self._deltamem_max_seqs = sched.max_num_seqs
+        self._deltamem_max_tokens = sched.max_num_batched_tokens
+
     def _deltamem_setup(self) -> None:
         path = getattr(self.config, "deltamem_adapter", None)
         if not path:
@@ -651,7 +740,10 @@ class _DeltaMemMixin:
                              "hf_overrides")
         adapter: Adapter = load_adapter(path, self.config)
         device = next(self.parameters()).device
-        rt = DeltaMemRuntime(adapter.module, device)
+        # The pool and the token buffers sized once, for the engine's batch and token budget
+        # (what a captured CUDA graph reads must never move).
+        rt = DeltaMemRuntime(adapter.module, device, max_requests=self._deltamem_max_seqs,
+                             max_tokens=self._deltamem_max_tokens)
         self.deltamem_runtime = rt
         for i in rt.layer_ids:
             attn = self.model.layers[i].self_attn
@@ -675,7 +767,8 @@ class _DeltaMemMixin:
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None,
                 **kwargs):
         rt = self.deltamem_runtime
-        rt.begin_forward(int(positions.shape[-1]))
+        if not rt.step_open:  # no step begun by the runner hook: a warm-up or capture run
+            rt.begin_forward(int(positions.shape[-1]))
         try:
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds,
                                    **kwargs)
@@ -709,4 +802,4 @@ class DeltaMemWorkerExtension:
         if rt is None:
             return {"enabled": False}
         return {"enabled": True, "active_requests": len(rt.requests), "outbox": len(rt.outbox),
-                "recomputes": rt.recomputes}
+                "recomputes": rt.recomputes, "moved_out": rt.moved_out}

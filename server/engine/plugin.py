@@ -89,6 +89,8 @@ def _patch_model_runner() -> None:
             rt.plan_step(self.input_batch.req_ids[:n], num_scheduled_tokens[:n],
                          self.input_batch.num_computed_tokens_cpu[:n], self.requests,
                          self.cache_config.block_size)
+            # Laid out here, not in the model's forward: a replayed CUDA graph runs no Python.
+            rt.begin_forward(int(num_scheduled_tokens[:n].sum()))
         return orig_prepare(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
 
     def _on_request_state_removed(self, req_id, req_state):
