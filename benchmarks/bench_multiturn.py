@@ -415,7 +415,7 @@ async def run_turns(kind: str, url: str, a, convs: list[list[str]], redis: Redis
 def serve_and_turns(label: str, kind: str, cmd: list[str], work: Path, log_path: Path, a,
                     convs, redis, env: dict | None = None) -> dict:
     """One server's run of the sessions' turns (common.serve_and_run)."""
-    return serve_and_run(label, cmd, lambda url: asyncio.run(run_turns(kind, url, a, convs, redis)),
+    return serve_and_run(label, cmd, lambda url, _pid: asyncio.run(run_turns(kind, url, a, convs, redis)),
                          cwd=work if kind == "vllm" else ROOT, log_path=log_path,
                          start_timeout=a.start_timeout, log=log, env=env)
 

@@ -20,6 +20,9 @@ full length), prompts distinct per request (no prefix-cache hits):
 - prefill: one user message of P tokens (default 2,048 with the chat template), max_tokens 1;
   time to the response, median of R.
 
+And, over the 1-stream rounds, the CPU time per completion token of the server's API process
+and of its engine processes: what the API layer costs, apart from the machine's noise.
+
 With `--passes N` every server runs N times, in turn, and each keeps its best pass.
 
 Prints a table with each server's ratio to plain vLLM and writes JSON (machine, commands,
@@ -49,6 +52,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import (  # noqa: E402
     cpu_flags,
+    cpu_seconds,
     free_port,
     git_info,
     loadavg,
@@ -95,7 +99,7 @@ async def one(client, model: str, text: str, max_tokens: int, stream: bool) -> d
             "tokens": usage.completion_tokens, "prompt_tokens": usage.prompt_tokens}
 
 
-async def workload(url: str, a, prefill_words: int) -> dict:
+async def workload(url: str, a, prefill_words: int, pid: int) -> dict:
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=url + "/v1", api_key="none", timeout=600, max_retries=0)
@@ -108,6 +112,7 @@ async def workload(url: str, a, prefill_words: int) -> dict:
 
     for name, n in (("decode_1", 1), (f"decode_{a.concurrency}", a.concurrency)):
         rounds = []
+        cpu0 = cpu_seconds(pid)
         for _ in range(a.decode_repeats):  # best of R: a busy machine only ever slows a run
             texts = [text_of(rng, 12) for _ in range(n)]
             t = time.perf_counter()
@@ -121,11 +126,18 @@ async def workload(url: str, a, prefill_words: int) -> dict:
                                     for o in out)
             rounds.append({"tok_per_s": tokens / wall, "wall_s": wall,
                            "median_inter_token_ms": 1000 * itl})
+        cpu1 = cpu_seconds(pid)
+        # CPU per completion token, the API process apart from the engine's: what the API
+        # layer costs, told apart from the machine's noise (which moves tok/s, not this).
+        cpu = {k: round(1000 * (cpu1[k] - cpu0[k]) / (n * a.gen_tokens * len(rounds)), 3)
+               for k in cpu0}
         best = max(rounds, key=lambda r: r["tok_per_s"])
         res[name] = {"requests": n, "tokens_each": a.gen_tokens, **_rounded(best),
-                     "tok_per_s_rounds": [round(r["tok_per_s"], 2) for r in rounds]}
+                     "tok_per_s_rounds": [round(r["tok_per_s"], 2) for r in rounds],
+                     "cpu_ms_per_token": cpu}
         runs = ", ".join(f"{r['tok_per_s']:.1f}" for r in rounds)
-        log(f"  {name}: {best['tok_per_s']:.1f} tok/s (rounds: {runs})")
+        log(f"  {name}: {best['tok_per_s']:.1f} tok/s (rounds: {runs}); CPU per token "
+            f"{cpu['api']:.2f} ms API, {cpu['engine']:.1f} ms engine")
 
     times, prompt_tokens = [], []
     for _ in range(a.prefill_repeats):
@@ -175,7 +187,8 @@ def run_server(kind: str, a, work: Path, prefill_words: int) -> dict:
             cmd += ["--adapter", str(one)]
         cmd += shlex.split(a.deltamem_args)
         env, cwd = None, ROOT
-    return serve_and_run(LABEL[kind], cmd, lambda url: asyncio.run(workload(url, a, prefill_words)),
+    return serve_and_run(LABEL[kind], cmd,
+                         lambda url, pid: asyncio.run(workload(url, a, prefill_words, pid)),
                          cwd=cwd, log_path=work / f"{kind}.log", start_timeout=a.start_timeout,
                          log=log, env=env)
 
@@ -212,6 +225,10 @@ def report(results: dict, a) -> tuple[str, dict]:
                 cell += f" ({r:.2f}×)"
             cells.append(f"{cell:>20s}")
         lines.append(f"{label:34s}" + "".join(cells))
+    for part, label in (("api", "API CPU per token, 1 stream (ms)"),
+                        ("engine", "engine CPU per token, 1 stream (ms)")):
+        lines.append(f"{label:34s}" + "".join(
+            f"{results[k]['decode_1']['cpu_ms_per_token'][part]:>20.2f}" for k in kinds))
     return "\n".join(lines), ratios
 
 

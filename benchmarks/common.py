@@ -145,6 +145,21 @@ def git_info() -> dict:
             "uncommitted_server_memory_store_deltamem": status.splitlines()}
 
 
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """User + system CPU seconds so far of a server's own process (its API) and of all its
+    child processes together (vLLM's engine core and worker)."""
+    import psutil
+
+    main = psutil.Process(pid)
+    engine = 0.0
+    for child in main.children(recursive=True):
+        try:
+            engine += sum(child.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            pass
+    return {"api": sum(main.cpu_times()[:2]), "engine": engine}
+
+
 def plain_vllm(model: Path, port: int, dtype: str, extra: list[str] = ()) -> tuple[list[str], dict]:
     """Command and environment of plain vLLM's OpenAI server as people run it: its defaults
     (default compilation, prefix caching on) apart from the dtype, `VLLM_CPU_KVCACHE_SPACE=4`
@@ -161,10 +176,11 @@ def plain_vllm(model: Path, port: int, dtype: str, extra: list[str] = ()) -> tup
     return cmd, env
 
 
-def serve_and_run(label: str, cmd: list[str], run: Callable[[str], dict], *, cwd: Path,
+def serve_and_run(label: str, cmd: list[str], run: Callable[[str, int], dict], *, cwd: Path,
                   log_path: Path, start_timeout: float, log: Callable[[str], None],
                   env: dict | None = None) -> dict:
-    """Start one server (`cmd` carries `--port`), wait for /health, `run(url)`, stop it. The
+    """Start one server (`cmd` carries `--port`), wait for /health, `run(url, pid)` (pid: the
+    server's process), stop it. The
     result's "server" entry says how it was started; on failure the server's log tail goes to
     `log`."""
     url = f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}"
@@ -179,7 +195,7 @@ def serve_and_run(label: str, cmd: list[str], run: Callable[[str], dict], *, cwd
         start_s = time.perf_counter() - t
         log(f"{label}: healthy after {start_s:.0f} s")
         load0 = loadavg()
-        res = run(url)
+        res = run(url, proc.pid)
         res["server"] = {"command": shlex.join(cmd[1:]), "start_s": round(start_s, 1),
                          "loadavg_before": load0, "loadavg_after": loadavg()}
         return res
