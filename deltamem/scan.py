@@ -284,7 +284,8 @@ def delta_rule_scan_varlen_cpu(q, k, v, beta, states, cu_seqlens, write_mask=Non
     from . import _cpu_kernel
 
     dt = _compute_dtype(states)
-    qn, kn, vn, bn = (x.detach().to(dt).contiguous().numpy() for x in (q, k, v, beta))
+    # The kernel takes q, k, v, β as one (N, 4, H, r) array (the engine's layout).
+    x = torch.stack([t.detach().to(dt) for t in (q, k, v, beta)], dim=1).numpy()
     if inplace:
         if not states.is_contiguous() or states.dtype != dt:
             raise ValueError("inplace needs a contiguous float32/float64 state tensor")
@@ -297,13 +298,12 @@ def delta_rule_scan_varlen_cpu(q, k, v, beta, states, cu_seqlens, write_mask=Non
     reads = torch.empty(q.shape, dtype=dt)
     cu = cu_seqlens.detach().to(torch.int64).contiguous()
     if snap_at is None:
-        _cpu_kernel.run(qn, kn, vn, bn, mask.numpy(), cu.numpy(), st.detach().numpy(),
-                        reads.numpy())
+        _cpu_kernel.run(x, mask.numpy(), cu.numpy(), st.detach().numpy(), reads.numpy())
         return reads, st
     at = torch.as_tensor(snap_at, dtype=torch.int64).contiguous()
     snaps = torch.zeros((*at.shape, *st.shape[1:]), dtype=dt)
-    _cpu_kernel.run(qn, kn, vn, bn, mask.numpy(), cu.numpy(), st.detach().numpy(),
-                    reads.numpy(), at.numpy(), snaps.numpy())
+    _cpu_kernel.run(x, mask.numpy(), cu.numpy(), st.detach().numpy(), reads.numpy(),
+                    at.numpy(), snaps.numpy())
     return reads, st, snaps
 
 

@@ -531,38 +531,41 @@ class DeltaMemRuntime:
                     rm.block = (blk, self._snaps_bp[:, b, cols.index(blk)].clone())
         self._active = self._snaps = self._snaps_bp = self._snap_at = None
 
-    def scan_layer(self, slot: int, q, k, v, beta, proj, reads: torch.Tensor) -> None:
-        """The body of the `deltamem::scan` op: run this step's scan for one layer on its
-        projected q, k, v, β ((N, H, r) float32, N the step's tokens, padding included), fill
-        `reads` (zeros for padding) and advance the requests' states in place. `proj`
-        (N, 4, H, r) holds the projections before their activations: SSW pools k, v and β's
-        from them (the mean of a linear map is the map of the mean)."""
+    def scan_layer(self, slot: int, x: torch.Tensor, proj: torch.Tensor,
+                   reads: torch.Tensor) -> None:
+        """The body of the `deltamem::scan` op: run this step's scan for one layer on its q,
+        k, v, β (`x`, (N, 4, H, r) float32, N the step's tokens, padding included), fill
+        `reads` (zeros for padding) and advance the requests' states in place. `proj` holds
+        the same projections before their activations: SSW pools k, v and β's from them (the
+        mean of a linear map is the map of the mean)."""
         n = self._n_valid
         if self._ingest_cuts is not None:
-            self._scan_ingests(slot, q, k, v, beta, proj, reads)
+            self._scan_ingests(slot, x, proj, reads)
         elif self.scan == "kernel":
             # Straight into the compiled kernel, on arguments prepared once a step (numpy
             # views, no copies): any wrapper's conversions cost more than the scan at decode.
-            self._kernel_fn(q.numpy(), k.numpy(), v.numpy(), beta.numpy(), self._mask_np,
-                            self._cu_np, self._rows_np, self._pool_np[slot], reads.numpy(),
-                            self._snap_at_np, self._snaps_np[slot])
+            self._kernel_fn(x.numpy(), self._mask_np, self._cu_np, self._rows_np,
+                            self._pool_np[slot], reads.numpy(), self._snap_at_np,
+                            self._snaps_np[slot])
         else:
             N = reads.shape[0]
             snaps = None if self._snaps is None else self._snaps[slot]
             reads.copy_(delta_rule_scan_varlen(
-                q, k, v, beta, self._tok_mask[:N], self._tok_rows[:N], self.pool[slot],
+                *x.unbind(1), self._tok_mask[:N], self._tok_rows[:N], self.pool[slot],
                 snaps, None if snaps is None else self._tok_snap[:N]))
             return
         if n < reads.shape[0]:
             reads[n:].zero_()
 
-    def _scan_ingests(self, slot: int, q, k, v, beta, proj, reads: torch.Tensor) -> None:
+    def _scan_ingests(self, slot: int, x: torch.Tensor, proj: torch.Tensor,
+                      reads: torch.Tensor) -> None:
         """SSW, a step in which some request's tokens are in an ingest: request by request,
         the token scan in pieces cut where an ingest ends (its messages are written there, in
         order, each once with its tokens' mean) and where a snapshot is taken. Per request
         in Python: a turn's prefill passes here once, decode steps take the batched path."""
         L = self.state_shape[0]
         mask = self._mask.to(self.device)
+        q, k, v, beta = x.unbind(1)
         for b, (rm, (p0, cuts)) in enumerate(zip(self._active, self._ingest_cuts, strict=True)):
             lo = int(self._cu_np[b])
             state = self.pool[slot, rm.row]
@@ -612,25 +615,24 @@ class DeltaMemRuntime:
 _RUNTIMES: list[DeltaMemRuntime] = []
 
 
-def deltamem_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
-                  proj: torch.Tensor, reads: torch.Tensor, runtime: int, slot: int) -> None:
-    """`deltamem::scan`: one layer's delta-rule scan over the current step's tokens, under the
-    step layout that `DeltaMemRuntime.begin_forward` prepared (which request each token
-    belongs to, its write mask, the requests' states). Opaque to torch.compile, as vLLM's
-    attention op is: the graph around it (projections, normalisation, corrections) is compiled
-    once for every batch."""
-    _RUNTIMES[runtime].scan_layer(slot, q, k, v, beta, proj, reads)
+def deltamem_scan(x: torch.Tensor, proj: torch.Tensor, reads: torch.Tensor, runtime: int,
+                  slot: int) -> None:
+    """`deltamem::scan`: one layer's delta-rule scan over the current step's tokens (q, k, v,
+    β stacked in `x`, and the projections before their activations), under the step layout that `DeltaMemRuntime.begin_forward` prepared (which
+    request each token belongs to, its write mask, the requests' states). Opaque to
+    torch.compile, as vLLM's attention op is: the graph around it (projections, corrections)
+    is compiled once for every batch."""
+    _RUNTIMES[runtime].scan_layer(slot, x, proj, reads)
 
 
-def _deltamem_scan_fake(q, k, v, beta, proj, reads, runtime, slot) -> None:
+def _deltamem_scan_fake(x, proj, reads, runtime, slot) -> None:
     return None
 
 
 # Registered on a Library directly, not with torch.library.custom_op, whose dispatch costs tens
 # of microseconds a call (vLLM registers its own ops this way for the same reason).
 _LIB = torch.library.Library("deltamem", "FRAGMENT")
-_LIB.define("scan(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor proj, Tensor(a!) reads, "
-            "int runtime, int slot) -> ()")
+_LIB.define("scan(Tensor x, Tensor proj, Tensor(a!) reads, int runtime, int slot) -> ()")
 _LIB.impl("scan", deltamem_scan, "CompositeExplicitAutograd")
 _LIB._register_fake("scan", _deltamem_scan_fake)
 
@@ -667,13 +669,13 @@ def memory_corrections(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torc
     proj = _apply(lin, x.to(lin.weight.dtype)).float().view(n, 4, H, r)
     qk = torch.tanh(proj[:, :2])
     qk = qk / qk.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
-    beta = torch.sigmoid(proj[:, 3])
+    # q, k, v, β in one array (one conversion in the op; the compiler fuses the writes).
+    acts = torch.cat([qk, proj[:, 2:3], torch.sigmoid(proj[:, 3:4])], dim=1)
     reads = torch.empty(n, H, r, dtype=torch.float32, device=x.device)
     # Compiled: the op, opaque to the compiler. Eager: its body, as the op's dispatch would
     # cost more than a decode step's scan.
     scan = torch.ops.deltamem.scan if torch.compiler.is_compiling() else deltamem_scan
-    scan(qk[:, 0], qk[:, 1], proj[:, 2], beta, proj, reads, self.deltamem_runtime_id,
-         self.deltamem_slot)
+    scan(acts, proj, reads, self.deltamem_runtime_id, self.deltamem_slot)
     out = self.deltamem_out
     if out is None:
         return None, None
@@ -716,6 +718,29 @@ def _with_memory(attn_cls: type) -> type:
     return _ATTENTION_CLASSES[attn_cls]
 
 
+def _keep_freed_memory() -> None:
+    """Stop glibc's malloc, in this (worker) process, from giving freed memory back and
+    faulting it in again. A δ-mem layer adds a few megabyte-sized temporaries per layer and
+    step (projections, reads, the read-out's output); among the backbone's, they made glibc
+    trim the heap top and mmap chunks afresh every step: a 2,048-token prefill spent about
+    5% of its time in page faults (perf: exc_page_fault from the first writes to new
+    buffers), plain vLLM's none. Keeping up to 256 MB freed, and a fixed 32 MB mmap
+    threshold (instead of one that moves with each free), removes them. Only on glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+        libc.mallopt(m_trim_threshold, 256 << 20)
+        libc.mallopt(m_mmap_threshold, 32 << 20)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 class _DeltaMemMixin:
     """Turns a vLLM Llama/Qwen3 causal LM into its δ-mem variant.
 
@@ -745,6 +770,8 @@ class _DeltaMemMixin:
         rt = DeltaMemRuntime(adapter.module, device, max_requests=self._deltamem_max_seqs,
                              max_tokens=self._deltamem_max_tokens)
         self.deltamem_runtime = rt
+        if device.type == "cpu":
+            _keep_freed_memory()
         for i in rt.layer_ids:
             attn = self.model.layers[i].self_attn
             rt.install(attn, i, dtype=attn.qkv_proj.weight.dtype)
