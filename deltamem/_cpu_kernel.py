@@ -1,8 +1,10 @@
 """Compiled (numba) delta-rule scan for the CPU, varlen layout. Imported lazily by scan.py.
 
-Two builds of one body: a parallel one (sequences × heads spread over threads) for large
-batches, and a serial one for small steps such as decode, where starting threads costs more
-than the 8×8 arithmetic.
+One serial build. A parallel one (sequences × heads over numba's threads) halved the scan's
+own time on a 2,048-token prefill, yet served slower: its threads compete with torch's
+OpenMP threads for the same cores, and a δ-mem engine with it prefilled 2,048 tokens in
+882–895 ms against 811–815 ms serial, interleaved runs, 2 cores (and decoded 16 streams 6%
+slower, though decode steps never ran it).
 
 The inputs come as one (N, 4, H, r) array x: q, k, v, β along axis 1 (the engine's graph
 writes them so: one array, one conversion a call).
@@ -26,7 +28,7 @@ def _scan(x, mask, cu_seqlens, rows, state, reads, snap_at, snaps):
     H = x.shape[2]
     r = x.shape[3]
     P = snap_at.shape[1]
-    for job in numba.prange(nseq * H):
+    for job in range(nseq * H):
         b = job // H
         h = job % H
         S = state[rows[b], h]
@@ -55,13 +57,7 @@ def _scan(x, mask, cu_seqlens, rows, state, reads, snap_at, snaps):
                         S[i, j] = a * S[i, j] + d * k[j]
 
 
-scan_parallel = numba.njit(parallel=True, fastmath=True, cache=True)(_scan)
-scan_serial = numba.njit(parallel=False, fastmath=True, cache=True)(_scan)
-
-
-def pick(jobs: int, tokens: int):
-    """The build for a step of `jobs` (sequences × heads) scans over `tokens` tokens."""
-    return scan_parallel if jobs >= 4 and tokens >= 512 else scan_serial
+scan = numba.njit(fastmath=True, cache=True)(_scan)
 
 
 def run(x, mask, cu_seqlens, state, reads, snap_at=None, snaps=None) -> None:
@@ -73,6 +69,5 @@ def run(x, mask, cu_seqlens, state, reads, snap_at=None, snaps=None) -> None:
     if snap_at is None:
         snap_at = np.full((nseq, 0), -1, dtype=np.int64)
         snaps = np.empty((nseq, 0, *state.shape[1:]), dtype=state.dtype)
-    fn = pick(nseq * x.shape[2], x.shape[0])
-    fn(x, mask.astype(np.bool_, copy=False), cu_seqlens, np.arange(nseq, dtype=np.int64),
+    scan(x, mask.astype(np.bool_, copy=False), cu_seqlens, np.arange(nseq, dtype=np.int64),
        state, reads, snap_at, snaps)

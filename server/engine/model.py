@@ -445,7 +445,6 @@ class DeltaMemRuntime:
         if self.scan != "kernel":
             return
         B = len(self._cu_np) - 1
-        self._kernel_fn = self._kernel.pick(B * self.state_shape[1], self._n_valid)
         if self._snap_at is None or self._ingest_cuts is not None:
             self._snap_at_np = np.full((B, 0), -1, dtype=np.int64)
             empty = np.empty((B, 0, *self.state_shape[1:]), dtype=np.float32)
@@ -544,7 +543,7 @@ class DeltaMemRuntime:
         elif self.scan == "kernel":
             # Straight into the compiled kernel, on arguments prepared once a step (numpy
             # views, no copies): any wrapper's conversions cost more than the scan at decode.
-            self._kernel_fn(x.numpy(), self._mask_np, self._cu_np, self._rows_np,
+            self._kernel.scan(x.numpy(), self._mask_np, self._cu_np, self._rows_np,
                             self._pool_np[slot], reads.numpy(), self._snap_at_np,
                             self._snaps_np[slot])
         else:
