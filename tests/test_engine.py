@@ -817,6 +817,10 @@ def test_scan_paths_agree_on_a_served_schedule():
             blk, snap = rm.block
             assert blk == len(x) // 8 * 8
             assert rel_err(snap, _reference_state(rt_, x[:blk], s0, ws)) < 1e-5
+    small = _runtime(heads=4, seed=21, max_requests=1)  # two rows for a step of three
+    with pytest.raises(RuntimeError, match="pool of 2 rows"):
+        small.plan_step(["r0", "r1", "r2"], [1, 1, 1], [0, 0, 0], reqs)
+        small.begin_forward(3)
 
 
 # --- SSW in the worker runtime --------------------------------------------------------------------

@@ -338,7 +338,11 @@ class DeltaMemRuntime:
         if not self._free:
             # Every row is held: move out the state of a request this step does not run (one
             # the scheduler set aside; it gets a row back when it runs again).
-            out = next(m for m in self.requests.values() if m.row >= 0 and id(m) not in running)
+            out = next((m for m in self.requests.values()
+                        if m.row >= 0 and id(m) not in running), None)
+            if out is None:
+                raise RuntimeError(f"δ-mem state pool of {self.zero_row} rows is smaller than "
+                                   f"a step's {len(running)} requests")
             out.state = out.state.clone()
             self._free.append(out.row)
             out.row = -1
