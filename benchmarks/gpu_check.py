@@ -22,6 +22,7 @@ from deltamem.scan import (
     delta_rule_scan_reference,
     delta_rule_scan_varlen,
     random_inputs,
+    random_pool_step,
 )
 
 
@@ -46,41 +47,17 @@ def timed(fn, *args, repeats=5):
     return best
 
 
-def pool_layout(lens, N, rows_total, H, r, dev, seed):
-    """A step of len(lens) sequences back to back then padding to N tokens, as the engine lays
-    it out: each sequence at a random row of a pool of `rows_total` rows, padding at the zero
-    row (rows_total - 2). Returns the per-sequence inputs and the flat buffers."""
-    g = torch.Generator().manual_seed(seed)
-    seqs = [random_inputs(1, n, H, r, dtype=torch.float32, seed=seed + i, device=dev)
-            for i, n in enumerate(lens)]
-    at = torch.randperm(rows_total - 2, generator=g)[:len(lens)].tolist()
-    pad = N - sum(lens)
-
-    def flat(i, fill):
-        return torch.cat([s[i][0] for s in seqs] + [fill.to(dev)])
-
-    noise = torch.rand(pad, H, r, generator=g)
-    bufs = [flat(0, noise), flat(1, noise), flat(2, noise), flat(3, noise),
-            flat(5, torch.zeros(pad, dtype=torch.bool))]
-    rows = torch.cat([torch.full((n,), a) for n, a in zip(lens, at, strict=True)]
-                     + [torch.full((pad,), rows_total - 2)]).to(dev)
-    pool = torch.zeros(rows_total, H, r, r, device=dev)
-    for s, a in zip(seqs, at, strict=True):
-        pool[a] = s[4][0]
-    return seqs, at, [*bufs, rows], pool
-
-
 def graph_check(dev, quick: bool) -> dict:
     """The engine's scan for `layers` layers captured once for N tokens, replayed for other
     layouts copied into the same buffers; max relative error against the loop per replay,
     and one step's time eager and replayed."""
     layers, H, r = (2, 2, 8) if quick else (30, 4, 8)
     N, R = (16, 20) if quick else (64, 130)
-    _, _, bufs, pool0 = pool_layout([N // 2, N // 4], N, R, H, r, dev, seed=1)
+    _, _, bufs, pool0 = random_pool_step([N // 2, N // 4], N, R, H, r, torch.float32, 1, dev)
     pools = torch.stack([pool0] * layers)
 
     def step():
-        return [delta_rule_scan_varlen(*bufs[:5], bufs[5], pools[i]) for i in range(layers)]
+        return [delta_rule_scan_varlen(*bufs, pools[i]) for i in range(layers)]
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -95,7 +72,8 @@ def graph_check(dev, quick: bool) -> dict:
     errs = {}
     for name, lens in (("decode", [1] * N), ("mixed", [1, N // 2, 3, N // 4]),
                        ("one", [N - 1])):
-        seqs, at, new, pool = pool_layout(lens, N, R, H, r, dev, seed=len(lens))
+        seqs, at, new, pool = random_pool_step(lens, N, R, H, r, torch.float32, len(lens),
+                                               dev)
         for buf, x in zip(bufs, new, strict=True):
             buf.copy_(x)
         pools.copy_(torch.stack([pool] * layers))

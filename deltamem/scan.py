@@ -69,6 +69,34 @@ def random_inputs(B, T, H, r, dtype=torch.float64, seed=0, masked=True, device="
     return [None if x is None else x.to(device) for x in (q, k, v, beta, s0, mask)]
 
 
+def random_pool_step(lens, N, rows=None, H=2, r=8, dtype=torch.float64, seed=0,
+                     device="cpu"):
+    """A random step in the engine's pool layout (for tests and benchmarks), the inputs of
+    `delta_rule_scan_varlen`: len(lens) sequences back to back, each at a random row of a pool
+    of `rows` rows (default len(lens) + 2), then padding up to N tokens at the zero row
+    (rows - 2) with writes off, as a CUDA graph's batch is padded; the last row is the spare.
+    Returns (per-sequence `random_inputs`, each sequence's row, [q, k, v, beta, mask,
+    token rows], pool)."""
+    rows = len(lens) + 2 if rows is None else rows
+    seqs = [random_inputs(1, n, H, r, dtype=dtype, seed=seed + i) for i, n in enumerate(lens)]
+    g = torch.Generator().manual_seed(seed)
+    at = torch.randperm(rows - 2, generator=g)[:len(lens)].tolist()
+    pad = N - sum(lens)
+    noise = torch.rand(pad, H, r, generator=g, dtype=dtype)
+
+    def flat(i, fill):
+        return torch.cat([s[i][0] for s in seqs] + [fill])
+
+    tok_rows = torch.cat([torch.full((n,), a) for n, a in zip(lens, at, strict=True)]
+                         + [torch.full((pad,), rows - 2)])
+    pool = torch.zeros(rows, H, r, r, dtype=dtype)
+    for s, a in zip(seqs, at, strict=True):
+        pool[a] = s[4][0]
+    step = [flat(0, noise), flat(1, noise), flat(2, noise), flat(3, noise),
+            flat(5, torch.zeros(pad, dtype=torch.bool)), tok_rows]
+    return seqs, at, [x.to(device) for x in step], pool.to(device)
+
+
 def delta_rule_scan_reference(q, k, v, beta, initial_state, write_mask=None):
     """The per-token loop, written as the equations read. The oracle for the fast path."""
     _check(q, k, v, beta, initial_state, write_mask)
@@ -207,7 +235,7 @@ def delta_rule_scan_varlen(q, k, v, beta, write_mask, rows, states, snaps=None, 
             x = torch.cat([x, x.new_full((pad, *x.shape[1:]), fill)])
         return x.view(Nc, C, *x.shape[1:])
 
-    rows_c = chunked(rows, -1)  # padded tokens: a run of their own, written to the spare row
+    rows_c = chunked(rows, spare)  # padded tokens: a run of their own, at the spare row
     qc, kc = (chunked(x.to(dt)).transpose(1, 2) for x in (q, k))  # (Nc, H, C, r)
     b_rows, v_rows = (chunked(x.to(dt)).permute(0, 2, 3, 1) for x in (beta, v))  # (Nc,H,r,C)
     idx = torch.arange(C, device=dev)
@@ -241,15 +269,11 @@ def delta_rule_scan_varlen(q, k, v, beta, write_mask, rows, states, snaps=None, 
                                         unitriangular=True)
     X, Y = sol[..., 0], sol[..., 1:]  # δ_t = X_t - Y_t · s0_t, s0_t its run's start state
     write_to = torch.where(last_of_run, rows_c, spare)
-    write_to = torch.where(rows_c < 0, spare, write_to)
     snap_c = None if snaps is None else chunked(snap_rows, snaps.shape[0] - 1)
 
     reads = []
     for n in range(Nc):
-        s0 = states.index_select(0, rows_c[n].clamp_min(0) if pad else rows_c[n])
-        s0 = s0.to(dt).permute(1, 2, 0, 3)  # (H, r_row, C, r)
-        if pad:
-            s0 = s0 * (rows_c[n] >= 0).to(dt)[None, None, :, None]
+        s0 = states.index_select(0, rows_c[n]).to(dt).permute(1, 2, 0, 3)  # (H, r_row, C, r)
         delta = X[n] - (Y[n] * s0).sum(-1)  # (H, r, C)
         s0_q = (s0 * qc[n].unsqueeze(1)).sum(-1)
         reads.append(gamma_prev[n] * s0_q + ((decay[n] * qk[n]) @ delta.unsqueeze(-1)

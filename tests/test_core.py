@@ -28,6 +28,7 @@ from deltamem.scan import (
     delta_rule_scan_reference,
     delta_rule_scan_varlen,
     delta_rule_scan_varlen_cpu,
+    random_pool_step,
 )
 from deltamem.scan import random_inputs as random_scan_inputs
 
@@ -120,42 +121,22 @@ def test_varlen_kernel_snapshots_match_reference_prefixes():
         assert rel(finals[i], delta_rule_scan_reference(*s)[1][0]) < RTOL64
 
 
-def pool_batch(lens, N, H=2, r=8, dtype=torch.float64, seed=0, device="cpu"):
-    """A varlen step in the engine's pool layout: sequences back to back (each at a random
-    row of a pool of len(lens) + 2 rows: the zero row, then the spare), then padding up to N
-    tokens at the zero row with writes off, as a CUDA graph's batch is padded."""
-    seqs = [random_scan_inputs(1, n, H, r, dtype=dtype, seed=seed + i) for i, n in
-            enumerate(lens)]
-    pad = N - sum(lens)
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(lens), generator=g)
-    cat = lambda i, fill: torch.cat([s[i][0] for s in seqs] + [fill])  # noqa: E731
-    noise = lambda: torch.randn(pad, H, r, generator=g, dtype=dtype)  # noqa: E731
-    x = [cat(0, noise()), cat(1, noise()), cat(2, noise()), cat(3, noise().sigmoid()),
-         cat(5, torch.zeros(pad, dtype=torch.bool))]
-    zero = len(lens)
-    rows = torch.cat([torch.full((n,), int(order[i])) for i, n in enumerate(lens)]
-                     + [torch.full((pad,), zero)])
-    pool = torch.zeros(len(lens) + 2, H, r, r, dtype=dtype)
-    for i, s in enumerate(seqs):
-        pool[order[i]] = s[4][0]
-    return seqs, [t.to(device) for t in (*x, rows, pool)], order
-
-
-def check_pool_step(seqs, order, reads, pool, snaps, tol):
+def check_pool_step(seqs, rows, reads, pool, snaps, tol):
+    """Each sequence's reads, final state (and snapshots after some tokens) against the loop;
+    padding read the zero row, which stayed zero."""
     at = 0
-    for i, s in enumerate(seqs):
+    for s, row in zip(seqs, rows, strict=True):
         n = s[0].shape[1]
         r_ref, s_ref = delta_rule_scan_reference(*s)
         assert rel(reads[at:at + n].cpu(), r_ref[0]) < tol
-        assert rel(pool[order[i]].cpu(), s_ref[0]) < tol
+        assert rel(pool[row].cpu(), s_ref[0]) < tol
         if snaps is not None:
             for t in (0, n // 2, n - 1):
                 _, s_t = delta_rule_scan_reference(*(x[:, :t + 1] for x in s[:4]), s[4],
                                                    s[5][:, :t + 1])
-                assert rel(snaps[at + t].cpu(), s_t[0]) < tol, (i, t)
+                assert rel(snaps[at + t].cpu(), s_t[0]) < tol, (row, t)
         at += n
-    assert not reads[at:].any() and not pool[len(seqs)].any()  # padding reads the zero row
+    assert not reads[at:].any() and not pool[pool.shape[0] - 2].any()
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 16, 64])
@@ -164,13 +145,13 @@ def test_varlen_pool_scan_matches_per_sequence_reference(chunk):
     that hold the end of one sequence, others whole and the start of another, sequences at
     rows out of batch order, padding. Float64 against the loop, RTOL64."""
     for trial, lens in enumerate(([5, 1, 40, 17], [1] * 9, [70], [3, 30, 1, 1, 12])):
-        seqs, (q, k, v, beta, mask, rows, pool), order = pool_batch(lens, sum(lens) + 3,
-                                                                    seed=10 * trial)
+        seqs, at, (q, k, v, beta, mask, rows), pool = random_pool_step(lens, sum(lens) + 3,
+                                                                       seed=10 * trial)
         N = q.shape[0]
         snaps = torch.zeros(N + 1, *pool.shape[1:], dtype=pool.dtype)
         reads = delta_rule_scan_varlen(q, k, v, beta, mask, rows, pool, snaps, torch.arange(N),
                                        chunk_size=chunk)
-        check_pool_step(seqs, order, reads, pool, snaps, RTOL64)
+        check_pool_step(seqs, at, reads, pool, snaps, RTOL64)
 
 
 def test_varlen_pool_scan_is_one_graph_for_any_layout():
@@ -181,10 +162,10 @@ def test_varlen_pool_scan_is_one_graph_for_any_layout():
     fn = torch.compile(delta_rule_scan_varlen, backend="aot_eager", fullgraph=True,
                        dynamic=False)
     for trial, lens in enumerate(([5, 1, 20, 6], [1] * 32, [16, 16], [31])):
-        seqs, (q, k, v, beta, mask, rows, pool), order = pool_batch(
+        seqs, at, (q, k, v, beta, mask, rows), pool = random_pool_step(
             lens, 35, dtype=torch.float32, seed=40 + trial)
         reads = fn(q, k, v, beta, mask, rows, pool, chunk_size=16)
-        check_pool_step(seqs, order, reads, pool, None, 1e-5)
+        check_pool_step(seqs, at, reads, pool, None, 1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -193,9 +174,8 @@ def test_varlen_pool_scan_replays_in_a_cuda_graph():
     replayed for other layouts of N tokens copied into them: each replay matches the loop
     (float32, 1e-4)."""
     N, dev = 48, torch.device("cuda")
-    pool = torch.zeros(64, 2, 8, 8, device=dev)
-    _, first, _ = pool_batch([10, 20, 15], N, dtype=torch.float32, seed=50, device="cuda")
-    q, k, v, beta, mask, rows = (x.clone() for x in first[:6])
+    _, _, (q, k, v, beta, mask, rows), pool = random_pool_step(
+        [10, 20, 15], N, rows=64, dtype=torch.float32, seed=50, device=dev)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up off the capture stream, as CUDA graphs ask
@@ -206,15 +186,13 @@ def test_varlen_pool_scan_replays_in_a_cuda_graph():
     with torch.cuda.graph(graph):
         reads = delta_rule_scan_varlen(q, k, v, beta, mask, rows, pool, chunk_size=16)
     for trial, lens in enumerate(([1] * 40, [47], [5, 1, 30, 6], [10, 20, 15])):
-        seqs, new, order = pool_batch(lens, N, dtype=torch.float32, seed=60 + trial,
-                                      device="cuda")
-        for buf, x in zip((q, k, v, beta, mask, rows), new[:6], strict=True):
+        seqs, at, new, new_pool = random_pool_step(lens, N, rows=64, dtype=torch.float32,
+                                                   seed=60 + trial, device=dev)
+        for buf, x in zip((q, k, v, beta, mask, rows, pool), (*new, new_pool), strict=True):
             buf.copy_(x)
-        pool.zero_()
-        pool[:new[6].shape[0]].copy_(new[6])
         graph.replay()
         torch.cuda.synchronize()
-        check_pool_step(seqs, order, reads, pool, None, 1e-4)
+        check_pool_step(seqs, at, reads, pool, None, 1e-4)
 
 
 def test_chunked_gradients_match_reference():

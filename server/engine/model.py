@@ -167,7 +167,7 @@ class DeltaMemRuntime:
         L, H, r, _ = self.state_shape
         rows = 2 * max(1, max_requests)
         self.pool = torch.zeros((L, rows + 2, H, r, r), dtype=torch.float32, device=device)
-        self.zero_row, self.spare_row = rows, rows + 1
+        self.zero_row = rows  # padding reads it with writes off, so it stays zero
         self._free = list(range(rows - 1, -1, -1))
         # The torch path's per-token layout, padding tokens at the zero row, writing nothing.
         self._tok_rows = torch.full((max_tokens,), self.zero_row, dtype=torch.int64,
@@ -203,6 +203,7 @@ class DeltaMemRuntime:
 
             self._kernel = _cpu_kernel
             self._pool_np = self.pool.numpy()
+            self._no_snaps: dict[int, tuple] = {}
         _RUNTIMES.append(self)
         self.id = len(_RUNTIMES) - 1  # the `deltamem::scan` op's way back here
 
@@ -363,7 +364,6 @@ class DeltaMemRuntime:
         self._snap_at = self._snaps = self._snaps_bp = None
         self._snap_after = []
         self._ingest_cuts = None
-        self.pool[:, self.zero_row].zero_()
         if plan is None or not plan.req_ids:
             self._active = None
             self._cu_np = np.array([0, num_tokens], dtype=np.int64)
@@ -450,9 +450,12 @@ class DeltaMemRuntime:
             return
         B = len(self._cu_np) - 1
         if self._snap_at is None or self._ingest_cuts is not None:
-            self._snap_at_np = np.full((B, 0), -1, dtype=np.int64)
-            empty = np.empty((B, 0, *self.state_shape[1:]), dtype=np.float32)
-            self._snaps_np = [empty] * self.state_shape[0]
+            # No snapshots: empty arrays of this batch size, made once (decode's hot path).
+            if B not in self._no_snaps:
+                empty = np.empty((B, 0, *self.state_shape[1:]), dtype=np.float32)
+                self._no_snaps[B] = (np.full((B, 0), -1, dtype=np.int64),
+                                     [empty] * self.state_shape[0])
+            self._snap_at_np, self._snaps_np = self._no_snaps[B]
         else:
             self._snap_at_np = self._snap_at
             self._snaps_np = [self._snaps_bp[s].numpy() for s in range(self.state_shape[0])]
@@ -548,8 +551,8 @@ class DeltaMemRuntime:
             # Straight into the compiled kernel, on arguments prepared once a step (numpy
             # views, no copies): any wrapper's conversions cost more than the scan at decode.
             self._kernel.scan(x.numpy(), self._mask_np, self._cu_np, self._rows_np,
-                            self._pool_np[slot], reads.numpy(), self._snap_at_np,
-                            self._snaps_np[slot])
+                              self._pool_np[slot], reads.numpy(), self._snap_at_np,
+                              self._snaps_np[slot])
         else:
             N = reads.shape[0]
             snaps = None if self._snaps is None else self._snaps[slot]
@@ -621,10 +624,10 @@ _RUNTIMES: list[DeltaMemRuntime] = []
 def deltamem_scan(x: torch.Tensor, proj: torch.Tensor, reads: torch.Tensor, runtime: int,
                   slot: int) -> None:
     """`deltamem::scan`: one layer's delta-rule scan over the current step's tokens (q, k, v,
-    β stacked in `x`, and the projections before their activations), under the step layout that `DeltaMemRuntime.begin_forward` prepared (which
-    request each token belongs to, its write mask, the requests' states). Opaque to
-    torch.compile, as vLLM's attention op is: the graph around it (projections, corrections)
-    is compiled once for every batch."""
+    β stacked in `x`, and the projections before their activations), under the step layout
+    that `DeltaMemRuntime.begin_forward` prepared (which request each token belongs to, its
+    write mask, the requests' states). Opaque to torch.compile, as vLLM's attention op is: the
+    graph around it (projections, corrections) is compiled once for every batch."""
     _RUNTIMES[runtime].scan_layer(slot, x, proj, reads)
 
 
