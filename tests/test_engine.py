@@ -97,6 +97,8 @@ def shape(host):
 # --- the shared engine against the HF reference -------------------------------------------------
 
 def test_greedy_tokens_and_final_state_match_hf(host, tokenizer, shape):
+    # The path under test: every layer's δ-mem projections inside its qkv_proj GEMM.
+    assert host.run(host.engine.stats())["fused_projections"] == shape[0]
     ids = chat(tokenizer, COLOURS)
     answers = set()
     for seed in (0, 1, 3):
@@ -109,6 +111,26 @@ def test_greedy_tokens_and_final_state_match_hf(host, tokenizer, shape):
         answers.add(tuple(tokens))
     # The adapter is strong enough that the state changes the answer.
     assert len(answers) >= 2, "three different states gave the same answer"
+
+
+def test_a_stop_the_worker_ran_past_hands_back_the_absorbed_state(host, tokenizer, shape):
+    """A stop string is found in the API process, after the worker has run the request's
+    next step (so does async scheduling on CUDA with a stop token): the worker fed the last
+    sampled token too. The final state is still the one after the prompt and every reply
+    token but the last (invariant 5), as the HF runtime has it."""
+    ids = chat(tokenizer, COLOURS)
+    state = rand_state(shape, 5)
+    tokens, _ = host.generate(ids, greedy(12), state)
+    # A stop string that the reply's text first contains once token k is out.
+    k, stop = next((i, t) for i in range(2, len(tokens))
+                   if len(t := tokenizer.decode(tokens[i:i + 1]).strip()) >= 2
+                   and t not in tokenizer.decode(tokens[:i]))
+    before = host.run(host.engine.stats())["states_before_latest"]
+    stopped, fin = host.generate(ids, greedy(12, stop=[stop]), state)
+    assert fin.finish_reason == "stop" and stopped == tokens[:k + 1]
+    assert_matches_hf(host, tokenizer, ids, state, 0, k + 1, stopped, fin)
+    # The worker had run past the stop, and the earlier state was the one taken.
+    assert host.run(host.engine.stats())["states_before_latest"] == before + 1
 
 
 def test_a_continuing_request_reuses_the_prefix_cache_exactly(host, tokenizer, shape):
@@ -591,6 +613,48 @@ def test_runtime_chunks_recompute_and_gaps(scan):
     got = rt.take_states(["A", "B", "nobody"])
     assert set(got) == {"A"} and not rt.outbox
     assert rel_err(decode_state(got["A"]["state"], rt.state_shape), want_a) < 1e-5
+
+
+def test_runtime_hands_back_the_state_where_the_reply_stopped():
+    """The worker ran past a stop (async scheduling's step in flight, a stop string seen late
+    in the API process): the state at the absorbed position comes back, with the KV block
+    snapshot of that moment, from the states kept before the last HISTORY one-token steps; an
+    older one is reported missing, never replaced by a later state."""
+    from server.engine.model import HISTORY, decode_state
+
+    rt = _runtime(heads=4)
+    d, bs = rt.module.cfg.hidden_size, 4
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(16, d, generator=g)
+    s0 = torch.randn(rt.state_shape, generator=g)
+    reqs = {"a": _request(s0, 1, "A")}
+    _step_at(rt, reqs, "a", x[:6], 0, bs)  # prefill: no history
+    assert rt.requests["a"].history == []
+    for p in range(6, 16):  # decode, one token a step
+        _step_at(rt, reqs, "a", x[p:p + 1], p, bs)
+    rm = rt.requests["a"]
+    assert [h[0] for h in rm.history] == list(range(16 - HISTORY, 16))
+    rt.on_request_removed("a")
+    kept = rt.outbox["A"]
+    for want in (16, 15, 16 - HISTORY):
+        rt.outbox["A"] = kept  # taking forgets it: put it back for the next position
+        got = rt.take_states(["A"], {"A": want})["A"]
+        assert got["pos"] == want
+        ref = _reference_state(rt, x[:want], s0, 1)
+        assert rel_err(decode_state(got["state"], rt.state_shape), ref) < 1e-5
+        blk = (want // bs) * bs  # the last block boundary passed by then
+        assert got["block"][0] == blk
+        ref_blk = _reference_state(rt, x[:blk], s0, 1)
+        assert rel_err(decode_state(got["block"][1], rt.state_shape), ref_blk) < 1e-5
+    rt.outbox["A"] = kept
+    assert rt.take_states(["A"], {"A": 16 - HISTORY - 1})["A"] == {
+        "missing": 16 - HISTORY - 1, "pos": 16}
+    # A longer step (a recompute's prefill) forgets the kept states: they are of another run.
+    reqs = {"b": _request(s0, 0, "B")}
+    _step_at(rt, reqs, "b", x[:1], 0, bs)
+    assert [h[0] for h in rt.requests["b"].history] == [0]
+    _step_at(rt, reqs, "b", x[1:4], 1, bs)
+    assert rt.requests["b"].history == []
 
 
 @SCAN_PATHS

@@ -179,9 +179,6 @@ class DeltaMemEngine:
             # plugin caps a hit to a point whose state the request knows (docs/design.md,
             # invariant 3).
             enable_prefix_caching=True,
-            # Async scheduling would feed a finished request's last sampled token before the
-            # stop is known, writing a token that is not yet absorbed (invariant 5).
-            async_scheduling=False if cfg.memory else None,
             hf_overrides=overrides,  # a dict ({} with memory off), never None
             additional_config=additional,
             worker_extension_cls="server.engine.model.DeltaMemWorkerExtension",
@@ -255,7 +252,10 @@ class DeltaMemEngine:
                     chunk.finish_reason = c.finish_reason or "stop"
                     chunk.cached_tokens = out.num_cached_tokens
                     if self.memory and keep_state:
-                        got = await self._take_state(rid)
+                        # Absorbed: the prompt and every reply token but the last (invariant
+                        # 5); the worker may have run past it, and kept the state there.
+                        got = await self._take_state(rid, absorbed=len(prompt_token_ids)
+                                                     + completion - 1)
                         chunk.final_state, chunk.snapshots, chunk.block = got
                 yield chunk
         finally:
@@ -264,14 +264,20 @@ class DeltaMemEngine:
                 if self.memory and keep_state:  # drop whatever the worker kept for it
                     await self._take_state(rid, required=False)
 
-    async def _take_state(self, rid: str, required: bool = True):
-        """(final state, {position: snapshot}, (block position, state) or None)."""
-        results = await self.llm.collective_rpc("deltamem_take_states", args=([rid],))
+    async def _take_state(self, rid: str, required: bool = True, absorbed: int | None = None):
+        """(final state, {position: snapshot}, (block position, state) or None): the state
+        after `absorbed` tokens (default: the worker's latest)."""
+        positions = None if absorbed is None else {rid: absorbed}
+        results = await self.llm.collective_rpc("deltamem_take_states", args=([rid], positions))
         got = results[0].get(rid) if results else None
         if got is None:
             if required:
                 raise EngineError(f"no δ-mem state came back for request {rid}")
             return None
+        if "missing" in got:
+            raise EngineError(f"request {rid}: the worker ran to position {got['pos']} and no "
+                              f"longer keeps the state at {got['missing']}, where the reply "
+                              f"stopped")
         shape = tuple(got["shape"])
         snaps = {int(p): decode_state(b, shape) for p, b in got.get("snapshots", {}).items()}
         block = got.get("block")

@@ -16,8 +16,11 @@ Invariants (docs/design.md §3) and where they hold:
 - snapshots: the state before a given prompt position (`snap_at`: the turn's first new
   message, a later window start) and before the last KV block boundary the request reached
   (the next turn's cache hit lands there) are copied out of the scan as it passes them.
-- async scheduling is off (facade): it would feed a request's last sampled token before
-  knowing the request stopped, writing a token that invariant 5 says is not yet absorbed.
+- the last sampled token is unabsorbed (invariant 5), yet the worker may have fed it: a stop
+  string ends a request in the API process a step or more after the worker ran on, and vLLM's
+  async scheduling (CUDA) runs a request's next step before its stop token is seen. So before
+  each one-token step a request's state is kept (the last `HISTORY` of them, in a ring beside
+  the pool), and the caller takes the state at the position it knows is absorbed.
 
 SSW adapters (`message_mean`) write per message, as the reference's session runtime: a
 request brings its `ingests` (`Ingest`: prompt spans whose tokens all read the state from
@@ -47,6 +50,9 @@ log = logging.getLogger(__name__)
 
 EXTRA_ARGS_KEY = "deltamem"
 OUTBOX_MAX = 4096
+# States kept per request from before its last one-token steps: async scheduling runs at most
+# one step past a stop; a stop string is seen in the API process, a few steps behind at most.
+HISTORY = 4
 OUTBOX_TTL_S = 600.0
 
 
@@ -102,18 +108,28 @@ class RequestMemory:
     messages: tuple[tuple[int, int, int], ...] = ()
     sums: torch.Tensor | None = None
     row: int = -1  # its row of the runtime's state pool, -1: none (not yet run, or moved out)
+    # The states before its last one-token steps: (position, view of its ring slot, the block
+    # snapshot then), newest last, at most HISTORY; emptied by any longer step or a move out.
+    history: list[tuple[int, torch.Tensor, tuple[int, torch.Tensor] | None]] = field(
+        default_factory=list)
+    steps: int = 0  # one-token steps run, which picks the ring slot
 
     def safe(self, p: int) -> bool:
         """Whether the state before position p is all a resume there needs: no message has
         tokens before p and is still to be written at or after it."""
         return not any(a < p < g.end for g in self.ingests for a, _ in g.messages)
 
-    def result(self) -> dict:
-        """The final state and the snapshots, as the API process receives them."""
-        out = {"state": _tensor_bytes(self.state), "shape": list(self.state.shape),
-               "snapshots": {str(p): _tensor_bytes(t) for p, t in self.snapshots.items()}}
-        if self.block is not None:
-            out["block"] = [self.block[0], _tensor_bytes(self.block[1])]
+    def results(self) -> dict[int, dict]:
+        """By position: the state there (the latest, and the kept earlier ones) with the
+        snapshots, as the API process receives them."""
+        snaps = {str(p): _tensor_bytes(t) for p, t in self.snapshots.items()}
+        shape = list(self.state.shape)
+        out = {}
+        for pos, state, block in (*self.history, (self.pos, self.state, self.block)):
+            out[pos] = {"state": _tensor_bytes(state), "shape": shape, "pos": pos,
+                        "snapshots": snaps}
+            if block is not None:
+                out[pos]["block"] = [block[0], _tensor_bytes(block[1])]
         return out
 
 
@@ -145,7 +161,7 @@ class DeltaMemRuntime:
     """
 
     def __init__(self, module: DeltaMem, device: torch.device, *, max_requests: int = 32,
-                 max_tokens: int = 2048, scan: str = "auto"):
+                 max_tokens: int = 2048, scan: str = "auto", keep_history: bool = True):
         self.module = module.to(device=device, dtype=torch.float32).eval()
         self.device = device
         self.block_size = 0  # the KV cache's, set by the runner hook before the first step
@@ -160,7 +176,7 @@ class DeltaMemRuntime:
             raise ValueError(f"δ-mem scan path {scan!r} on {device}: 'kernel' (CPU) or 'torch'")
         self.scan = scan
         self.requests: dict[str, RequestMemory] = {}
-        self.outbox: OrderedDict[str, tuple[float, dict]] = OrderedDict()
+        self.outbox: OrderedDict[str, tuple[float, dict[int, dict]]] = OrderedDict()
         self._plan: _StepPlan | None = None
         # The pool: rows [0, R) for requests (twice the engine's batch, so that requests the
         # scheduler set aside rarely need to move out), then the zero row and the spare row.
@@ -168,6 +184,9 @@ class DeltaMemRuntime:
         rows = 2 * max(1, max_requests)
         self.pool = torch.zeros((L, rows + 2, H, r, r), dtype=torch.float32, device=device)
         self.zero_row = rows  # padding reads it with writes off, so it stays zero
+        # The ring of earlier states (HISTORY, L, rows, H, r, r): slot, then the pool's layout.
+        self.history = (torch.zeros((HISTORY, *self.pool.shape), dtype=torch.float32,
+                                    device=device) if keep_history else None)
         self._free = list(range(rows - 1, -1, -1))
         # The torch path's per-token layout, padding tokens at the zero row, writing nothing.
         self._tok_rows = torch.full((max_tokens,), self.zero_row, dtype=torch.int64,
@@ -194,6 +213,8 @@ class DeltaMemRuntime:
         self._ingest_cuts: list[tuple[int, list[tuple[int, int | None]]]] | None = None
         self.recomputes = 0  # requests restarted from their initial state (preemption)
         self.moved_out = 0  # states moved out of the pool for want of a row
+        self.fused_projections = 0  # layers whose projections run in their qkv_proj
+        self.states_before_latest = 0  # states handed out from before the worker's last step
         if scan == "kernel":
             # Imported here, in the worker once the model loads, not with this module: numba's
             # llvmlite in sys.modules when vLLM's worker starts breaks its Triton-override scan
@@ -306,7 +327,7 @@ class DeltaMemRuntime:
         if rm is None:
             return
         if not rm.taken and rm.keep:
-            self.outbox[rm.key] = (time.monotonic(), rm.result())
+            self.outbox[rm.key] = (time.monotonic(), rm.results())
             self._trim_outbox()
         if rm.row >= 0:
             self._free.append(rm.row)
@@ -318,17 +339,25 @@ class DeltaMemRuntime:
                                or now - next(iter(self.outbox.values()))[0] > OUTBOX_TTL_S):
             self.outbox.popitem(last=False)
 
-    def take_states(self, keys: list[str]) -> dict[str, dict]:
-        """Hand out final states (float32 bytes) by the caller's request ids; forget them."""
+    def take_states(self, keys: list[str], positions: dict[str, int] | None = None
+                    ) -> dict[str, dict]:
+        """Hand out final states (float32 bytes) by the caller's request ids, each at the
+        position `positions` gives (its absorbed tokens; default: the latest); forget them.
+        A state that is no longer kept comes back as {"missing": position, "pos": latest}."""
         self.end_forward()
         out = {}
         live = {rm.key: rm for rm in self.requests.values()}
         for key in keys:
             if key in self.outbox:
-                _, out[key] = self.outbox.pop(key)
+                _, got = self.outbox.pop(key)
             elif key in live:
                 live[key].taken = True
-                out[key] = live[key].result()
+                got = live[key].results()
+            else:
+                continue
+            want = (positions or {}).get(key, max(got))
+            self.states_before_latest += int(want in got and want < max(got))
+            out[key] = got.get(want) or {"missing": want, "pos": max(got)}
         return out
 
     # --- one forward --------------------------------------------------------------------------
@@ -345,6 +374,7 @@ class DeltaMemRuntime:
                 raise RuntimeError(f"δ-mem state pool of {self.zero_row} rows is smaller than "
                                    f"a step's {len(running)} requests")
             out.state = out.state.clone()
+            out.history = []
             self._free.append(out.row)
             out.row = -1
             self.moved_out += 1
@@ -400,6 +430,8 @@ class DeltaMemRuntime:
             write_starts[b] = rm.write_start
         self._active = active
         self._rows_np = np.array([rm.row for rm in active], dtype=np.int64)
+        if self.history is not None:
+            self._keep_history(active, plan.num_tokens)
         # Token t of request b sits at position start_pos[b] + (t - cu[b]); it writes iff that
         # is at or after the request's write start.
         n = plan.num_tokens
@@ -426,6 +458,25 @@ class DeltaMemRuntime:
         for rm, k in zip(active, n, strict=True):
             rm.pos += int(k)
         self._prepare_kernel()
+
+    def _keep_history(self, active: list[RequestMemory], num_tokens: np.ndarray) -> None:
+        """Before a step: into the ring, the state of each request that runs one token (a
+        decode step, whose token may lie past its stop), in one copy for the batch."""
+        slots, rows = [], []
+        for rm, k in zip(active, num_tokens, strict=True):
+            if k != 1 or not rm.keep:
+                rm.history = []
+                continue
+            slot = rm.steps % HISTORY
+            rm.steps += 1
+            rm.history = [h for h in rm.history[-(HISTORY - 1):] if h[0] < rm.pos]
+            rm.history.append((rm.pos, self.history[slot, :, rm.row], rm.block))
+            slots.append(slot)
+            rows.append(rm.row)
+        if rows:
+            slots_t = torch.tensor(slots, device=self.device)
+            rows_t = torch.tensor(rows, device=self.device)
+            self.history[slots_t, :, rows_t] = self.pool[:, rows_t].transpose(0, 1)
 
     def _fill_token_layout(self, tok_rows: np.ndarray) -> None:
         """The torch path's token buffers, refilled in place (a captured graph reads them)."""
@@ -664,15 +715,20 @@ def _apply(lin: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, lin.weight, lin.bias)
 
 
-def memory_corrections(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def memory_corrections(self, x: torch.Tensor, proj: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Δq and Δo of one layer for the step's tokens x (the normed layer input), in the packed
     weights' dtype: the same math as DeltaMemLayer.project / delta_q / delta_o (the HF
     runtime's) on the weights `DeltaMemRuntime.install` packed, the scan (float32) through the
-    `deltamem::scan` op."""
+    `deltamem::scan` op. `proj`: x's projections, (n, 4m) without their bias, where the
+    layer's qkv_proj computed them (`fuse_projection`)."""
     n = x.shape[0]
     H, r = self.deltamem_heads, self.deltamem_rank
-    lin = self.deltamem_in
-    proj = _apply(lin, x.to(lin.weight.dtype)).float().view(n, 4, H, r)
+    if proj is None:
+        lin = self.deltamem_in
+        proj = _apply(lin, x.to(lin.weight.dtype)).float().view(n, 4, H, r)
+    else:
+        proj = (proj.float() + self.deltamem_in_bias).view(n, 4, H, r)
     qk = torch.tanh(proj[:, :2])
     qk = qk / qk.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
     # q, k, v, β in one array (one conversion in the op; the compiler fuses the writes).
@@ -697,8 +753,12 @@ def _attention_forward(self, positions: torch.Tensor, hidden_states: torch.Tenso
     `hidden_states` is the normed layer input, i.e. the δ-mem x_t; the paged attention and KV
     cache are vLLM's own, untouched."""
     qkv, _ = self.qkv_proj(hidden_states)
+    proj = None
+    if self.deltamem_in is None:  # fused: the projections are qkv_proj's last columns
+        qkv, proj = qkv.split([self.q_size + 2 * self.kv_size, qkv.shape[-1] - self.q_size
+                               - 2 * self.kv_size], dim=-1)
     q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-    dq, do = memory_corrections(self, hidden_states)
+    dq, do = memory_corrections(self, hidden_states, proj)
     if dq is not None:
         q = q + dq.to(q.dtype)
     if hasattr(self, "q_norm"):  # Qwen3: per-head RMSNorm on q and k before RoPE
@@ -710,6 +770,35 @@ def _attention_forward(self, positions: torch.Tensor, hidden_states: torch.Tenso
     if do is not None:
         output = output + do.to(output.dtype)
     return output
+
+
+def fuse_projection(attn: torch.nn.Module) -> bool:
+    """Move a layer's δ-mem projections into its qkv_proj, as 4m more output rows: one GEMM
+    for both instead of two (a decode step's GEMMs cost per call more than per row). Before
+    vLLM packs the weights (`process_weights_after_loading`), which then packs the joined
+    matrix as it would the backbone's own. Only where qkv_proj is a plain unquantized matrix
+    on one rank; elsewhere (False) the layer keeps its own δ-mem GEMM."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    qkv = attn.qkv_proj
+    lin = attn.deltamem_in
+    w = getattr(qkv, "weight", None)
+    if (type(qkv.quant_method) is not UnquantizedLinearMethod or qkv.tp_size != 1
+            or not isinstance(w, torch.Tensor) or w.ndim != 2 or w.is_meta
+            or w.dtype != lin.weight.dtype or w.shape[1] != lin.weight.shape[1]
+            or w.shape[0] != attn.q_size + 2 * attn.kv_size):
+        return False
+    m4 = lin.weight.shape[0]
+    with torch.no_grad():
+        qkv.weight = torch.nn.Parameter(torch.cat([w.data, lin.weight]), requires_grad=False)
+        if qkv.bias is not None:
+            qkv.bias = torch.nn.Parameter(torch.cat([qkv.bias.data, torch.zeros(
+                m4, dtype=qkv.bias.dtype, device=qkv.bias.device)]), requires_grad=False)
+    bias = torch.zeros(m4, dtype=torch.float32, device=w.device) if lin.bias is None else \
+        lin.bias.float()
+    attn.register_buffer("deltamem_in_bias", bias, persistent=False)
+    attn.deltamem_in = None
+    return True
 
 
 _ATTENTION_CLASSES: dict[type, type] = {}
@@ -789,8 +878,11 @@ class _DeltaMemMixin:
             memory_corrections(self.model.layers[rt.layer_ids[0]].self_attn,
                     torch.zeros(1, adapter.config.hidden_size, device=device))
             rt.end_forward()
-        log.info("δ-mem adapter %s loaded on %d layers (%d parameters)", adapter.fingerprint(),
-                 len(rt.layer_ids), adapter.module.num_parameters())
+        fused = sum(fuse_projection(self.model.layers[i].self_attn) for i in rt.layer_ids)
+        rt.fused_projections = fused
+        log.info("δ-mem adapter %s loaded on %d layers (%d parameters; projections in "
+                 "qkv_proj on %d)", adapter.fingerprint(), len(rt.layer_ids),
+                 adapter.module.num_parameters(), fused)
 
     def load_weights(self, weights):
         loaded = super().load_weights(weights)
@@ -826,13 +918,16 @@ def _model_classes():
 class DeltaMemWorkerExtension:
     """Mixed into vLLM's worker (worker_extension_cls): the API process's way in."""
 
-    def deltamem_take_states(self, req_ids: list[str]) -> dict[str, dict]:
+    def deltamem_take_states(self, req_ids: list[str], positions: dict[str, int] | None = None
+                             ) -> dict[str, dict]:
         rt = getattr(self.model_runner.get_model(), "deltamem_runtime", None)
-        return {} if rt is None else rt.take_states(req_ids)
+        return {} if rt is None else rt.take_states(req_ids, positions)
 
     def deltamem_stats(self) -> dict:
         rt = getattr(self.model_runner.get_model(), "deltamem_runtime", None)
         if rt is None:
             return {"enabled": False}
         return {"enabled": True, "active_requests": len(rt.requests), "outbox": len(rt.outbox),
-                "recomputes": rt.recomputes, "moved_out": rt.moved_out}
+                "recomputes": rt.recomputes, "moved_out": rt.moved_out,
+                "fused_projections": rt.fused_projections,
+                "states_before_latest": rt.states_before_latest}
