@@ -60,6 +60,15 @@ def _scan(x, mask, cu_seqlens, rows, state, reads, snap_at, snaps):
 scan = numba.njit(fastmath=True, cache=True)(_scan)
 
 
+@numba.njit(cache=True)
+def copy_columns(src, src_cols, dst, dst_cols):
+    """dst[:, dst_cols[i]] = src[:, src_cols[i]] for (L, C, n) arrays: torch's index_select
+    and index_copy_ took about 180 µs for 16 states of 30 layers, this a fraction of it."""
+    for i in range(src_cols.shape[0]):
+        for layer in range(src.shape[0]):
+            dst[layer, dst_cols[i]] = src[layer, src_cols[i]]
+
+
 def run(x, mask, cu_seqlens, state, reads, snap_at=None, snaps=None) -> None:
     """All arrays numpy; x (N, 4, H, r) holds q, k, v, β;
     `state` ((B, H, r, r), sequence b's at row b) is updated in place and `reads` filled;

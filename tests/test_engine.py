@@ -615,14 +615,15 @@ def test_runtime_chunks_recompute_and_gaps(scan):
     assert rel_err(decode_state(got["A"]["state"], rt.state_shape), want_a) < 1e-5
 
 
-def test_runtime_hands_back_the_state_where_the_reply_stopped():
+@SCAN_PATHS
+def test_runtime_hands_back_the_state_where_the_reply_stopped(scan):
     """The worker ran past a stop (async scheduling's step in flight, a stop string seen late
     in the API process): the state at the absorbed position comes back, with the KV block
     snapshot of that moment, from the states kept before the last HISTORY one-token steps; an
     older one is reported missing, never replaced by a later state."""
     from server.engine.model import HISTORY, decode_state
 
-    rt = _runtime(heads=4)
+    rt = _runtime(heads=4, scan=scan)
     d, bs = rt.module.cfg.hidden_size, 4
     g = torch.Generator().manual_seed(3)
     x = torch.randn(16, d, generator=g)

@@ -184,9 +184,11 @@ class DeltaMemRuntime:
         rows = 2 * max(1, max_requests)
         self.pool = torch.zeros((L, rows + 2, H, r, r), dtype=torch.float32, device=device)
         self.zero_row = rows  # padding reads it with writes off, so it stays zero
-        # The ring of earlier states (HISTORY, L, rows, H, r, r): slot, then the pool's layout.
-        self.history = (torch.zeros((HISTORY, *self.pool.shape), dtype=torch.float32,
-                                    device=device) if keep_history else None)
+        # The ring of earlier states, (L, HISTORY · rows, H, r, r): slot s of pool row w at
+        # column s · rows + w, so a step's copies are one index_select and one index_copy_.
+        self.history = (torch.zeros((L, HISTORY * self.pool.shape[1], H, r, r),
+                                    dtype=torch.float32, device=device)
+                        if keep_history else None)
         self._free = list(range(rows - 1, -1, -1))
         # The torch path's per-token layout, padding tokens at the zero row, writing nothing.
         self._tok_rows = torch.full((max_tokens,), self.zero_row, dtype=torch.int64,
@@ -224,6 +226,9 @@ class DeltaMemRuntime:
 
             self._kernel = _cpu_kernel
             self._pool_np = self.pool.numpy()
+            self._pool_flat = self._pool_np.reshape(L, self.pool.shape[1], -1)
+            if self.history is not None:
+                self._history_flat = self.history.numpy().reshape(L, self.history.shape[1], -1)
             self._no_snaps: dict[int, tuple] = {}
         _RUNTIMES.append(self)
         self.id = len(_RUNTIMES) - 1  # the `deltamem::scan` op's way back here
@@ -462,7 +467,8 @@ class DeltaMemRuntime:
     def _keep_history(self, active: list[RequestMemory], num_tokens: np.ndarray) -> None:
         """Before a step: into the ring, the state of each request that runs one token (a
         decode step, whose token may lie past its stop), in one copy for the batch."""
-        slots, rows = [], []
+        cols, rows = [], []
+        width = self.pool.shape[1]
         for rm, k in zip(active, num_tokens, strict=True):
             if k != 1 or not rm.keep:
                 rm.history = []
@@ -470,13 +476,19 @@ class DeltaMemRuntime:
             slot = rm.steps % HISTORY
             rm.steps += 1
             rm.history = [h for h in rm.history[-(HISTORY - 1):] if h[0] < rm.pos]
-            rm.history.append((rm.pos, self.history[slot, :, rm.row], rm.block))
-            slots.append(slot)
+            col = slot * width + rm.row
+            rm.history.append((rm.pos, self.history[:, col], rm.block))
+            cols.append(col)
             rows.append(rm.row)
-        if rows:
-            slots_t = torch.tensor(slots, device=self.device)
-            rows_t = torch.tensor(rows, device=self.device)
-            self.history[slots_t, :, rows_t] = self.pool[:, rows_t].transpose(0, 1)
+        if not rows:
+            return
+        if self.scan == "kernel":
+            self._kernel.copy_columns(self._pool_flat, np.array(rows, dtype=np.int64),
+                                      self._history_flat, np.array(cols, dtype=np.int64))
+        else:
+            self.history.index_copy_(1, torch.tensor(cols, device=self.device),
+                                     self.pool.index_select(1, torch.tensor(
+                                         rows, device=self.device)))
 
     def _fill_token_layout(self, tok_rows: np.ndarray) -> None:
         """The torch path's token buffers, refilled in place (a captured graph reads them)."""
