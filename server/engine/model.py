@@ -229,6 +229,8 @@ class DeltaMemRuntime:
             self._pool_flat = self._pool_np.reshape(L, self.pool.shape[1], -1)
             if self.history is not None:
                 self._history_flat = self.history.numpy().reshape(L, self.history.shape[1], -1)
+                none = np.zeros(0, dtype=np.int64)  # compiled now, not in a request's step
+                self._kernel.copy_columns(self._pool_flat, none, self._history_flat, none)
             self._no_snaps: dict[int, tuple] = {}
         _RUNTIMES.append(self)
         self.id = len(_RUNTIMES) - 1  # the `deltamem::scan` op's way back here
