@@ -252,10 +252,12 @@ class DeltaMemEngine:
                     chunk.finish_reason = c.finish_reason or "stop"
                     chunk.cached_tokens = out.num_cached_tokens
                     if self.memory and keep_state:
-                        # Absorbed: the prompt and every reply token but the last (invariant
-                        # 5); the worker may have run past it, and kept the state there.
+                        # Absorbed, for a reply that ended (a state a session may commit):
+                        # the prompt and every reply token but the last (invariant 5). The
+                        # worker may have run past it, and kept the state there.
+                        ended = chunk.finish_reason in ("stop", "length")
                         got = await self._take_state(rid, absorbed=len(prompt_token_ids)
-                                                     + completion - 1)
+                                                     + completion - 1 if ended else None)
                         chunk.final_state, chunk.snapshots, chunk.block = got
                 yield chunk
         finally:
