@@ -239,7 +239,8 @@ class DeltaMemRuntime:
                 dtype: torch.dtype = torch.float32) -> None:
         """Give a module (vLLM's attention of that layer) this layer's δ-mem, as
         `memory_corrections` reads it: its weights packed into two linear maps (a step costs
-        two matmuls instead of six: decode is dominated by per-op overhead, not arithmetic),
+        two matmuls instead of six: decode is dominated by per-op overhead, not arithmetic;
+        in the engine `fuse_projection` then moves the first into the layer's qkv_proj),
         its sizes, and the op's way back to this runtime.
 
         In (4m × d) = [W_q; W_k; W_v; W_β], bias [0, 0, 0, b_β]; out ((q_out + d) × m) =
