@@ -50,10 +50,10 @@ log = logging.getLogger(__name__)
 
 EXTRA_ARGS_KEY = "deltamem"
 OUTBOX_MAX = 4096
+OUTBOX_TTL_S = 600.0
 # States kept per request from before its last one-token steps: async scheduling runs at most
 # one step past a stop; a stop string is seen in the API process, a few steps behind at most.
 HISTORY = 4
-OUTBOX_TTL_S = 600.0
 
 
 def encode_state(state: torch.Tensor | None) -> str | None:
@@ -110,9 +110,9 @@ class RequestMemory:
     row: int = -1  # its row of the runtime's state pool, -1: none (not yet run, or moved out)
     # The states before its last one-token steps: (position, view of its ring slot, the block
     # snapshot then), newest last, at most HISTORY; emptied by any longer step or a move out.
+    # Their positions are consecutive, so position % HISTORY picks distinct ring slots.
     history: list[tuple[int, torch.Tensor, tuple[int, torch.Tensor] | None]] = field(
         default_factory=list)
-    steps: int = 0  # one-token steps run, which picks the ring slot
 
     def safe(self, p: int) -> bool:
         """Whether the state before position p is all a resume there needs: no message has
@@ -161,7 +161,7 @@ class DeltaMemRuntime:
     """
 
     def __init__(self, module: DeltaMem, device: torch.device, *, max_requests: int = 32,
-                 max_tokens: int = 2048, scan: str = "auto", keep_history: bool = True):
+                 max_tokens: int = 2048, scan: str = "auto"):
         self.module = module.to(device=device, dtype=torch.float32).eval()
         self.device = device
         self.block_size = 0  # the KV cache's, set by the runner hook before the first step
@@ -186,9 +186,8 @@ class DeltaMemRuntime:
         self.zero_row = rows  # padding reads it with writes off, so it stays zero
         # The ring of earlier states, (L, HISTORY · rows, H, r, r): slot s of pool row w at
         # column s · rows + w, so a step's copies are one index_select and one index_copy_.
-        self.history = (torch.zeros((L, HISTORY * self.pool.shape[1], H, r, r),
-                                    dtype=torch.float32, device=device)
-                        if keep_history else None)
+        self.history = torch.zeros((L, HISTORY * self.pool.shape[1], H, r, r),
+                                   dtype=torch.float32, device=device)
         self._free = list(range(rows - 1, -1, -1))
         # The torch path's per-token layout, padding tokens at the zero row, writing nothing.
         self._tok_rows = torch.full((max_tokens,), self.zero_row, dtype=torch.int64,
@@ -227,10 +226,9 @@ class DeltaMemRuntime:
             self._kernel = _cpu_kernel
             self._pool_np = self.pool.numpy()
             self._pool_flat = self._pool_np.reshape(L, self.pool.shape[1], -1)
-            if self.history is not None:
-                self._history_flat = self.history.numpy().reshape(L, self.history.shape[1], -1)
-                none = np.zeros(0, dtype=np.int64)  # compiled now, not in a request's step
-                self._kernel.copy_columns(self._pool_flat, none, self._history_flat, none)
+            self._history_flat = self.history.numpy().reshape(L, self.history.shape[1], -1)
+            none = np.zeros(0, dtype=np.int64)  # compiled now, not in a request's step
+            self._kernel.copy_columns(self._pool_flat, none, self._history_flat, none)
             self._no_snaps: dict[int, tuple] = {}
         _RUNTIMES.append(self)
         self.id = len(_RUNTIMES) - 1  # the `deltamem::scan` op's way back here
@@ -438,8 +436,7 @@ class DeltaMemRuntime:
             write_starts[b] = rm.write_start
         self._active = active
         self._rows_np = np.array([rm.row for rm in active], dtype=np.int64)
-        if self.history is not None:
-            self._keep_history(active, plan.num_tokens)
+        self._keep_history(active, plan.num_tokens)
         # Token t of request b sits at position start_pos[b] + (t - cu[b]); it writes iff that
         # is at or after the request's write start.
         n = plan.num_tokens
@@ -476,10 +473,8 @@ class DeltaMemRuntime:
             if k != 1 or not rm.keep:
                 rm.history = []
                 continue
-            slot = rm.steps % HISTORY
-            rm.steps += 1
-            rm.history = [h for h in rm.history[-(HISTORY - 1):] if h[0] < rm.pos]
-            col = slot * width + rm.row
+            rm.history = [h for h in rm.history if rm.pos - HISTORY < h[0] < rm.pos]
+            col = rm.pos % HISTORY * width + rm.row
             rm.history.append((rm.pos, self.history[:, col], rm.block))
             cols.append(col)
             rows.append(rm.row)
@@ -768,11 +763,10 @@ def _attention_forward(self, positions: torch.Tensor, hidden_states: torch.Tenso
     `hidden_states` is the normed layer input, i.e. the δ-mem x_t; the paged attention and KV
     cache are vLLM's own, untouched."""
     qkv, _ = self.qkv_proj(hidden_states)
-    proj = None
-    if self.deltamem_in is None:  # fused: the projections are qkv_proj's last columns
-        qkv, proj = qkv.split([self.q_size + 2 * self.kv_size, qkv.shape[-1] - self.q_size
-                               - 2 * self.kv_size], dim=-1)
-    q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+    # Fused (`fuse_projection`): the δ-mem projections are qkv_proj's last columns.
+    proj = None if self.deltamem_in is not None else qkv[..., self.q_size + 2 * self.kv_size:]
+    q, k, v = qkv[..., :self.q_size + 2 * self.kv_size].split(
+        [self.q_size, self.kv_size, self.kv_size], dim=-1)
     dq, do = memory_corrections(self, hidden_states, proj)
     if dq is not None:
         q = q + dq.to(q.dtype)
@@ -809,9 +803,7 @@ def fuse_projection(attn: torch.nn.Module) -> bool:
         if qkv.bias is not None:
             qkv.bias = torch.nn.Parameter(torch.cat([qkv.bias.data, torch.zeros(
                 m4, dtype=qkv.bias.dtype, device=qkv.bias.device)]), requires_grad=False)
-    bias = torch.zeros(m4, dtype=torch.float32, device=w.device) if lin.bias is None else \
-        lin.bias.float()
-    attn.register_buffer("deltamem_in_bias", bias, persistent=False)
+    attn.register_buffer("deltamem_in_bias", lin.bias.float(), persistent=False)
     attn.deltamem_in = None
     return True
 
