@@ -308,7 +308,8 @@ def delta_rule_scan_varlen_cpu(q, k, v, beta, states, cu_seqlens, write_mask=Non
     from . import _cpu_kernel
 
     dt = _compute_dtype(states)
-    # The kernel takes q, k, v, β as one (N, 4, H, r) array (the engine's layout).
+    # The kernel takes q, k, v, β side by side in one array (as the engine passes its
+    # projections).
     x = torch.stack([t.detach().to(dt) for t in (q, k, v, beta)], dim=1).numpy()
     if inplace:
         if not states.is_contiguous() or states.dtype != dt:

@@ -139,6 +139,78 @@ def check_pool_step(seqs, rows, reads, pool, snaps, tol):
     assert not reads[at:].any() and not pool[pool.shape[0] - 2].any()
 
 
+def test_kernel_tanh_is_within_4e7_of_float64():
+    """The CPU kernel's rational tanh (vectorisable, unlike libm's) against float64 tanh over
+    a dense grid and a log-spaced one near zero, both signs."""
+    import numba
+    import numpy as np
+
+    from deltamem._cpu_kernel import _tanh
+
+    @numba.njit
+    def apply(a, out):
+        for i in range(a.shape[0]):
+            out[i] = _tanh(a[i])
+
+    x = np.concatenate([np.linspace(-20, 20, 400_001), np.logspace(-9, 1.3, 5_000),
+                        -np.logspace(-9, 1.3, 5_000), [0.0]]).astype(np.float32)
+    out = np.empty_like(x)
+    apply(x, out)
+    err = np.abs(out.astype(np.float64) - np.tanh(x.astype(np.float64)))
+    assert err.max() < 4e-7
+    assert np.all(np.abs(out) <= 1) and out[-1] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_applies_the_layer_activations_to_raw_projections(dtype):
+    """The engine's use of the CPU kernel: raw projections p = W x (float32, or bfloat16 passed
+    as bit patterns, a strided view as qkv_proj's output gives) and their bias in, the layer's
+    activations (DeltaMemLayer.project's: L2norm(tanh) for q and k, sigmoid for β) applied
+    inside, reads out in the same dtype. Against torch's activations and the reference scan
+    per sequence in float32: states within 1e-5; reads within 1e-5 (float32), or equal to
+    torch's bfloat16 rounding of the float32 reads but where they sit within a float32
+    rounding of a tie."""
+    import numpy as np
+
+    from deltamem import _cpu_kernel
+
+    H, r = 4, 8
+    m = H * r
+    g = torch.Generator().manual_seed(11)
+    lens = [1, 6, 1, 9]
+    N = sum(lens)
+    wide = (2 * torch.randn(N, 40 + 4 * m, generator=g)).to(dtype)
+    proj = wide[:, 40:]  # inside a wider buffer, as the fused qkv_proj writes them
+    bias = torch.cat([torch.zeros(3 * m), torch.randn(m, generator=g)])
+    p = (proj.float() + bias).view(N, 4, H, r)
+    q, k = (torch.nn.functional.normalize(torch.tanh(p[:, i]), dim=-1, eps=1e-6)
+            for i in (0, 1))
+    v, beta = p[:, 2], torch.sigmoid(p[:, 3])
+    mask = torch.rand(N, generator=g) > 0.3
+    states = torch.randn(len(lens), H, r, r, generator=g)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    st = states.clone()
+    reads = torch.empty(N, m, dtype=dtype)
+    as_np = lambda t: (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()  # noqa: E731
+    _cpu_kernel.scan(as_np(proj), bias.numpy(), True, mask.numpy(), cu.numpy(),
+                     np.arange(len(lens), dtype=np.int64), st.numpy(), as_np(reads),
+                     np.full((len(lens), 0), -1, dtype=np.int64),
+                     np.empty((len(lens), 0, H, r, r), dtype=np.float32))
+    want = torch.empty(N, m)
+    for b in range(len(lens)):
+        sl = slice(int(cu[b]), int(cu[b + 1]))
+        r_ref, s_ref = delta_rule_scan_reference(q[None, sl], k[None, sl], v[None, sl],
+                                                 beta[None, sl], states[b:b + 1],
+                                                 mask[None, sl])
+        want[sl] = r_ref[0].reshape(-1, m)
+        assert rel(st[b], s_ref[0]) < 1e-5
+    if dtype == torch.float32:
+        assert rel(reads, want) < 1e-5
+    else:
+        assert (reads == want.to(torch.bfloat16)).float().mean() > 0.99
+        assert rel(reads.float(), want) < 1e-2
+
+
 @pytest.mark.parametrize("chunk", [1, 4, 16, 64])
 def test_varlen_pool_scan_matches_per_sequence_reference(chunk):
     """`delta_rule_scan_varlen` (the accelerator's engine scan) on random varlen steps: chunks

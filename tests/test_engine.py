@@ -776,7 +776,7 @@ def test_runtime_state_math_is_float32_under_a_bf16_default_dtype():
     try:
         rt = _runtime()
         for m in rt.test_layers.values():
-            assert m.deltamem_in.weight.dtype == m.deltamem_in.bias.dtype == torch.float32
+            assert m.deltamem_in.weight.dtype == m.deltamem_in_bias.dtype == torch.float32
         rt.begin_forward(3)
         dq, _ = _corrections(rt, rt.layer_ids[0], torch.randn(3, rt.module.cfg.hidden_size,
                                                               dtype=torch.bfloat16))

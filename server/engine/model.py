@@ -241,7 +241,8 @@ class DeltaMemRuntime:
         in the engine `fuse_projection` then moves the first into the layer's qkv_proj),
         its sizes, and the op's way back to this runtime.
 
-        In (4m × d) = [W_q; W_k; W_v; W_β], bias [0, 0, 0, b_β]; out ((q_out + d) × m) =
+        In (4m × d) = [W_q; W_k; W_v; W_β], its bias [0, 0, 0, b_β] apart, float32 (the op adds
+        it); out ((q_out + d) × m) =
         (α/r)[B_q; B_o]. Kept as buffers of plain submodules, off the parameters, so vLLM's
         loader never looks for them. They are in `dtype`, the model's: the projections and the
         read-out run as the backbone's own linear layers do (in a bfloat16 engine on the CPU
@@ -257,7 +258,8 @@ class DeltaMemRuntime:
                            mem.w_beta.bias.float()])
             parts = [x.weight for x in (mem.b_q, mem.b_o) if x is not None]
             B = c.scale * torch.cat(parts) if parts else None
-        attn.deltamem_in = _linear_map(W, b, dtype)
+        attn.deltamem_in = _linear_map(W, None, dtype)
+        attn.register_buffer("deltamem_in_bias", b, persistent=False)
         attn.deltamem_out = None if B is None else _linear_map(B, None, dtype)
         attn.deltamem_q_out = c.q_out_size if mem.b_q is not None else 0
         attn.deltamem_heads, attn.deltamem_rank = c.num_state_heads, c.rank
@@ -598,35 +600,43 @@ class DeltaMemRuntime:
                     rm.block = (blk, self._snaps_bp[:, b, cols.index(blk)].clone())
         self._active = self._snaps = self._snaps_bp = self._snap_at = None
 
-    def scan_layer(self, slot: int, x: torch.Tensor, proj: torch.Tensor,
+    def scan_layer(self, slot: int, proj: torch.Tensor, bias: torch.Tensor,
                    reads: torch.Tensor) -> None:
-        """The body of the `deltamem::scan` op: run this step's scan for one layer on its q,
-        k, v, β (`x`, (N, 4, H, r) float32, N the step's tokens, padding included), fill
-        `reads` (zeros for padding) and advance the requests' states in place. `proj` holds
-        the same projections before their activations: SSW pools k, v and β's from them (the
-        mean of a linear map is the map of the mean)."""
+        """The body of the `deltamem::scan` op: run this step's scan for one layer, fill
+        `reads` ((N, m), the read-out's dtype; zeros for padding) and advance the requests'
+        states in place. `proj` (N, 4m) holds the step's tokens' projections W x without their
+        bias (`bias`, (4m,) float32), padding included, in the engine's dtype; where
+        `fuse_projection` put them in qkv_proj, a view of its output."""
         n = self._n_valid
-        if self._ingest_cuts is not None:
-            self._scan_ingests(slot, x, proj, reads)
-        elif self.scan == "kernel":
-            # Straight into the compiled kernel, on arguments prepared once a step (numpy
-            # views, no copies): any wrapper's conversions cost more than the scan at decode.
-            self._kernel.scan(x.numpy(), self._mask_np, self._cu_np, self._rows_np,
-                              self._pool_np[slot], reads.numpy(), self._snap_at_np,
-                              self._snaps_np[slot])
-        else:
-            N = reads.shape[0]
-            snaps = None if self._snaps is None else self._snaps[slot]
-            reads.copy_(delta_rule_scan_varlen(
-                *x.unbind(1), self._tok_mask[:N], self._tok_rows[:N], self.pool[slot],
-                snaps, None if snaps is None else self._tok_snap[:N]))
+        if self._ingest_cuts is None and self.scan == "kernel":
+            # Straight into the compiled kernel, which adds the bias and applies the
+            # activations itself, on arguments prepared once a step (numpy views, no copies):
+            # any wrapper's conversions, or a compiled kernel of their own, cost more than the
+            # scan at decode.
+            self._kernel.scan(_numpy(proj), bias.numpy(), True, self._mask_np, self._cu_np,
+                              self._rows_np, self._pool_np[slot], _numpy(reads),
+                              self._snap_at_np, self._snaps_np[slot])
+            if n < reads.shape[0]:
+                reads[n:].zero_()
             return
-        if n < reads.shape[0]:
-            reads[n:].zero_()
+        N = reads.shape[0]
+        H, r = self.state_shape[1:3]
+        p = (proj.float() + bias).view(N, 4, H, r)
+        x = activations(p)
+        if self._ingest_cuts is not None:
+            out = torch.zeros((N, H, r), dtype=torch.float32, device=self.device)
+            self._scan_ingests(slot, x, p, out)
+        else:
+            snaps = None if self._snaps is None else self._snaps[slot]
+            out = delta_rule_scan_varlen(
+                *x.unbind(1), self._tok_mask[:N], self._tok_rows[:N], self.pool[slot],
+                snaps, None if snaps is None else self._tok_snap[:N])
+        reads.copy_(out.view(N, H * r))
 
     def _scan_ingests(self, slot: int, x: torch.Tensor, proj: torch.Tensor,
                       reads: torch.Tensor) -> None:
-        """SSW, a step in which some request's tokens are in an ingest: request by request,
+        """SSW, a step in which some request's tokens are in an ingest (`x` the activations,
+        `proj` the projections with their bias, (N, 4, H, r) float32): request by request,
         the token scan in pieces cut where an ingest ends (its messages are written there, in
         order, each once with its tokens' mean) and where a snapshot is taken. Per request
         in Python: a turn's prefill passes here once, decode steps take the batched path."""
@@ -682,24 +692,25 @@ class DeltaMemRuntime:
 _RUNTIMES: list[DeltaMemRuntime] = []
 
 
-def deltamem_scan(x: torch.Tensor, proj: torch.Tensor, reads: torch.Tensor, runtime: int,
+def deltamem_scan(proj: torch.Tensor, bias: torch.Tensor, reads: torch.Tensor, runtime: int,
                   slot: int) -> None:
-    """`deltamem::scan`: one layer's delta-rule scan over the current step's tokens (q, k, v,
-    β stacked in `x`, and the projections before their activations), under the step layout
-    that `DeltaMemRuntime.begin_forward` prepared (which request each token belongs to, its
-    write mask, the requests' states). Opaque to torch.compile, as vLLM's attention op is: the
-    graph around it (projections, corrections) is compiled once for every batch."""
-    _RUNTIMES[runtime].scan_layer(slot, x, proj, reads)
+    """`deltamem::scan`: one layer's δ-mem over the current step's tokens, from their
+    projections (`proj`, W x without the bias) to their reads (`reads`, filled): activations,
+    then the delta-rule scan, under the step layout that `DeltaMemRuntime.begin_forward`
+    prepared (which request each token belongs to, its write mask, the requests' states).
+    Opaque to torch.compile, as vLLM's attention op is: the graph around it (projections,
+    read-out, corrections) is compiled once for every batch."""
+    _RUNTIMES[runtime].scan_layer(slot, proj, bias, reads)
 
 
-def _deltamem_scan_fake(x, proj, reads, runtime, slot) -> None:
+def _deltamem_scan_fake(proj, bias, reads, runtime, slot) -> None:
     return None
 
 
 # Registered on a Library directly, not with torch.library.custom_op, whose dispatch costs tens
 # of microseconds a call (vLLM registers its own ops this way for the same reason).
 _LIB = torch.library.Library("deltamem", "FRAGMENT")
-_LIB.define("scan(Tensor x, Tensor proj, Tensor(a!) reads, int runtime, int slot) -> ()")
+_LIB.define("scan(Tensor proj, Tensor bias, Tensor(a!) reads, int runtime, int slot) -> ()")
 _LIB.impl("scan", deltamem_scan, "CompositeExplicitAutograd")
 _LIB._register_fake("scan", _deltamem_scan_fake)
 
@@ -725,33 +736,41 @@ def _apply(lin: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, lin.weight, lin.bias)
 
 
+def activations(p: torch.Tensor) -> torch.Tensor:
+    """q̂, k̂, v̂, β from the projections with their bias, (N, 4, H, r) float32 both: the
+    activations of DeltaMemLayer.project (the numba kernel applies the same ones itself)."""
+    qk = torch.tanh(p[:, :2])
+    qk = qk / qk.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    return torch.cat([qk, p[:, 2:3], torch.sigmoid(p[:, 3:4])], dim=1)
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as numpy, without a copy: bfloat16 as its bit patterns (int16)."""
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
 def memory_corrections(self, x: torch.Tensor, proj: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Δq and Δo of one layer for the step's tokens x (the normed layer input), in the packed
     weights' dtype: the same math as DeltaMemLayer.project / delta_q / delta_o (the HF
-    runtime's) on the weights `DeltaMemRuntime.install` packed, the scan (float32) through the
-    `deltamem::scan` op. `proj`: x's projections, (n, 4m) without their bias, where the
-    layer's qkv_proj computed them (`fuse_projection`)."""
+    runtime's) on the weights `DeltaMemRuntime.install` packed: the projections, the
+    `deltamem::scan` op (activations and scan, in float32), the read-out. `proj`: x's
+    projections, (n, 4m) without their bias, where the layer's qkv_proj computed them
+    (`fuse_projection`). Per layer the graph holds the two GEMMs, the op and one buffer."""
     n = x.shape[0]
-    H, r = self.deltamem_heads, self.deltamem_rank
     if proj is None:
         lin = self.deltamem_in
-        proj = _apply(lin, x.to(lin.weight.dtype)).float().view(n, 4, H, r)
-    else:
-        proj = (proj.float() + self.deltamem_in_bias).view(n, 4, H, r)
-    qk = torch.tanh(proj[:, :2])
-    qk = qk / qk.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
-    # q, k, v, β in one array (one conversion in the op; the compiler fuses the writes).
-    acts = torch.cat([qk, proj[:, 2:3], torch.sigmoid(proj[:, 3:4])], dim=1)
-    reads = torch.empty(n, H, r, dtype=torch.float32, device=x.device)
+        proj = _apply(lin, x.to(lin.weight.dtype))
+    out = self.deltamem_out
+    reads = torch.empty(n, self.deltamem_heads * self.deltamem_rank, device=x.device,
+                        dtype=torch.float32 if out is None else out.weight.dtype)
     # Compiled: the op, opaque to the compiler. Eager: its body, as the op's dispatch would
     # cost more than a decode step's scan.
     scan = torch.ops.deltamem.scan if torch.compiler.is_compiling() else deltamem_scan
-    scan(acts, proj, reads, self.deltamem_runtime_id, self.deltamem_slot)
-    out = self.deltamem_out
+    scan(proj, self.deltamem_in_bias, reads, self.deltamem_runtime_id, self.deltamem_slot)
     if out is None:
         return None, None
-    dqo = _apply(out, reads.view(n, H * r).to(out.weight.dtype))
+    dqo = _apply(out, reads)
     q_out = self.deltamem_q_out
     return (dqo[:, :q_out] if q_out else None,
             dqo[:, q_out:] if dqo.shape[1] > q_out else None)
@@ -803,7 +822,6 @@ def fuse_projection(attn: torch.nn.Module) -> bool:
         if qkv.bias is not None:
             qkv.bias = torch.nn.Parameter(torch.cat([qkv.bias.data, torch.zeros(
                 m4, dtype=qkv.bias.dtype, device=qkv.bias.device)]), requires_grad=False)
-    attn.register_buffer("deltamem_in_bias", lin.bias.float(), persistent=False)
     attn.deltamem_in = None
     return True
 
