@@ -8,8 +8,9 @@ OpenMP threads for the same cores, and a δ-mem engine with it prefilled 2,048 t
 slower, though decode steps never ran it).
 
 The inputs come as one (N, 4m) array x, m = H·r: q, k, v, β side by side, head-major within
-each. Either already activated (the `delta_rule_scan` contract), or, for the engine, the raw
-projections W x, the kernel adding the bias and applying the activations itself
+each. Either already activated (`scan`, the `delta_rule_scan` contract), or, for the engine,
+the raw projections W x (`scan_projections`), the kernel adding the bias and applying the
+activations itself
 (q̂ = L2norm(tanh(·)), k̂ likewise, β = sigmoid(·)): the engine's compiled graph then runs no
 kernel of its own for them, and at decode each such kernel, with its buffers, cost more than
 its arithmetic. x and the reads may be bfloat16 (as int16 bit patterns: numpy has no
@@ -120,21 +121,13 @@ def _activate(x, bias, H, r):
     return out
 
 
-def _scan(x, bias, activate, mask, cu_seqlens, rows, state, reads, snap_at, snaps):
-    # x: (N, 4m), activated or (`activate`) raw projections, whose bias (4m,) float32 is
-    # added; reads: (N, m); mask: (N,) bool; cu_seqlens: (B+1,) int64; state: (R, H, r, r),
-    # sequence b's at row rows[b] ((B,) int64), updated in place. snap_at: (B, P) int64, token
-    # indices t in [cu[b], cu[b+1]] before which the state is copied into snaps[b, p] ((B, P,
-    # H, r, r)); cu[b+1] means after the sequence's last token, -1 means no copy.
-    if activate:
-        _scan_activated(_activate(x, bias, state.shape[1], state.shape[2]), mask, cu_seqlens,
-                        rows, state, reads, snap_at, snaps)
-    else:
-        _scan_activated(x, mask, cu_seqlens, rows, state, reads, snap_at, snaps)
-
-
-@numba.njit(fastmath=True, error_model="numpy")
-def _scan_activated(x, mask, cu_seqlens, rows, state, reads, snap_at, snaps):
+@numba.njit(fastmath=True, error_model="numpy", cache=True)
+def scan(x, mask, cu_seqlens, rows, state, reads, snap_at, snaps):
+    """x: (N, 4m) activated q̂, k̂, v̂, β; reads: (N, m); mask: (N,) bool; cu_seqlens: (B+1,)
+    int64; state: (R, H, r, r), sequence b's at row rows[b] ((B,) int64), updated in place.
+    snap_at: (B, P) int64, token indices t in [cu[b], cu[b+1]] before which the state is
+    copied into snaps[b, p] ((B, P, H, r, r)); cu[b+1] means after the sequence's last
+    token, -1 means no copy."""
     nseq = cu_seqlens.shape[0] - 1
     H = state.shape[1]
     r = state.shape[2]
@@ -173,7 +166,13 @@ def _scan_activated(x, mask, cu_seqlens, rows, state, reads, snap_at, snaps):
                         S[i, j] = a * S[i, j] + d * k[j]
 
 
-scan = numba.njit(fastmath=True, error_model="numpy", cache=True)(_scan)
+@numba.njit(fastmath=True, error_model="numpy", cache=True)
+def scan_projections(x, bias, mask, cu_seqlens, rows, state, reads, snap_at, snaps):
+    """`scan` for the engine: x (N, 4m) the raw projections W x, whose bias (4m,) float32 is
+    added and activations applied here."""
+    scan(_activate(x, bias, state.shape[1], state.shape[2]), mask, cu_seqlens, rows, state,
+         reads, snap_at, snaps)
+
 
 
 @numba.njit(cache=True)
@@ -195,6 +194,5 @@ def run(x, mask, cu_seqlens, state, reads, snap_at=None, snaps=None) -> None:
     if snap_at is None:
         snap_at = np.full((nseq, 0), -1, dtype=np.int64)
         snaps = np.empty((nseq, 0, *state.shape[1:]), dtype=state.dtype)
-    scan(x.reshape(N, -1), np.zeros(x.shape[1] * x.shape[2] * x.shape[3], dtype=np.float32),
-         False, mask.astype(np.bool_, copy=False), cu_seqlens,
+    scan(x.reshape(N, -1), mask.astype(np.bool_, copy=False), cu_seqlens,
          np.arange(nseq, dtype=np.int64), state, reads.reshape(N, -1), snap_at, snaps)

@@ -98,6 +98,17 @@ class DeltaMemConfig:
                    num_layers=hf_config.num_hidden_layers, **kw)
 
 
+def unit_key(p: torch.Tensor) -> torch.Tensor:
+    """q̂ or k̂ from its projection, (..., r): L2norm(tanh(p))."""
+    return nn.functional.normalize(torch.tanh(p), dim=-1, eps=NORM_EPS)
+
+
+def activations(p: torch.Tensor) -> torch.Tensor:
+    """q̂, k̂, v̂, β from the stacked projections with their bias, (N, 4, H, r) both, as the
+    engine's runtime holds them (the CPU kernel applies the same ones itself)."""
+    return torch.cat([unit_key(p[:, :2]), p[:, 2:3], torch.sigmoid(p[:, 3:4])], dim=1)
+
+
 @dataclass
 class MemoryProjections:
     q: torch.Tensor  # (..., H_s, r), L2-normalised
@@ -151,7 +162,7 @@ class DeltaMemLayer(nn.Module):
         """x (..., d) in any dtype -> q̂, k̂, v̂, β as float32 (..., H_s, r)."""
         x = x.to(self.w_q.weight.dtype)
         shape = (*x.shape[:-1], self.cfg.num_state_heads, self.cfg.rank)
-        k = nn.functional.normalize(torch.tanh(self.w_k(x)).view(shape), dim=-1, eps=NORM_EPS)
+        k = unit_key(self.w_k(x).view(shape))
         v = self.w_v(x).view(shape)
         beta = torch.sigmoid(self.w_beta(x)).view(shape)
         return MemoryProjections(self.project_q(x), k, v, beta)
@@ -160,8 +171,7 @@ class DeltaMemLayer(nn.Module):
         """The read queries q̂ alone, (..., H_s, r) float32 (SSW's tokens only read)."""
         x = x.to(self.w_q.weight.dtype)
         shape = (*x.shape[:-1], self.cfg.num_state_heads, self.cfg.rank)
-        return nn.functional.normalize(torch.tanh(self.w_q(x)).view(shape), dim=-1,
-                                       eps=NORM_EPS)
+        return unit_key(self.w_q(x).view(shape))
 
     def delta_q(self, reads: torch.Tensor) -> torch.Tensor | None:
         """reads (..., H_s, r) -> Δq (..., n_heads*head_dim) in float32, or None."""

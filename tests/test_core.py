@@ -20,7 +20,7 @@ from deltamem.adapter import (
     new_adapter,
     save_adapter,
 )
-from deltamem.layer import DeltaMem, DeltaMemConfig
+from deltamem.layer import DeltaMem, DeltaMemConfig, activations
 from deltamem.scan import (
     delta_rule_scan,
     delta_rule_scan_chunked,
@@ -145,7 +145,11 @@ def test_kernel_tanh_is_within_4e7_of_float64():
     import numba
     import numpy as np
 
+    from deltamem._cpu_kernel import NORM_EPS as KERNEL_EPS
     from deltamem._cpu_kernel import _tanh
+    from deltamem.layer import NORM_EPS
+
+    assert KERNEL_EPS == np.float32(NORM_EPS)  # the kernel's copy (it does not import torch)
 
     @numba.njit
     def apply(a, out):
@@ -182,20 +186,17 @@ def test_kernel_applies_the_layer_activations_to_raw_projections(dtype):
     wide = (2 * torch.randn(N, 40 + 4 * m, generator=g)).to(dtype)
     proj = wide[:, 40:]  # inside a wider buffer, as the fused qkv_proj writes them
     bias = torch.cat([torch.zeros(3 * m), torch.randn(m, generator=g)])
-    p = (proj.float() + bias).view(N, 4, H, r)
-    q, k = (torch.nn.functional.normalize(torch.tanh(p[:, i]), dim=-1, eps=1e-6)
-            for i in (0, 1))
-    v, beta = p[:, 2], torch.sigmoid(p[:, 3])
+    q, k, v, beta = activations((proj.float() + bias).view(N, 4, H, r)).unbind(1)
     mask = torch.rand(N, generator=g) > 0.3
     states = torch.randn(len(lens), H, r, r, generator=g)
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
     st = states.clone()
     reads = torch.empty(N, m, dtype=dtype)
     as_np = lambda t: (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()  # noqa: E731
-    _cpu_kernel.scan(as_np(proj), bias.numpy(), True, mask.numpy(), cu.numpy(),
-                     np.arange(len(lens), dtype=np.int64), st.numpy(), as_np(reads),
-                     np.full((len(lens), 0), -1, dtype=np.int64),
-                     np.empty((len(lens), 0, H, r, r), dtype=np.float32))
+    _cpu_kernel.scan_projections(as_np(proj), bias.numpy(), mask.numpy(), cu.numpy(),
+                                 np.arange(len(lens), dtype=np.int64), st.numpy(),
+                                 as_np(reads), np.full((len(lens), 0), -1, dtype=np.int64),
+                                 np.empty((len(lens), 0, H, r, r), dtype=np.float32))
     want = torch.empty(N, m)
     for b in range(len(lens)):
         sl = slice(int(cu[b]), int(cu[b + 1]))

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from deltamem.adapter import Adapter, load_adapter
-from deltamem.layer import NORM_EPS, DeltaMem
+from deltamem.layer import DeltaMem, activations, unit_key
 from deltamem.scan import delta_rule_scan, delta_rule_scan_varlen
 
 log = logging.getLogger(__name__)
@@ -613,9 +613,9 @@ class DeltaMemRuntime:
             # activations itself, on arguments prepared once a step (numpy views, no copies):
             # any wrapper's conversions, or a compiled kernel of their own, cost more than the
             # scan at decode.
-            self._kernel.scan(_numpy(proj), bias.numpy(), True, self._mask_np, self._cu_np,
-                              self._rows_np, self._pool_np[slot], _numpy(reads),
-                              self._snap_at_np, self._snaps_np[slot])
+            self._kernel.scan_projections(
+                _numpy(proj), bias.numpy(), self._mask_np, self._cu_np, self._rows_np,
+                self._pool_np[slot], _numpy(reads), self._snap_at_np, self._snaps_np[slot])
             if n < reads.shape[0]:
                 reads[n:].zero_()
             return
@@ -679,8 +679,7 @@ class DeltaMemRuntime:
         counts = torch.tensor([float(rm.messages[j][1] - rm.messages[j][0]) for j in rows],
                               device=self.device)
         mean = rm.sums[slot, rows] / counts[:, None, None, None]  # (M, 3, H, r)
-        k = torch.tanh(mean[:, 0])
-        k = k / k.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+        k = unit_key(mean[:, 0])
         _, final = delta_rule_scan(k[None], k[None], mean[None, :, 1],
                                    torch.sigmoid(mean[None, :, 2]), state[None])
         state.copy_(final[0])
@@ -734,14 +733,6 @@ def _apply(lin: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if f is not None:
         return f(x, lin.weight, lin.bias)
     return torch.nn.functional.linear(x, lin.weight, lin.bias)
-
-
-def activations(p: torch.Tensor) -> torch.Tensor:
-    """q̂, k̂, v̂, β from the projections with their bias, (N, 4, H, r) float32 both: the
-    activations of DeltaMemLayer.project (the numba kernel applies the same ones itself)."""
-    qk = torch.tanh(p[:, :2])
-    qk = qk / qk.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
-    return torch.cat([qk, p[:, 2:3], torch.sigmoid(p[:, 3:4])], dim=1)
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
