@@ -174,6 +174,27 @@ def scan_projections(x, bias, mask, cu_seqlens, rows, state, reads, snap_at, sna
          reads, snap_at, snaps)
 
 
+@numba.njit(fastmath=True, error_model="numpy", cache=True)
+def scan_read_out(x, bias, mask, cu_seqlens, rows, state, snap_at, snaps, w, out):
+    """`scan_projections` and then the read-out, for a step of a few tokens: out (N, D) =
+    reads · w, w (m, D) float32, the reads kept in float32. Decode's read-out is a matrix-vector
+    product of 32 × 1,152: a oneDNN GEMM call for it cost about 40 µs a layer in the served
+    engine (call overhead, not arithmetic), this loop a few."""
+    N = x.shape[0]
+    reads = np.zeros((N, w.shape[0]), dtype=np.float32)  # padding tokens read zeros
+    scan_projections(x, bias, mask, cu_seqlens, rows, state, reads, snap_at, snaps)
+    D = w.shape[1]
+    acc = np.empty(D, dtype=np.float32)
+    for t in range(N):
+        for c in range(D):
+            acc[c] = 0
+        for j in range(w.shape[0]):
+            a = reads[t, j]
+            for c in range(D):
+                acc[c] += a * w[j, c]
+        for c in range(D):
+            _store(out, t, c, acc[c])
+
 
 @numba.njit(cache=True)
 def copy_columns(src, src_cols, dst, dst_cols):

@@ -211,6 +211,24 @@ def test_kernel_applies_the_layer_activations_to_raw_projections(dtype):
         assert (reads == want.to(torch.bfloat16)).float().mean() > 0.99
         assert rel(reads.float(), want) < 1e-2
 
+    # `scan_read_out`, the same scan and then the read-out (m → D) in the kernel, reads kept
+    # in float32: against the float32 reads times the weights, within 1e-5 (float32 out) or
+    # bfloat16's rounding of it (equal at >99%, as above).
+    w = torch.randn(m, 70, generator=g).to(dtype).float()
+    out = torch.empty(N, 70, dtype=dtype)
+    st2 = states.clone()
+    _cpu_kernel.scan_read_out(as_np(proj), bias.numpy(), mask.numpy(), cu.numpy(),
+                              np.arange(len(lens), dtype=np.int64), st2.numpy(),
+                              np.full((len(lens), 0), -1, dtype=np.int64),
+                              np.empty((len(lens), 0, H, r, r), dtype=np.float32),
+                              w.numpy(), as_np(out))
+    assert torch.equal(st2, st)
+    want_out = want.double() @ w.double()
+    if dtype == torch.float32:
+        assert rel(out, want_out) < 1e-5
+    else:
+        assert (out == want_out.to(torch.bfloat16)).float().mean() > 0.99
+
 
 @pytest.mark.parametrize("chunk", [1, 4, 16, 64])
 def test_varlen_pool_scan_matches_per_sequence_reference(chunk):

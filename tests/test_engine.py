@@ -734,11 +734,17 @@ def test_scan_op_matches_the_reference_on_varlen_batches(backend, scan):
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_bf16_memory_path_is_the_float32_one_within_rounding(compiled):
+@pytest.mark.parametrize("lens", [(1, 10), (1, 2)], ids=["gemm-read-out", "kernel-read-out"])
+def test_bf16_memory_path_is_the_float32_one_within_rounding(compiled, lens):
     """A bfloat16 engine packs the projections and read-out in bfloat16 (on the CPU through
     vLLM's prepacked GEMM); the state stays float32. Against the float32 path on the same
-    step: Δq, Δo and the new states agree to bfloat16 rounding (2% relative)."""
-    from server.engine.model import memory_corrections
+    step: Δq, Δo and the new states agree to bfloat16 rounding (2% relative). A step of
+    more than `READ_OUT_IN_KERNEL` tokens reads out through the GEMM, a shorter one inside
+    the CPU kernel."""
+    from server.engine.model import READ_OUT_IN_KERNEL, memory_corrections
+
+    n = sum(lens)
+    assert (n > READ_OUT_IN_KERNEL) == (lens == (1, 10))
 
     g = torch.Generator().manual_seed(8)
     out = {}
@@ -751,11 +757,11 @@ def test_bf16_memory_path_is_the_float32_one_within_rounding(compiled):
             torch._dynamo.reset()
             fn = torch.compile(memory_corrections, dynamic=True, fullgraph=True)
         g.manual_seed(8)
-        x = torch.randn(11, rt.module.cfg.hidden_size, generator=g)
+        x = torch.randn(n, rt.module.cfg.hidden_size, generator=g)
         s0 = torch.randn(rt.state_shape, generator=g)
-        rt.plan_step(["a", "b"], [1, 10], [0, 0], {"a": _request(s0, 0, "A"),
-                                                 "b": _request(s0, 2, "B")})
-        rt.begin_forward(11)
+        rt.plan_step(["a", "b"], list(lens), [0, 0], {"a": _request(s0, 0, "A"),
+                                                    "b": _request(s0, 1, "B")})
+        rt.begin_forward(n)
         try:
             got = [fn(rt.test_layers[i], x.to(dtype)) for i in rt.layer_ids]
         finally:

@@ -54,6 +54,11 @@ OUTBOX_TTL_S = 600.0
 # States kept per request from before its last one-token steps: async scheduling runs at most
 # one step past a stop; a stop string is seen in the API process, a few steps behind at most.
 HISTORY = 4
+# Steps of up to this many tokens run the read-out inside the CPU kernel, as a loop of
+# matrix-vector products (`_cpu_kernel.scan_read_out`); longer ones call the GEMM. In the
+# served engine a oneDNN GEMM call cost about 40 µs a layer at one token, mostly call overhead,
+# the loop 5-8; at 8 tokens, with cold caches, 90 against 60, and warm they cross near 8.
+READ_OUT_IN_KERNEL = 8
 
 
 def encode_state(state: torch.Tensor | None) -> str | None:
@@ -215,6 +220,9 @@ class DeltaMemRuntime:
         self.recomputes = 0  # requests restarted from their initial state (preemption)
         self.moved_out = 0  # states moved out of the pool for want of a row
         self.fused_projections = 0  # layers whose projections run in their qkv_proj
+        # Per slot, the read-out: (its linear map or None, the kernel's float32 copy, dtype).
+        self._read_out: dict[int, tuple] = {}
+        self._bias_np: dict[int, np.ndarray] = {}
         self.states_before_latest = 0  # states handed out from before the worker's last step
         if scan == "kernel":
             # Imported here, in the worker once the model loads, not with this module: numba's
@@ -260,7 +268,18 @@ class DeltaMemRuntime:
             B = c.scale * torch.cat(parts) if parts else None
         attn.deltamem_in = _linear_map(W, None, dtype)
         attn.register_buffer("deltamem_in_bias", b, persistent=False)
-        attn.deltamem_out = None if B is None else _linear_map(B, None, dtype)
+        # The read-out runs inside the op (`scan_layer`), so the runtime keeps it, by slot.
+        slot = self.slot_of[layer_idx]
+        if B is None:
+            self._read_out[slot] = (None, None, dtype)
+        else:
+            lin = _linear_map(B, None, dtype)
+            # The kernel's copy: (m, q_out + d) float32 of the very values the GEMM uses.
+            w = lin.weight.float().t().contiguous().numpy() if self.scan == "kernel" else None
+            self._read_out[slot] = (lin, w, dtype)
+        if self.scan == "kernel":  # a view of the buffer, made once (numpy() costs per call)
+            self._bias_np[slot] = b.numpy()
+        attn.deltamem_out_width = 0 if B is None else B.shape[0]
         attn.deltamem_q_out = c.q_out_size if mem.b_q is not None else 0
         attn.deltamem_heads, attn.deltamem_rank = c.num_state_heads, c.rank
         attn.deltamem_runtime_id, attn.deltamem_slot = self.id, self.slot_of[layer_idx]
@@ -600,38 +619,47 @@ class DeltaMemRuntime:
                     rm.block = (blk, self._snaps_bp[:, b, cols.index(blk)].clone())
         self._active = self._snaps = self._snaps_bp = self._snap_at = None
 
-    def scan_layer(self, slot: int, proj: torch.Tensor, bias: torch.Tensor,
-                   reads: torch.Tensor) -> None:
-        """The body of the `deltamem::scan` op: run this step's scan for one layer, fill
-        `reads` ((N, m), the read-out's dtype; zeros for padding) and advance the requests'
-        states in place. `proj` (N, 4m) holds the step's tokens' projections W x without their
-        bias (`bias`, (4m,) float32), padding included, in the engine's dtype; where
-        `fuse_projection` put them in qkv_proj, a view of its output."""
-        n = self._n_valid
-        if self._ingest_cuts is None and self.scan == "kernel":
+    def scan_layer(self, slot: int, proj: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The body of the `deltamem::scan` op: run this step's scan for one layer, advance
+        the requests' states in place, and return the read-out (N, q_out + d), Δq | Δo in the
+        engine's dtype (zeros for padding). `proj` (N, 4m) holds the step's tokens'
+        projections W x without their bias (`bias`, (4m,) float32), padding included, in the
+        engine's dtype; where `fuse_projection` put them in qkv_proj, a view of its output."""
+        n, N = self._n_valid, proj.shape[0]
+        lin, w, dtype = self._read_out[slot]
+        H, r = self.state_shape[1:3]
+        if (self._ingest_cuts is None and self.scan == "kernel"
+                and dtype in (torch.bfloat16, torch.float32)):  # the kernel's (float16: torch)
             # Straight into the compiled kernel, which adds the bias and applies the
             # activations itself, on arguments prepared once a step (numpy views, no copies):
             # any wrapper's conversions, or a compiled kernel of their own, cost more than the
             # scan at decode.
-            self._kernel.scan_projections(
-                _numpy(proj), bias.numpy(), self._mask_np, self._cu_np, self._rows_np,
-                self._pool_np[slot], _numpy(reads), self._snap_at_np, self._snaps_np[slot])
-            if n < reads.shape[0]:
+            args = (_numpy(proj), self._bias_np[slot], self._mask_np, self._cu_np,
+                    self._rows_np, self._pool_np[slot])
+            snaps = (self._snap_at_np, self._snaps_np[slot])
+            if w is not None and N <= READ_OUT_IN_KERNEL:
+                out, out_np = _empty(N, w.shape[1], dtype)
+                self._kernel.scan_read_out(*args, *snaps, w, out_np)
+                return out
+            reads, reads_np = _empty(N, H * r, dtype)
+            self._kernel.scan_projections(*args, reads_np, *snaps)
+            if n < N:
                 reads[n:].zero_()
-            return
-        N = reads.shape[0]
-        H, r = self.state_shape[1:3]
-        p = (proj.float() + bias).view(N, 4, H, r)
-        x = activations(p)
-        if self._ingest_cuts is not None:
-            out = torch.zeros((N, H, r), dtype=torch.float32, device=self.device)
-            self._scan_ingests(slot, x, p, out)
         else:
-            snaps = None if self._snaps is None else self._snaps[slot]
-            out = delta_rule_scan_varlen(
-                *x.unbind(1), self._tok_mask[:N], self._tok_rows[:N], self.pool[slot],
-                snaps, None if snaps is None else self._tok_snap[:N])
-        reads.copy_(out.view(N, H * r))
+            p = (proj.float() + bias).view(N, 4, H, r)
+            x = activations(p)
+            if self._ingest_cuts is not None:
+                out = torch.zeros((N, H, r), dtype=torch.float32, device=self.device)
+                self._scan_ingests(slot, x, p, out)
+            else:
+                snaps = None if self._snaps is None else self._snaps[slot]
+                out = delta_rule_scan_varlen(
+                    *x.unbind(1), self._tok_mask[:N], self._tok_rows[:N], self.pool[slot],
+                    snaps, None if snaps is None else self._tok_snap[:N])
+            reads = out.view(N, H * r).to(dtype)
+        if lin is None:
+            return reads.new_empty((N, 0))
+        return _apply(lin, reads)
 
     def _scan_ingests(self, slot: int, x: torch.Tensor, proj: torch.Tensor,
                       reads: torch.Tensor) -> None:
@@ -691,25 +719,28 @@ class DeltaMemRuntime:
 _RUNTIMES: list[DeltaMemRuntime] = []
 
 
-def deltamem_scan(proj: torch.Tensor, bias: torch.Tensor, reads: torch.Tensor, runtime: int,
-                  slot: int) -> None:
+def deltamem_scan(proj: torch.Tensor, bias: torch.Tensor, runtime: int, slot: int
+                  ) -> torch.Tensor:
     """`deltamem::scan`: one layer's δ-mem over the current step's tokens, from their
-    projections (`proj`, W x without the bias) to their reads (`reads`, filled): activations,
-    then the delta-rule scan, under the step layout that `DeltaMemRuntime.begin_forward`
-    prepared (which request each token belongs to, its write mask, the requests' states).
-    Opaque to torch.compile, as vLLM's attention op is: the graph around it (projections,
-    read-out, corrections) is compiled once for every batch."""
-    _RUNTIMES[runtime].scan_layer(slot, proj, bias, reads)
+    projections (`proj`, W x without the bias) to their read-out (Δq | Δo, returned):
+    activations, the delta-rule scan, the read-out, under the step layout that
+    `DeltaMemRuntime.begin_forward` prepared (which request each token belongs to, its write
+    mask, the requests' states). Opaque to torch.compile, as vLLM's attention op is: the graph
+    around it (projections, corrections) is compiled once for every batch. The read-out is
+    inside because at decode the kernel's own loop beats a GEMM call (`READ_OUT_IN_KERNEL`)."""
+    return _RUNTIMES[runtime].scan_layer(slot, proj, bias)
 
 
-def _deltamem_scan_fake(proj, bias, reads, runtime, slot) -> None:
-    return None
+def _deltamem_scan_fake(proj, bias, runtime, slot) -> torch.Tensor:
+    lin, _, dtype = _RUNTIMES[runtime]._read_out[slot]
+    return proj.new_empty((proj.shape[0], 0 if lin is None else lin.weight.shape[0]),
+                          dtype=dtype)
 
 
 # Registered on a Library directly, not with torch.library.custom_op, whose dispatch costs tens
 # of microseconds a call (vLLM registers its own ops this way for the same reason).
 _LIB = torch.library.Library("deltamem", "FRAGMENT")
-_LIB.define("scan(Tensor proj, Tensor bias, Tensor(a!) reads, int runtime, int slot) -> ()")
+_LIB.define("scan(Tensor proj, Tensor bias, int runtime, int slot) -> Tensor")
 _LIB.impl("scan", deltamem_scan, "CompositeExplicitAutograd")
 _LIB._register_fake("scan", _deltamem_scan_fake)
 
@@ -735,6 +766,15 @@ def _apply(lin: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, lin.weight, lin.bias)
 
 
+def _empty(rows: int, cols: int, dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
+    """An uninitialised CPU tensor and its numpy view (bfloat16: int16 bit patterns), made by
+    numpy and wrapped: half the cost of torch.empty and `_numpy`, which counts at decode."""
+    bf16 = dtype == torch.bfloat16
+    a = np.empty((rows, cols), dtype=np.int16 if bf16 else np.float32)
+    t = torch.from_numpy(a)
+    return (t.view(torch.bfloat16) if bf16 else t), a
+
+
 def _numpy(t: torch.Tensor) -> np.ndarray:
     """A CPU tensor as numpy, without a copy: bfloat16 as its bit patterns (int16)."""
     return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
@@ -744,27 +784,20 @@ def memory_corrections(self, x: torch.Tensor, proj: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Δq and Δo of one layer for the step's tokens x (the normed layer input), in the packed
     weights' dtype: the same math as DeltaMemLayer.project / delta_q / delta_o (the HF
-    runtime's) on the weights `DeltaMemRuntime.install` packed: the projections, the
-    `deltamem::scan` op (activations and scan, in float32), the read-out. `proj`: x's
+    runtime's) on the weights `DeltaMemRuntime.install` packed: the projections, then the
+    `deltamem::scan` op (activations and scan in float32, the read-out). `proj`: x's
     projections, (n, 4m) without their bias, where the layer's qkv_proj computed them
-    (`fuse_projection`). Per layer the graph holds the two GEMMs, the op and one buffer."""
-    n = x.shape[0]
+    (`fuse_projection`). Per layer the graph holds the op and, unfused, one GEMM."""
     if proj is None:
         lin = self.deltamem_in
         proj = _apply(lin, x.to(lin.weight.dtype))
-    out = self.deltamem_out
-    reads = torch.empty(n, self.deltamem_heads * self.deltamem_rank, device=x.device,
-                        dtype=torch.float32 if out is None else out.weight.dtype)
     # Compiled: the op, opaque to the compiler. Eager: its body, as the op's dispatch would
     # cost more than a decode step's scan.
     scan = torch.ops.deltamem.scan if torch.compiler.is_compiling() else deltamem_scan
-    scan(proj, self.deltamem_in_bias, reads, self.deltamem_runtime_id, self.deltamem_slot)
-    if out is None:
-        return None, None
-    dqo = _apply(out, reads)
+    dqo = scan(proj, self.deltamem_in_bias, self.deltamem_runtime_id, self.deltamem_slot)
     q_out = self.deltamem_q_out
     return (dqo[:, :q_out] if q_out else None,
-            dqo[:, q_out:] if dqo.shape[1] > q_out else None)
+            dqo[:, q_out:] if self.deltamem_out_width > q_out else None)
 
 
 def _attention_forward(self, positions: torch.Tensor, hidden_states: torch.Tensor):
@@ -887,15 +920,24 @@ class _DeltaMemMixin:
             attn = self.model.layers[i].self_attn
             rt.install(attn, i, dtype=attn.qkv_proj.weight.dtype)
             attn.__class__ = _with_memory(type(attn))
-        # One throwaway step through the same path a request takes, so the CPU kernel's
-        # compile (for the strided views it is called with) happens now, not in a request.
-        with torch.inference_mode():
-            rt.begin_forward(1)
-            memory_corrections(self.model.layers[rt.layer_ids[0]].self_attn,
-                    torch.zeros(1, adapter.config.hidden_size, device=device))
-            rt.end_forward()
         fused = sum(fuse_projection(self.model.layers[i].self_attn) for i in rt.layer_ids)
         rt.fused_projections = fused
+        # Throwaway steps through the path a request takes, so that the CPU kernel compiles
+        # now (for the strided views of qkv_proj's output it is called with, and both of its
+        # read-out paths), not in a request.
+        attn = self.model.layers[rt.layer_ids[0]].self_attn
+        dtype = attn.qkv_proj.weight.dtype
+        with torch.inference_mode():
+            for n in (1, READ_OUT_IN_KERNEL + 1):
+                x = torch.zeros(n, adapter.config.hidden_size, device=device, dtype=dtype)
+                proj = None
+                if attn.deltamem_in is None:
+                    qkv = torch.zeros(n, attn.qkv_proj.weight.shape[0], device=device,
+                                      dtype=dtype)
+                    proj = qkv[:, attn.q_size + 2 * attn.kv_size:]
+                rt.begin_forward(n)
+                memory_corrections(attn, x, proj)
+                rt.end_forward()
         log.info("δ-mem adapter %s loaded on %d layers (%d parameters; projections in "
                  "qkv_proj on %d)", adapter.fingerprint(), len(rt.layer_ids),
                  adapter.module.num_parameters(), fused)
