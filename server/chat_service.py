@@ -101,7 +101,7 @@ class ChatService:
         self._key_digests = self.key_digests(self.keys)
         if engine.memory:
             c = engine.adapter.config
-            self.identity = ms.StateIdentity(str(engine.backbone), engine.adapter.fingerprint(),
+            self.identity = ms.StateIdentity(str(engine.backbone), engine.adapter_fingerprint,
                                              len(c.layers), c.num_state_heads, c.rank)
         else:
             self.identity = ms.StateIdentity(str(engine.backbone), "none", 1, 1, 1)
