@@ -49,7 +49,8 @@ class Settings(BaseSettings):
                        "kernels), bfloat16, float32, float16")
     enforce_eager: bool = Field(False, description="run the model eagerly: no torch.compile "
                                 "and no CUDA graphs (start-up ~1 min faster, serving slower)")
-    max_num_seqs: int = Field(32, description="concurrent sequences in the engine")
+    max_num_seqs: int = Field(128, description="concurrent sequences in the engine (128: "
+                              "vLLM's own OpenAI server's default on the CPU)")
     max_num_batched_tokens: int | None = Field(None, description="tokens per engine step "
                                                "(chunked prefill budget)")
     kv_cache_gib: int = Field(4, description="CPU KV cache size in GiB")
