@@ -107,7 +107,8 @@ def _compilation_settings(memory: bool, writes_messages: bool = False) -> dict:
 class DeltaMemEngine:
     """One vLLM AsyncLLM with (or without) δ-mem."""
 
-    def __init__(self, llm, cfg: EngineConfig, adapter: Adapter | None, backbone):
+    def __init__(self, llm, cfg: EngineConfig, adapter: Adapter | None, backbone,
+                 adapter_fingerprint: str | None = None):
         self.llm = llm
         self.cfg = cfg
         self.adapter = adapter
@@ -115,7 +116,9 @@ class DeltaMemEngine:
         self.state_shape = None
         # Hashed once: it covers every weight of the adapter (~13 MB for the default model's,
         # ~10 ms of sha256), and every request's cache salt needs it.
-        self.adapter_fingerprint = adapter.fingerprint() if adapter is not None else None
+        self.adapter_fingerprint = adapter_fingerprint
+        if adapter is not None and adapter_fingerprint is None:
+            self.adapter_fingerprint = adapter.fingerprint()
         if adapter is not None:
             c = adapter.config
             self.state_shape = (len(c.layers), c.num_state_heads, c.rank, c.rank)
@@ -143,7 +146,7 @@ class DeltaMemEngine:
         model_dir = Path(cfg.model_dir)
         hf_cfg = AutoConfig.from_pretrained(model_dir)
         backbone = backbone_fingerprint(model_dir)
-        adapter = None
+        adapter = fingerprint = None
         overrides: dict = {}
         additional: dict = {}
         if cfg.memory:
@@ -189,9 +192,9 @@ class DeltaMemEngine:
             **cfg.extra_engine_args,
         )
         log.info("starting vLLM engine: model=%s memory=%s adapter=%s", model_dir, cfg.memory,
-                 fingerprint if adapter else None)
+                 fingerprint)
         llm = AsyncLLM.from_engine_args(args)
-        return cls(llm, cfg, adapter, backbone)
+        return cls(llm, cfg, adapter, backbone, fingerprint)
 
     async def generate(self, prompt_token_ids: list[int], sampling_params,
                        initial_state: torch.Tensor | None = None, write_start: int = 0,

@@ -281,8 +281,7 @@ class DeltaMemRuntime:
             self._bias_np[slot] = b.numpy()
         attn.deltamem_out_width = 0 if B is None else B.shape[0]
         attn.deltamem_q_out = c.q_out_size if mem.b_q is not None else 0
-        attn.deltamem_heads, attn.deltamem_rank = c.num_state_heads, c.rank
-        attn.deltamem_runtime_id, attn.deltamem_slot = self.id, self.slot_of[layer_idx]
+        attn.deltamem_runtime_id, attn.deltamem_slot = self.id, slot
 
     # --- request lifecycle (called from the model runner hooks) ------------------------------
     def _memory_of(self, req_id: str, runner_requests) -> RequestMemory:
